@@ -1,0 +1,54 @@
+"""Engine configuration: built once, frozen. Values found at start-up live in RuntimeInfo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV page. Prefix sharing works at this granularity."""
+    num_blocks: int | None = None
+    """KV pages in the pool; None sizes the pool from kv_cache_memory_gb."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory for the KV pool when num_blocks is None."""
+    enable_prefix_caching: bool = True
+    """Share full pages between requests with the same token prefix."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    """Most requests running in one step (rows of the batch)."""
+    max_num_batched_tokens: int = 512
+    """Token budget per step: decode rows cost 1, prefill chunks fill the rest."""
+    max_model_len: int = 8192
+    """Longest prompt + output accepted."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}) so every running request can decode"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None
+    """Path to a GGUF file or an mlx-lm model directory; None = the embedded default model."""
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    dequantize_on_cpu: bool = True
+    """On the CPU device, expand quantized weights to float32 (MLX's CPU qmatmul is slow)."""
