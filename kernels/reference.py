@@ -14,7 +14,8 @@ def gather_pages(pool: mx.array, block_tables: mx.array) -> mx.array:
     B, MB = block_tables.shape
     _, BS, HKV, D = pool.shape
     pages = pool[block_tables]  # [B, MB, BS, HKV, D]
-    return pages.reshape(B, MB * BS, HKV, D).transpose(0, 2, 1, 3)
+    # Contiguous copy: MLX's CPU attention on a strided view is ~3x slower.
+    return mx.contiguous(pages.reshape(B, MB * BS, HKV, D).transpose(0, 2, 1, 3))
 
 
 def causal_page_mask(q_pos: mx.array, num_keys: int) -> mx.array:
