@@ -1,0 +1,268 @@
+"""Text <-> token ids, chat templates and streaming detokenization, without mlx.
+
+A GGUF file carries its whole tokenizer in metadata (vocab, merges, token types, chat
+template); `TextTokenizer.from_gguf_metadata` rebuilds it as a `tokenizers` byte-level BPE so
+the server needs no Hugging Face download. mlx-lm model directories come with a
+transformers tokenizer instead; `TextTokenizer.from_hf` wraps it behind the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from typing import Any, Iterable, Sequence
+
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+# GGUF token types (llama.cpp `llama_token_type`).
+_CONTROL = 3
+_USER_DEFINED = 4
+
+# Control tokens that end a turn or a document; used to find the template's stop tokens.
+_END_MARKERS = ("end", "eot", "eos", "</s>")
+
+
+def _py(value: Any) -> Any:
+    """GGUF metadata may hold mx.array scalars/vectors; duck-type them into python values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _opt_int(value: Any) -> int | None:
+    value = _py(value)
+    return None if value is None else int(value)
+
+
+class TextTokenizer:
+    """Byte-level BPE tokenizer (from GGUF metadata) plus its chat template."""
+
+    def __init__(self, backend: Tokenizer, *, bos_token_id: int | None, eos_token_id: int | None,
+                 add_bos: bool, chat_template: str | None, control_ids: Iterable[int] = ()) -> None:
+        self.backend = backend  # public: e.g. for grammar engines that need the raw tokenizer
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.control_ids = frozenset(control_ids)
+
+    # -- construction --
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict) -> TextTokenizer:
+        kind = _py(metadata.get("tokenizer.ggml.model", "gpt2"))
+        if kind != "gpt2":
+            raise NotImplementedError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level 'gpt2')")
+        tokens: list[str] = list(_py(metadata["tokenizer.ggml.tokens"]))
+        merges = [tuple(m.split(" ", 1)) for m in _py(metadata.get("tokenizer.ggml.merges", []))]
+        types = _py(metadata.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
+        backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        backend.pre_tokenizer = _pre_tokenizer(_py(metadata.get("tokenizer.ggml.pre", "default")))
+        backend.decoder = decoders.ByteLevel()
+        control = [i for i, t in enumerate(types) if t == _CONTROL]
+        # Special tokens are matched whole in any text and dropped by decode(skip_special_tokens=True).
+        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
+        user = [i for i, t in enumerate(types) if t == _USER_DEFINED]
+        if user:
+            backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+        return cls(
+            backend,
+            bos_token_id=_opt_int(metadata.get("tokenizer.ggml.bos_token_id")),
+            eos_token_id=_opt_int(metadata.get("tokenizer.ggml.eos_token_id")),
+            add_bos=bool(_py(metadata.get("tokenizer.ggml.add_bos_token", False))),
+            chat_template=_py(metadata.get("tokenizer.chat_template")),
+            control_ids=control,
+        )
+
+    @classmethod
+    def from_hf(cls, hf_tokenizer: Any) -> TextTokenizer:
+        """Wrap a transformers tokenizer or mlx-lm TokenizerWrapper (for mlx-lm model dirs)."""
+        return HFTextTokenizer(hf_tokenizer)
+
+    # -- encode / decode --
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None:
+            return [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of one token of a byte-level vocabulary; special tokens as their UTF-8 text."""
+        tok = self.id_to_token(token_id) or ""
+        if token_id in self.control_ids:
+            return tok.encode()
+        table = _byte_decoder()
+        return bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
+
+    # -- stop tokens --
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        """eos plus control tokens that end a turn in the template (e.g. <|im_end|>) or a text."""
+        ids = {self.eos_token_id} if self.eos_token_id is not None else set()
+        template = self.chat_template or ""
+        for i in self.control_ids:
+            name = (self.id_to_token(i) or "").lower()
+            if "endoftext" in name or (name in template.lower() and _ends_something(name)):
+                ids.add(i)
+        return frozenset(ids)
+
+    # -- chat --
+    def _special_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.id_to_token(token_id) or ""
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use the completions endpoint")
+        return render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self._special_text(self.bos_token_id), eos_token=self._special_text(self.eos_token_id),
+            **kwargs)
+
+
+class HFTextTokenizer(TextTokenizer):
+    """TextTokenizer interface over a transformers tokenizer / mlx-lm TokenizerWrapper."""
+
+    def __init__(self, hf: Any) -> None:
+        self.hf = hf
+        # mlx-lm's wrapper forwards attributes but not dunders like __len__: keep the inner one too.
+        self.inner = getattr(hf, "_tokenizer", hf)
+        # add_bos=False: hf.encode applies the model's own BOS rule.
+        super().__init__(getattr(self.inner, "backend_tokenizer", None), bos_token_id=hf.bos_token_id,
+                         eos_token_id=hf.eos_token_id, add_bos=False,
+                         chat_template=getattr(hf, "chat_template", None),
+                         control_ids=getattr(hf, "all_special_ids", ()))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.inner)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.hf.convert_ids_to_tokens(token_id)
+
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = set(getattr(self.hf, "eos_token_ids", None) or ())  # mlx-lm wrapper: generation_config eos
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        return frozenset(ids) | super().eos_token_ids
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                           tokenize=False, **kwargs)
+
+
+def _ends_something(name: str) -> bool:
+    return any(m in name for m in _END_MARKERS) and "start" not in name
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """llama.cpp's `tokenizer.ggml.pre` names the pre-tokenizer regex family."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # SmolLM/StarCoder: every digit its own pre-token
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    # GPT-2 regex: exact for "gpt-2"/"default"; an approximation for other families.
+    return byte_level
+
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable char standing for each byte."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        chars, extra = {}, 0
+        for b in range(256):
+            if b in keep:
+                chars[chr(b)] = b
+            else:
+                chars[chr(256 + extra)] = b
+                extra += 1
+        _BYTE_DECODER = chars
+    return _BYTE_DECODER
+
+
+def _raise_exception(message: str) -> None:
+    raise ValueError(message)  # templates call raise_exception() on invalid conversations
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+
+_ENV: ImmutableSandboxedEnvironment | None = None
+
+
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    """The environment transformers renders chat templates in (sandboxed, HF whitespace rules)."""
+    global _ENV
+    if _ENV is None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
+        _ENV = env
+    return _ENV
+
+
+def render_chat_template(template: str, messages: list[dict], **context: Any) -> str:
+    return _jinja_env().from_string(template).render(messages=messages, **context)
+
+
+class IncrementalDetokenizer:
+    """Streams text for a growing list of token ids, never splitting a UTF-8 character.
+
+    Like vLLM / HF TextStreamer: decode only a window ids[prefix:] and emit what it adds over
+    ids[prefix:read]; the window restarts at each emitted chunk, so each step costs O(chunk),
+    not O(all tokens). Decoding with the previous chunk as left context keeps tokenizers that
+    strip a leading space from the first token (SentencePiece) from changing already-sent text.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the decode window
+        self.read = 0  # tokens before this are already emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _advance(self, force: bool) -> str:
+        sent = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        # A trailing U+FFFD means the last token ends inside a multi-byte char: wait for the rest.
+        if len(text) <= len(sent) or (text.endswith("\ufffd") and not force):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(sent) :]
+
+    def feed(self, token_ids: Sequence[int]) -> str:
+        """Text completed by these new tokens (may be empty)."""
+        self.ids.extend(token_ids)
+        return self._advance(force=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete char decodes as U+FFFD)."""
+        return self._advance(force=True)

@@ -1,0 +1,17 @@
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M, loaded once per test session (float32 on the CPU)."""
+    import scheduler  # noqa: F401  (OpenBLAS before mlx)
+    from scheduler.model import load_model
+
+    return load_model(None)
