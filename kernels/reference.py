@@ -2,6 +2,8 @@
 
 Dims: B rows, H query heads, HKV kv heads, LQ queries per row, L keys, D head dim,
 NB pages in the pool, BS tokens per page, MB pages per row's block table.
+KV pools are laid out [HKV, NB, BS, D]: gathering a row's pages along axis 1 then yields
+each head's keys contiguous ([HKV, B, MB*BS, D]) with no transpose.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ import mlx.core as mx
 
 
 def gather_pages(pool: mx.array, block_tables: mx.array) -> mx.array:
-    """pool [NB, BS, HKV, D], block_tables [B, MB] -> dense keys [B, HKV, MB*BS, D]."""
+    """pool [HKV, NB, BS, D], block_tables [B, MB] -> dense keys [B, HKV, MB*BS, D]."""
     B, MB = block_tables.shape
-    _, BS, HKV, D = pool.shape
-    pages = pool[block_tables]  # [B, MB, BS, HKV, D]
-    # Contiguous copy: MLX's CPU attention on a strided view is ~3x slower.
-    return mx.contiguous(pages.reshape(B, MB * BS, HKV, D).transpose(0, 2, 1, 3))
+    HKV, _, BS, D = pool.shape
+    pages = pool[:, block_tables]  # [HKV, B, MB, BS, D]
+    return mx.contiguous(pages.reshape(HKV, B, MB * BS, D).transpose(1, 0, 2, 3))
 
 
 def causal_page_mask(q_pos: mx.array, num_keys: int) -> mx.array:
@@ -38,7 +39,7 @@ def paged_attention_reference(
 ) -> mx.array:
     """Attention of queries over paged keys/values: gather to dense, then fused SDPA.
 
-    q [B, H, LQ, D]; k_pool, v_pool [NB, BS, HKV, D]; block_tables [B, MB] int32 (padding
+    q [B, H, LQ, D]; k_pool, v_pool [HKV, NB, BS, D]; block_tables [B, MB] int32 (padding
     entries may be any valid page id); q_pos [B, LQ] int32 absolute positions; returns
     [B, H, LQ, D]. The queries' own keys must already be written to the pool.
     """
@@ -46,6 +47,14 @@ def paged_attention_reference(
     values = gather_pages(v_pool, block_tables)
     mask = causal_page_mask(q_pos, keys.shape[2])  # [B, 1, LQ, L]
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+
+
+def write_kv_reference(pool: mx.array, slots: mx.array, values: mx.array) -> mx.array:
+    """Write values [T, HKV, D] at flat slots [T] (page * BS + offset) of pool [HKV, NB, BS, D]."""
+    HKV, NB, BS, D = pool.shape
+    flat = pool.reshape(HKV, NB * BS, D)
+    flat[:, slots] = values.transpose(1, 0, 2)
+    return flat.reshape(HKV, NB, BS, D)
 
 
 def dense_causal_attention(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale: float) -> mx.array:

@@ -1,0 +1,162 @@
+"""Model runner: one batched forward per step over the paged KV pool.
+
+All scheduled tokens of a step (decode rows and prefill chunks) are flattened into one
+sequence of T tokens, so every projection and MLP runs as a single GEMM over T rows. Only
+attention is per group: the decode rows attend together ([B, H, 1, D] over their pages),
+each prefill chunk attends on its own ([1, H, LQ, D], causal over its prefix pages).
+The runner executes what the scheduler decided; it never allocates or frees blocks.
+
+It reuses the submodules of an mlx-lm llama-family model (embed_tokens, layers[i].self_attn
+.{q,k,v,o}_proj and .rope, the norms, mlp) through their public attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from kernels.activations import silu_mul
+from kernels.paged_attention import paged_attention, write_kv
+from scheduler.scheduler import ScheduledRow
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Rows that attend together: token span [start, end) of the flat batch."""
+
+    start: int
+    end: int
+    q_len: int  # LQ: queries per row (1 for the decode group)
+    block_tables: mx.array  # [B, MB] int32
+    q_pos: mx.array  # [B, LQ] int32
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    tokens: mx.array  # [T] int32
+    positions: mx.array  # [T] int32
+    slots: mx.array  # [T] int32, flat pool slot of each token
+    groups: tuple[AttentionGroup, ...]
+    sample_index: mx.array  # [S] flat index of the last token of each sampling row
+    sample_rows: tuple[int, ...]  # index into the step's rows, same order as sample_index
+
+
+def build_step_batch(rows: Sequence[ScheduledRow], block_size: int) -> StepBatch:
+    """Order decode rows first (one group), then each prefill chunk (a group each)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    last_index: dict[int, int] = {}
+    for i in order:
+        row = rows[i]
+        for p, tok in enumerate(row.token_ids, start=row.start_pos):
+            tokens.append(tok)
+            positions.append(p)
+            slots.append(row.block_ids[p // block_size] * block_size + p % block_size)
+        last_index[i] = len(tokens) - 1
+    sample_rows = tuple(i for i in range(len(rows)) if rows[i].sample)
+    return StepBatch(
+        tokens=mx.array(tokens, dtype=mx.int32),
+        positions=mx.array(positions, dtype=mx.int32),
+        slots=mx.array(slots, dtype=mx.int32),
+        groups=_attention_groups([rows[i] for i in order], block_size),
+        sample_index=mx.array([last_index[i] for i in sample_rows], dtype=mx.int32),
+        sample_rows=sample_rows,
+    )
+
+
+def _attention_groups(ordered: Sequence[ScheduledRow], block_size: int) -> tuple[AttentionGroup, ...]:
+    decode = [r for r in ordered if len(r.token_ids) == 1]
+    groups = []
+    if decode:
+        groups.append(_group(decode, 0, block_size))
+    start = len(decode)
+    for row in ordered[len(decode) :]:
+        groups.append(_group([row], start, block_size))
+        start += len(row.token_ids)
+    return tuple(groups)
+
+
+def _group(rows: Sequence[ScheduledRow], start: int, block_size: int) -> AttentionGroup:
+    q_len = len(rows[0].token_ids)
+    # Only the pages that hold keys up to each row's last query are gathered.
+    pages = [r.block_ids[: (r.start_pos + q_len - 1) // block_size + 1] for r in rows]
+    width = max(len(p) for p in pages)
+    tables = [list(p) + [p[0]] * (width - len(p)) for p in pages]
+    q_pos = [list(range(r.start_pos, r.start_pos + q_len)) for r in rows]
+    return AttentionGroup(
+        start=start,
+        end=start + q_len * len(rows),
+        q_len=q_len,
+        block_tables=mx.array(tables, dtype=mx.int32),
+        q_pos=mx.array(q_pos, dtype=mx.int32),
+    )
+
+
+class ModelRunner:
+    """Owns the per-layer KV pools and runs the paged forward (engine thread only)."""
+
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype) -> None:
+        self.model = model
+        self.block_size = block_size
+        layers = model.model.layers
+        attn = layers[0].self_attn
+        self.num_kv_heads = attn.n_kv_heads
+        self.head_dim = attn.head_dim
+        shape = (self.num_kv_heads, num_blocks, block_size, self.head_dim)  # see kernels.reference
+        self.k_pools = [mx.zeros(shape, dtype=dtype) for _ in layers]
+        self.v_pools = [mx.zeros(shape, dtype=dtype) for _ in layers]
+        mx.eval(self.k_pools, self.v_pools)
+
+    @staticmethod
+    def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: mx.Dtype) -> int:
+        layers = model.model.layers
+        attn = layers[0].self_attn
+        return 2 * len(layers) * block_size * attn.n_kv_heads * attn.head_dim * dtype.size
+
+    def execute(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
+        """Run one step; returns (logits [S, V] float32, row index of each logits row)."""
+        batch = build_step_batch(rows, self.block_size)
+        inner = self.model.model
+        h = inner.embed_tokens(batch.tokens[None])  # [1, T, DM]
+        for i, layer in enumerate(inner.layers):
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), batch)
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
+        h = inner.norm(h)[0, batch.sample_index]  # [S, DM]
+        if getattr(self.model.args, "tie_word_embeddings", False):
+            logits = inner.embed_tokens.as_linear(h)
+        else:
+            logits = self.model.lm_head(h)
+        return logits.astype(mx.float32), batch.sample_rows  # [S, V]
+
+    @staticmethod
+    def _mlp(mlp: nn.Module, x: mx.array) -> mx.array:
+        """Gated MLP with the backend's fastest silu; other MLP shapes run as the model defines them."""
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return mlp(x)
+        return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+
+    def _attention(self, i: int, attn: nn.Module, x: mx.array, batch: StepBatch) -> mx.array:
+        T = x.shape[1]
+        H, HKV, D = attn.n_heads, attn.n_kv_heads, self.head_dim
+        # One "row" per token so RoPE takes each token's own position: [T, H, 1, D].
+        q = attn.rope(attn.q_proj(x).reshape(T, H, 1, D), offset=batch.positions)
+        k = attn.rope(attn.k_proj(x).reshape(T, HKV, 1, D), offset=batch.positions)
+        v = attn.v_proj(x).reshape(T, HKV, D)
+        self.k_pools[i] = write_kv(self.k_pools[i], batch.slots, k.reshape(T, HKV, D))
+        self.v_pools[i] = write_kv(self.v_pools[i], batch.slots, v)
+        q = q.reshape(T, H, D)
+        outs = [self._group_attention(g, q, attn.scale, i) for g in batch.groups]
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)  # [T, H*D]
+        return attn.o_proj(o[None])
+
+    def _group_attention(self, g: AttentionGroup, q: mx.array, scale: float, i: int) -> mx.array:
+        H, D = q.shape[1], q.shape[2]
+        B = (g.end - g.start) // g.q_len
+        qg = q[g.start : g.end].reshape(B, g.q_len, H, D).transpose(0, 2, 1, 3)  # [B, H, LQ, D]
+        o = paged_attention(qg, self.k_pools[i], self.v_pools[i], g.block_tables, g.q_pos, scale)
+        return o.transpose(0, 2, 1, 3).reshape(B * g.q_len, H * D)  # [B*LQ, H*D]
