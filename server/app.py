@@ -1,0 +1,52 @@
+"""FastAPI application factory; the lifespan starts the engine and stops it on shutdown.
+
+The model loads in the engine thread while the server already answers: /health is 503
+until it is ready, so a load never blocks the event loop and a failure is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import errors
+from server.limits import BodySizeLimit
+from server.routes import chat, completions, health, models
+from server.settings import Settings
+from server.state import ServerState
+
+log = logging.getLogger("mlx_loom.server")
+
+
+def create_app(settings: Settings | None = None, client=None) -> FastAPI:
+    """The ASGI app; `client` defaults to a real EngineClient built from `settings`."""
+    settings = settings or Settings()
+    if client is None:
+        from scheduler.client import EngineClient
+
+        client = EngineClient(settings.engine_config())
+    app = FastAPI(title="mlx-loom", version="0.1.0", lifespan=_lifespan,
+                  description="OpenAI-compatible LLM inference on MLX")
+    app.state.loom = ServerState(settings, client)
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    for module in (chat, completions, models, health):
+        app.include_router(module.router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.loom
+    loading = asyncio.create_task(state.start_engine())
+    try:
+        yield
+    finally:
+        if not loading.done():
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+        await state.client.shutdown()
+        log.info("engine stopped")

@@ -1,0 +1,57 @@
+"""`mlx-loom` console script: `mlx-loom serve [options]` (options documented by --help)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from server.settings import Settings, add_arguments, from_namespace
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-loom", description="OpenAI-compatible LLM server on MLX.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="Serve a model over an OpenAI-compatible HTTP API.",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+                    "/v1/completions, /v1/models, /health, docs at /docs). Every option can also be "
+                    "set with an environment variable MLX_LOOM_<OPTION>; the command line wins.")
+    add_arguments(serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except ValueError as exc:  # a malformed MLX_LOOM_* variable
+        print(f"mlx-loom: error: {exc}", file=sys.stderr)
+        return 2
+    ns = parser.parse_args(argv)
+    try:
+        settings = from_namespace(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(settings)
+    return 0
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(level=_py_level(settings.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=5)
+
+
+def _py_level(name: str) -> int:
+    return logging.DEBUG if name == "trace" else getattr(logging, name.upper())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

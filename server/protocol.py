@@ -1,0 +1,234 @@
+"""OpenAI request and response models (pydantic), and the policy for fields we do not serve.
+
+Requests accept extra fields at parse time so that `unsupported_fields` can name them in a
+400: an unknown field that would change behaviour is refused, never silently ignored.
+Value ranges mirror scheduler.params.SamplingParams (the engine's own checks still run).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+INT64 = 2**63
+
+# Accepted and ignored: they do not change what the model generates.
+HARMLESS_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention", "parallel_tool_calls", "include_obfuscation",
+})
+# Understood, and planned (structured output and tools): refused until they work.
+NOT_YET_FIELDS = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "response_format", "tool_calls", "tool_call_id",
+})
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = False
+    """Send one last chunk with the usage of the whole request (choices: [])."""
+
+
+class ContentPart(_Open):
+    type: str
+    """Only "text" parts are served."""
+    text: str | None = None
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class _SamplingRequest(_Open):
+    model: str | None = None
+    """The served model name (see GET /v1/models); omitted means the one served model."""
+    n: int | None = Field(None, ge=1, le=128)
+    """Choices to generate; they run as n rows of the same batch."""
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    """Same seed, same text; choice i of n uses seed + i."""
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100] added to its logit."""
+    stop: str | list[str] | None = None
+    """Up to 16 strings; generation ends before the first one, which is not returned."""
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    """Text, texts, token ids, or lists of token ids (one completion group per prompt)."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Return the sampled token's logprob and this many alternatives per position."""
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+def unsupported_fields(req: _Open) -> list[tuple[str, str]]:
+    """(field path, reason) for every field that would change behaviour we do not implement."""
+    found = _extras(req, "")
+    if isinstance(req, ChatCompletionRequest):
+        for i, msg in enumerate(req.messages):
+            found += _extras(msg, f"messages.{i}.")  # content parts: render.py names non-text types
+    if req.stream_options is not None:
+        found += _extras(req.stream_options, "stream_options.")
+    if isinstance(req, CompletionRequest):
+        found += _completion_only(req)
+    return found
+
+
+def _extras(model: _Open, prefix: str) -> list[tuple[str, str]]:
+    out = []
+    for name, value in (model.model_extra or {}).items():
+        if name in HARMLESS_FIELDS or value is None:
+            continue
+        if name in NOT_YET_FIELDS:
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue  # the default; nothing to enforce
+            if name in ("tools", "functions") and value == []:
+                continue
+            out.append((prefix + name, "is not supported yet"))
+        else:
+            out.append((prefix + name, "is not a recognized field"))
+    return out
+
+
+def _completion_only(req: CompletionRequest) -> list[tuple[str, str]]:
+    out = []
+    if req.echo:
+        out.append(("echo", "is not supported (only echo=false)"))
+    if req.suffix:
+        out.append(("suffix", "is not supported"))
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        out.append(("best_of", "is not supported (only best_of equal to n)"))
+    return out
+
+
+# ---- responses ----
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mlx-loom"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

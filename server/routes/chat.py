@@ -1,0 +1,94 @@
+"""POST /v1/chat/completions"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+
+from server.logprobs import chat_logprobs
+from server.output import ChoiceEvent, Collector, merged_events
+from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                             ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, Usage)
+from server.render import render_chat
+from server.routes.common import (Job, collect, engine_errors, make_job, new_id, plan_choices,
+                                  reject_unsupported, stream_error)
+from server.sampling import base_params, check_prompt, limits_of, resolve_max_tokens, stop_strings
+from server.sse import DONE, EventStream, event, unless_disconnected
+from server.state import get_state
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             summary="Chat completion (stream: true answers with server-sent events)")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    reject_unsupported(body)
+    info = state.require_ready()
+    model = state.check_model(body.model)
+    stops = stop_strings(body.stop)
+    limits = limits_of(info)
+    prompt = await render_chat(info.tokenizer, body.messages)
+    check_prompt(prompt, limits, "messages")
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(body.max_completion_tokens or body.max_tokens, None, len(prompt), limits, param)
+    kwargs = base_params(body, max_tokens, limits)
+    job_id, n = new_id("chatcmpl"), body.n or 1
+    job = make_job(job_id, model, plan_choices(job_id, [prompt], kwargs, body.seed, n), n, stops,
+                   info.tokenizer, body.stream_options)
+    events = merged_events(state.client, info.tokenizer, job.specs, stops)
+    if body.stream:
+        return EventStream(_stream(job, events, bool(body.logprobs)))
+    with engine_errors():
+        collector = await unless_disconnected(request, collect(events, job.collector()))
+    if collector is None:
+        return Response(status_code=499)  # client gone; nobody reads this
+    return _response(job, collector, bool(body.logprobs))
+
+
+def _response(job: Job, collector: Collector, want_logprobs: bool) -> ChatCompletionResponse:
+    choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content="".join(r.text)),
+            logprobs=ChatLogprobs(**chat_logprobs(r.logprobs, job.text_of)) if want_logprobs else None,
+            finish_reason=r.finish_reason,
+        )
+        for i, r in sorted(collector.results.items())
+    ]
+    return ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
+                                  usage=Usage(**collector.usage()))
+
+
+def _chunk(job: Job, choices: list[ChatChunkChoice], usage: dict | None = None) -> bytes:
+    return event(ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=choices,
+                                     usage=Usage(**usage) if usage else None))
+
+
+async def _stream(job: Job, events: AsyncIterator[ChoiceEvent], want_logprobs: bool) -> AsyncIterator[bytes]:
+    collector = job.collector()
+    async with aclosing(events):
+        try:
+            for spec in job.specs:
+                yield _chunk(job, [ChatChunkChoice(index=spec.index, delta=ChatDelta(role="assistant", content=""))])
+            async for ev in events:
+                collector.add(ev)
+                for choice in _chunk_choices(job, ev, want_logprobs):
+                    yield _chunk(job, [choice])
+            if job.include_usage:
+                yield _chunk(job, [], collector.usage())
+        except Exception as exc:
+            yield stream_error(exc)
+    yield DONE
+
+
+def _chunk_choices(job: Job, ev: ChoiceEvent, want_logprobs: bool) -> list[ChatChunkChoice]:
+    out = []
+    logprobs = ChatLogprobs(**chat_logprobs(ev.logprobs, job.text_of)) if want_logprobs and ev.logprobs else None
+    if ev.text or logprobs is not None:
+        out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(content=ev.text), logprobs=logprobs))
+    if ev.finish_reason is not None:
+        out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(), finish_reason=ev.finish_reason))
+    return out

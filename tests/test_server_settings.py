@@ -1,0 +1,65 @@
+"""Settings and CLI: env + command line, --help documents every option, server imports no mlx."""
+
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from server.cli import build_parser
+from server.settings import Settings, load_settings
+from server_fixtures import ROOT
+
+
+def test_defaults():
+    s = load_settings([], env={})
+    assert s == Settings()
+    cfg = s.engine_config()
+    assert cfg.model is None and cfg.cache.enable_prefix_caching and cfg.scheduler.max_num_seqs == s.max_num_seqs
+
+
+def test_command_line_beats_env_beats_default():
+    env = {"MLX_LOOM_PORT": "9001", "MLX_LOOM_MAX_NUM_SEQS": "7", "MLX_LOOM_ENABLE_PREFIX_CACHING": "false",
+           "MLX_LOOM_KV_CACHE_MEMORY_GB": "0.25"}
+    s = load_settings(["--port", "9002", "--served-model-name", "smol"], env=env)
+    assert (s.port, s.max_num_seqs, s.enable_prefix_caching, s.kv_cache_memory_gb) == (9002, 7, False, 0.25)
+    assert s.served_model_name == "smol"
+    s = load_settings(["--no-prefix-caching", "--block-size", "32", "--num-blocks", "100"], env={})
+    cfg = s.engine_config()
+    assert not cfg.cache.enable_prefix_caching and cfg.cache.block_size == 32 and cfg.cache.num_blocks == 100
+
+
+def test_bad_values_name_the_setting():
+    with pytest.raises(ValueError, match="MLX_LOOM_PORT"):
+        load_settings([], env={"MLX_LOOM_PORT": "eighty"})
+    with pytest.raises(ValueError, match="log_level"):
+        load_settings(["--log-level", "loud"], env={})
+    with pytest.raises(ValueError, match="does not exist"):
+        load_settings(["--model", "/no/such/model.gguf"], env={})
+    with pytest.raises(ValueError, match="block_size"):
+        load_settings(["--block-size", "12"], env={}).engine_config()
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for f in fields(Settings):
+        flag = "--no-prefix-caching" if f.name == "enable_prefix_caching" else "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert "MLX_LOOM_" + f.name.upper() in text.replace("\n", "").replace(" ", "")
+
+
+def test_cli_rejects_missing_model_path():
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", "/no/such.gguf"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_server_package_never_imports_mlx():
+    code = ("import sys, pkgutil, importlib, server, server.routes\n"
+            "for m in pkgutil.walk_packages(server.__path__, 'server.'): importlib.import_module(m.name)\n"
+            "bad = sorted(k for k in sys.modules if k == 'mlx' or k.startswith(('mlx.', 'mlx_lm')))\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
