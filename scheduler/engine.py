@@ -17,6 +17,7 @@ from typing import Callable
 from scheduler.config import EngineConfig
 from scheduler.messages import AbortRequest, AddRequest, EngineStats, RequestOutput
 from scheduler.tokenizer import TextTokenizer
+from schemas.grammar import GrammarBackend
 
 log = logging.getLogger("mlx_loom.engine")
 
@@ -32,6 +33,8 @@ class EngineInfo:
     tokenizer: TextTokenizer
     num_blocks: int
     block_size: int
+    grammar: GrammarBackend | None = None
+    """Compiles response_format / tool schemas (thread-safe); None if the tokenizer is unsupported."""
 
 
 class _Stop:

@@ -19,6 +19,7 @@ from scheduler.runner import ModelRunner
 from scheduler.sampler import SampledToken, SamplingRow, sample
 from scheduler.scheduler import Scheduler, SchedulerOutput
 from scheduler.engine import EngineInfo
+from scheduler.structured import StructuredOutput
 
 log = logging.getLogger("mlx_loom.engine")
 
@@ -35,7 +36,9 @@ class EngineCore:
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype)
         self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
         self.eos = frozenset(loaded.tokenizer.eos_token_ids)
-        self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size)
+        backend = _grammar_backend(loaded)
+        self.structured = StructuredOutput(backend)
+        self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend)
         self.steps = 0
         self._emitted: dict[str, int] = {}  # request id -> output tokens already reported
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
@@ -46,8 +49,11 @@ class EngineCore:
         """Queue a request; an error output (and nothing queued) if it can never run."""
         req = Request(msg.request_id, list(msg.prompt_token_ids), msg.params, eos_token_ids=self.eos)
         try:
+            if msg.params.grammar is not None:
+                self.structured.add(req.request_id, msg.params.grammar)
             self.scheduler.add_request(req)
         except ValueError as exc:
+            self.structured.remove(req.request_id)
             return RequestOutput(msg.request_id, (), finish_reason="error", error=str(exc),
                                  num_prompt_tokens=len(msg.prompt_token_ids))
         self._emitted[req.request_id] = 0
@@ -55,6 +61,7 @@ class EngineCore:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.abort_request(request_id)
+        self.structured.remove(request_id)
         return self._output(req) if req is not None else None
 
     def has_unfinished(self) -> bool:
@@ -71,8 +78,25 @@ class EngineCore:
             if tok.logprob is not None:
                 self._pending_logprobs.setdefault(rid, []).append(
                     TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs))
-        changed = self.scheduler.update_from_output(out, {rid: t.token_id for rid, t in sampled.items()})
-        return [self._output(req) for req in changed]
+        tokens = {rid: t.token_id for rid, t in sampled.items()}
+        reqs = self.scheduler.requests
+        advance = self.structured.advance(tokens, {rid: reqs[rid].is_stop_token(t) for rid, t in tokens.items()})
+        changed = self.scheduler.update_from_output(out, tokens, advance.stop_after)
+        outputs = [self._output(req) for req in changed]
+        for rid, message in advance.errors.items():
+            outputs.extend(self._fail(rid, message))
+        for req in changed:
+            if req.is_finished:
+                self.structured.remove(req.request_id)
+        return outputs
+
+    def _fail(self, request_id: str, message: str) -> list[RequestOutput]:
+        req = self.scheduler.abort_request(request_id)
+        self.structured.remove(request_id)
+        if req is None:
+            return []
+        return [RequestOutput(request_id, (), finish_reason="error", error=message,
+                              num_prompt_tokens=req.num_prompt_tokens)]
 
     def _run(self, out: SchedulerOutput) -> dict[str, SampledToken]:
         logits, sample_rows = self.runner.execute(out.rows)  # [S, V]
@@ -80,6 +104,7 @@ class EngineCore:
             mx.eval(self.runner.k_pools, self.runner.v_pools)
             return {}
         reqs = [self.scheduler.requests[out.rows[i].request_id] for i in sample_rows]
+        logits = self.structured.apply_masks(logits, [r.request_id for r in reqs])
         rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.sample_seed) for r in reqs]
         return {r.request_id: t for r, t in zip(reqs, sample(logits, rows))}
 
@@ -105,6 +130,7 @@ class EngineCore:
         outputs = []
         for rid in list(self.scheduler.requests):
             req = self.scheduler.abort_request(rid)
+            self.structured.remove(rid)
             if req is not None:
                 outputs.append(RequestOutput(rid, (), finish_reason=reason, error=message,
                                              num_prompt_tokens=req.num_prompt_tokens))
@@ -122,3 +148,14 @@ class EngineCore:
             prefix_cache_hits=s.prefix_cache_hits,
             steps=self.steps,
         )
+
+
+def _grammar_backend(loaded: LoadedModel):
+    """The structured-output backend for this tokenizer, or None (then constrained requests get a 400)."""
+    try:
+        from schemas.llguidance_backend import LLGuidanceBackend
+
+        return LLGuidanceBackend(loaded.tokenizer, vocab_size=loaded.vocab_size)
+    except Exception as exc:  # an unsupported tokenizer must not stop free-text serving
+        log.warning("structured output disabled: %s", exc)
+        return None

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from schemas.grammar import CompiledGrammar
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,10 @@ class SamplingParams:
     """Return the log-probability of each sampled token."""
     top_logprobs: int = 0
     """Also return this many most likely alternatives per position (0..20)."""
+    grammar: CompiledGrammar | None = field(default=None, compare=False)
+    """Constrain the output to this compiled grammar (structured output); None = free text."""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
-    """Reserved for later features (e.g. a grammar handle); never read by the sampler."""
+    """Reserved for later features; never read by the sampler."""
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", "must be >= 1")

@@ -79,6 +79,11 @@ class Request:
         """OpenAI's name for how it ended: stop, length, abort, error; None while unfinished."""
         return _FINISH_REASONS.get(self.status)
 
+    def is_stop_token(self, token_id: int) -> bool:
+        """A token that ends the request without being returned (EOS unless ignore_eos, stop ids)."""
+        p = self.params
+        return token_id in p.stop_token_ids or (token_id in self.eos_token_ids and not p.ignore_eos)
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)

@@ -11,7 +11,7 @@ blocks are freed and it goes back to the front of the queue with its tokens so f
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from scheduler.config import CacheConfig, SchedulerConfig
@@ -178,11 +178,13 @@ class Scheduler:
                             sample=end == req.num_tokens)
 
     # -- results ---------------------------------------------------------------------------
-    def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+    def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, int],
+                           stop_after: Collection[str] = ()) -> list[Request]:
         """Advance each scheduled request; the requests that got a token or finished.
 
         A sampled stop token (EOS unless ignore_eos, or a stop_token_id) finishes the request
-        without being appended, as OpenAI servers do not return it.
+        without being appended, as OpenAI servers do not return it. Requests in stop_after
+        (e.g. their grammar is complete) finish as stopped after their token is appended.
         """
         changed = []
         for row in output.rows:
@@ -194,6 +196,8 @@ class Scheduler:
             if not row.sample:
                 continue
             status = self._append(req, sampled[row.request_id])
+            if status is None and row.request_id in stop_after:
+                status = RequestStatus.FINISHED_STOPPED
             if status is not None:
                 self._finish(req, status)
             changed.append(req)
@@ -202,7 +206,7 @@ class Scheduler:
     def _append(self, req: Request, token: int) -> RequestStatus | None:
         """Append token unless it stops the request; the finished status, if any."""
         p = req.params
-        if token in p.stop_token_ids or (token in req.eos_token_ids and not p.ignore_eos):
+        if req.is_stop_token(token):
             return RequestStatus.FINISHED_STOPPED
         req.append_output_token(token)
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:

@@ -179,3 +179,13 @@ def test_abort_frees_blocks_of_running_and_waiting():
     assert s.abort_request("a") is a
     assert s.abort_request("a") is None
     assert s.num_free_blocks == 16 and not s.has_unfinished() and s.num_waiting == 0
+
+
+def test_stop_after_finishes_with_the_token_appended():
+    s = make()
+    a = req("a", 3)
+    s.add_request(a)
+    out = s.schedule()
+    s.update_from_output(out, {"a": 11}, stop_after={"a"})
+    assert a.finish_reason == "stop" and a.output_token_ids == [11]
+    assert s.num_free_blocks == 16
