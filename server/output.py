@@ -128,6 +128,10 @@ class Collector:
         r.finish_reason = event.finish_reason or r.finish_reason
         r.num_cached_tokens = event.num_cached_tokens or r.num_cached_tokens
 
+    def text(self, index: int) -> str:
+        """The text of choice `index` so far."""
+        return "".join(self.results[index].text)
+
     def usage(self) -> dict:
         """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
         firsts = [i for i in self.results if i % self.per_prompt == 0]

@@ -20,7 +20,7 @@ HARMLESS_FIELDS = frozenset({
 })
 # Understood, and planned (structured output and tools): refused until they work.
 NOT_YET_FIELDS = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "response_format", "tool_calls", "tool_call_id",
+    "tools", "tool_choice", "functions", "function_call", "tool_calls", "tool_call_id",
 })
 
 
@@ -37,6 +37,19 @@ class ContentPart(_Open):
     type: str
     """Only "text" parts are served."""
     text: str | None = None
+
+
+class JsonSchemaFormat(_Open):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")
+    """The JSON Schema the output must match."""
+    strict: bool | None = None
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatMessage(_Open):
@@ -68,6 +81,9 @@ class _SamplingRequest(_Open):
     ignore_eos: bool | None = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    """{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}:
+    the output is constrained to match (never fails open)."""
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -95,6 +111,10 @@ def unsupported_fields(req: _Open) -> list[tuple[str, str]]:
             found += _extras(msg, f"messages.{i}.")  # content parts: render.py names non-text types
     if req.stream_options is not None:
         found += _extras(req.stream_options, "stream_options.")
+    if req.response_format is not None:
+        found += _extras(req.response_format, "response_format.")
+        if req.response_format.json_schema is not None:
+            found += _extras(req.response_format.json_schema, "response_format.json_schema.")
     if isinstance(req, CompletionRequest):
         found += _completion_only(req)
     return found
@@ -106,8 +126,6 @@ def _extras(model: _Open, prefix: str) -> list[tuple[str, str]]:
         if name in HARMLESS_FIELDS or value is None:
             continue
         if name in NOT_YET_FIELDS:
-            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
-                continue  # the default; nothing to enforce
             if name in ("tools", "functions") and value == []:
                 continue
             out.append((prefix + name, "is not supported yet"))
@@ -160,6 +178,9 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
+    """extra: "validation_error" appears only when a constrained output failed final validation."""
+
+    model_config = ConfigDict(extra="allow")
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
@@ -182,6 +203,7 @@ class ChatDelta(BaseModel):
 
 
 class ChatChunkChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")  # "validation_error" on the finishing chunk, see ChatChoice
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
@@ -205,6 +227,9 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """extra: "validation_error" appears only when a constrained output failed final validation."""
+
+    model_config = ConfigDict(extra="allow")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None

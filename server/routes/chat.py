@@ -17,6 +17,7 @@ from server.routes.common import (Job, collect, engine_errors, make_job, new_id,
 from server.sampling import base_params, check_prompt, limits_of, resolve_max_tokens, stop_strings
 from server.sse import DONE, EventStream, event, unless_disconnected
 from server.state import get_state
+from server.structured import compile_grammar, grammar_spec
 
 router = APIRouter()
 
@@ -29,15 +30,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     info = state.require_ready()
     model = state.check_model(body.model)
     stops = stop_strings(body.stop)
+    spec = grammar_spec(body.response_format)
     limits = limits_of(info)
     prompt = await render_chat(info.tokenizer, body.messages)
     check_prompt(prompt, limits, "messages")
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(body.max_completion_tokens or body.max_tokens, None, len(prompt), limits, param)
     kwargs = base_params(body, max_tokens, limits)
+    grammar = kwargs["grammar"] = await compile_grammar(info, spec)
     job_id, n = new_id("chatcmpl"), body.n or 1
     job = make_job(job_id, model, plan_choices(job_id, [prompt], kwargs, body.seed, n), n, stops,
-                   info.tokenizer, body.stream_options)
+                   info.tokenizer, body.stream_options, grammar)
     events = merged_events(state.client, info.tokenizer, job.specs, stops)
     if body.stream:
         return EventStream(_stream(job, events, bool(body.logprobs)))
@@ -55,6 +58,7 @@ def _response(job: Job, collector: Collector, want_logprobs: bool) -> ChatComple
             message=AssistantMessage(content="".join(r.text)),
             logprobs=ChatLogprobs(**chat_logprobs(r.logprobs, job.text_of)) if want_logprobs else None,
             finish_reason=r.finish_reason,
+            **job.validation("".join(r.text), r.finish_reason),
         )
         for i, r in sorted(collector.results.items())
     ]
@@ -75,7 +79,7 @@ async def _stream(job: Job, events: AsyncIterator[ChoiceEvent], want_logprobs: b
                 yield _chunk(job, [ChatChunkChoice(index=spec.index, delta=ChatDelta(role="assistant", content=""))])
             async for ev in events:
                 collector.add(ev)
-                for choice in _chunk_choices(job, ev, want_logprobs):
+                for choice in _chunk_choices(job, ev, want_logprobs, collector):
                     yield _chunk(job, [choice])
             if job.include_usage:
                 yield _chunk(job, [], collector.usage())
@@ -84,11 +88,12 @@ async def _stream(job: Job, events: AsyncIterator[ChoiceEvent], want_logprobs: b
     yield DONE
 
 
-def _chunk_choices(job: Job, ev: ChoiceEvent, want_logprobs: bool) -> list[ChatChunkChoice]:
+def _chunk_choices(job: Job, ev: ChoiceEvent, want_logprobs: bool, collector: Collector) -> list[ChatChunkChoice]:
     out = []
     logprobs = ChatLogprobs(**chat_logprobs(ev.logprobs, job.text_of)) if want_logprobs and ev.logprobs else None
     if ev.text or logprobs is not None:
         out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(content=ev.text), logprobs=logprobs))
     if ev.finish_reason is not None:
-        out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(), finish_reason=ev.finish_reason))
+        extra = job.validation(collector.text(ev.index), ev.finish_reason)
+        out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(), finish_reason=ev.finish_reason, **extra))
     return out

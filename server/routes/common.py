@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Sequence
 
 from scheduler.client import EngineDeadError, RequestRejected
+from schemas.grammar import CompiledGrammar
 from server.errors import ApiError, bad_request
 from server.logprobs import TokenText
 from server.output import ChoiceEvent, ChoiceSpec, Collector
 from server.protocol import unsupported_fields
 from server.sampling import make_params
 from server.sse import error_event
+from server.structured import validation_error
 
 log = logging.getLogger("mlx_loom.server")
 
@@ -34,6 +36,13 @@ class Job:
     stops: tuple[str, ...]
     text_of: TokenText
     include_usage: bool
+    grammar: CompiledGrammar | None = None
+    """The response_format grammar of every choice, for final validation."""
+
+    def validation(self, text: str, finish_reason: str | None) -> dict:
+        """{"validation_error": why} when a finished constrained choice does not validate, else {}."""
+        problem = validation_error(self.grammar, text, finish_reason)
+        return {"validation_error": problem} if problem else {}
 
     def collector(self) -> Collector:
         return Collector(self.specs, self.choices_per_prompt)
@@ -64,9 +73,9 @@ def plan_choices(job_id: str, prompts: Sequence[Sequence[int]], kwargs: dict, se
 
 
 def make_job(job_id: str, model: str, specs: tuple[ChoiceSpec, ...], n: int, stops: tuple[str, ...],
-             tokenizer, stream_options) -> Job:
+             tokenizer, stream_options, grammar: CompiledGrammar | None = None) -> Job:
     include_usage = bool(stream_options and stream_options.include_usage)
-    return Job(job_id, int(time.time()), model, specs, n, stops, TokenText(tokenizer), include_usage)
+    return Job(job_id, int(time.time()), model, specs, n, stops, TokenText(tokenizer), include_usage, grammar)
 
 
 def as_api_error(exc: Exception) -> ApiError | None:

@@ -16,6 +16,7 @@ from server.routes.common import (Job, collect, engine_errors, make_job, new_id,
 from server.sampling import base_params, check_prompt, limits_of, resolve_max_tokens, stop_strings
 from server.sse import DONE, EventStream, event, unless_disconnected
 from server.state import get_state
+from server.structured import compile_grammar, grammar_spec
 
 router = APIRouter()
 
@@ -30,6 +31,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     info = state.require_ready()
     model = state.check_model(body.model)
     stops = stop_strings(body.stop)
+    spec = grammar_spec(body.response_format)
     limits = limits_of(info)
     prompts = await render_prompts(info.tokenizer, body.prompt)
     for prompt in prompts:
@@ -37,9 +39,10 @@ async def create_completion(body: CompletionRequest, request: Request):
     longest = max(len(p) for p in prompts)
     max_tokens = resolve_max_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, longest, limits, "max_tokens")
     kwargs = base_params(body, max_tokens, limits)
+    grammar = kwargs["grammar"] = await compile_grammar(info, spec)
     job_id, n = new_id("cmpl"), body.n or 1
     job = make_job(job_id, model, plan_choices(job_id, prompts, kwargs, body.seed, n), n, stops,
-                   info.tokenizer, body.stream_options)
+                   info.tokenizer, body.stream_options, grammar)
     events = merged_events(state.client, info.tokenizer, job.specs, stops)
     want_top = bool(body.logprobs)
     if body.stream:
@@ -59,6 +62,7 @@ def _response(job: Job, collector: Collector, want_logprobs: bool, want_top: boo
             logprobs=CompletionLogprobs(**completion_logprobs(r.logprobs, job.text_of, want_top))
             if want_logprobs else None,
             finish_reason=r.finish_reason,
+            **job.validation("".join(r.text), r.finish_reason),
         )
         for i, r in sorted(collector.results.items())
     ]
@@ -80,8 +84,9 @@ async def _stream(job: Job, events: AsyncIterator[ChoiceEvent], want_logprobs: b
                                                                         offsets[ev.index]))
                     offsets[ev.index] += sum(len(t) for t in logprobs.tokens)
                 if ev.text or ev.finish_reason or (logprobs and logprobs.tokens):
+                    extra = job.validation(collector.text(ev.index), ev.finish_reason) if ev.finish_reason else {}
                     choice = CompletionChoice(index=ev.index, text=ev.text, logprobs=logprobs,
-                                              finish_reason=ev.finish_reason)
+                                              finish_reason=ev.finish_reason, **extra)
                     yield event(CompletionResponse(id=job.id, created=job.created, model=job.model,
                                                    choices=[choice]))
             if job.include_usage:
