@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
 
 INT64 = 2**63
 
 # Accepted and ignored: they do not change what the model generates.
 HARMLESS_FIELDS = frozenset({
     "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-    "prompt_cache_retention", "parallel_tool_calls", "include_obfuscation",
+    "prompt_cache_retention", "include_obfuscation",
 })
-# Understood, and planned (structured output and tools): refused until they work.
-NOT_YET_FIELDS = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "tool_calls", "tool_call_id",
-})
+# The pre-tools function-calling fields: refused with the name of their replacement.
+DEPRECATED_FIELDS = {"functions": "is deprecated and not served; use 'tools'",
+                     "function_call": "is deprecated and not served; use 'tool_choice'"}
 
 
 class _Open(BaseModel):
@@ -52,10 +51,49 @@ class ResponseFormat(_Open):
     json_schema: JsonSchemaFormat | None = None
 
 
+class FunctionDef(_Open):
+    name: str
+    """1-64 characters from a-z, A-Z, 0-9, '_' and '-'."""
+    description: str | None = None
+    parameters: dict | None = None
+    """JSON Schema of the arguments object (omitted: no arguments)."""
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Open):
+    name: str
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Open):
+    name: str
+    arguments: str
+    """The arguments as a JSON text (OpenAI's shape: a string, not an object)."""
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """Assistant turns: the calls it made (rendered back into the prompt)."""
+    tool_call_id: str | None = None
+    """Tool turns: which call this content answers."""
 
 
 class _SamplingRequest(_Open):
@@ -91,6 +129,13 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    """Functions the model may call; the calls come back as message.tool_calls."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """"auto" (default with tools): calls parsed from the output; "required" / a named function:
+    the output is constrained to valid calls; "none": plain text."""
+    parallel_tool_calls: bool | None = True
+    """With "required": false allows exactly one call."""
 
 
 class CompletionRequest(_SamplingRequest):
@@ -109,6 +154,8 @@ def unsupported_fields(req: _Open) -> list[tuple[str, str]]:
     if isinstance(req, ChatCompletionRequest):
         for i, msg in enumerate(req.messages):
             found += _extras(msg, f"messages.{i}.")  # content parts: render.py names non-text types
+        for i, tool in enumerate(req.tools or ()):
+            found += _extras(tool, f"tools.{i}.") + _extras(tool.function, f"tools.{i}.function.")
     if req.stream_options is not None:
         found += _extras(req.stream_options, "stream_options.")
     if req.response_format is not None:
@@ -125,10 +172,9 @@ def _extras(model: _Open, prefix: str) -> list[tuple[str, str]]:
     for name, value in (model.model_extra or {}).items():
         if name in HARMLESS_FIELDS or value is None:
             continue
-        if name in NOT_YET_FIELDS:
-            if name in ("tools", "functions") and value == []:
-                continue
-            out.append((prefix + name, "is not supported yet"))
+        if name in DEPRECATED_FIELDS:
+            if value != []:
+                out.append((prefix + name, DEPRECATED_FIELDS[name]))
         else:
             out.append((prefix + name, "is not a recognized field"))
     return out
@@ -172,9 +218,37 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class AssistantMessage(BaseModel):
+class _OmitNoCalls(BaseModel):
+    """`tool_calls` is left out, not null, when there are none (as OpenAI answers)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class AssistantMessage(_OmitNoCalls):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    """None when the answer is only tool calls."""
+    tool_calls: list[ToolCall] | None = None
+    """Present only when the model called tools."""
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """First delta of a call: index, id, type, name and arguments ""; later ones: arguments text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class ChatChoice(BaseModel):
@@ -197,9 +271,10 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(_OmitNoCalls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

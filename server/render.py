@@ -5,21 +5,74 @@ text or ids. Runs in a worker thread (templates and tokenizers are CPU work, not
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Sequence
 
 from server.errors import bad_request
-from server.protocol import ChatMessage
+from server.protocol import ChatMessage, ToolCall
+from server.tools import ToolPlan, template_knows_tools, tool_call_text, tools_system_text
 
 
-def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """Plain {"role", "content"} dicts; text parts are joined, anything else is refused."""
-    out = []
+def message_dicts(messages: Sequence[ChatMessage], tool_aware: bool = False) -> list[dict]:
+    """Plain {"role", "content"} dicts; text parts are joined, anything else is refused.
+
+    Tool turns: for templates that know tools, assistant "tool_calls" and "tool" messages pass
+    through (arguments as objects, as HF templates expect); for others, calls are written as
+    <tool_call> blocks and tool results as <tool_response> blocks in a user turn (Hermes style).
+    """
+    out: list[dict] = []
     for i, msg in enumerate(messages):
+        text = _content_text(msg, i)
         if msg.role == "tool":
-            raise bad_request("messages with role 'tool' are not supported yet", f"messages.{i}.role")
+            if msg.tool_call_id is None:
+                raise bad_request("a 'tool' message needs 'tool_call_id'", f"messages.{i}.tool_call_id")
+            out.append(_tool_result(out, text, msg.tool_call_id) if not tool_aware else
+                       {"role": "tool", "content": text, "tool_call_id": msg.tool_call_id})
+            continue
         role = "system" if msg.role == "developer" else msg.role
-        out.append({"role": role, "content": _content_text(msg, i)})
+        entry: dict = {"role": role, "content": text}
+        if msg.tool_calls:
+            if msg.role != "assistant":
+                raise bad_request("only assistant messages carry 'tool_calls'", f"messages.{i}.tool_calls")
+            calls = [_call_arguments(i, j, c) for j, c in enumerate(msg.tool_calls)]
+            if tool_aware:
+                entry["tool_calls"] = [{"id": c.id, "type": "function",
+                                        "function": {"name": c.function.name, "arguments": args}}
+                                       for c, args in zip(msg.tool_calls, calls)]
+            else:
+                blocks = [tool_call_text(c.function.name, json.dumps(args, ensure_ascii=False))
+                          for c, args in zip(msg.tool_calls, calls)]
+                entry["content"] = "\n".join(([text] if text else []) + blocks)
+        out.append(entry)
     return out
+
+
+def _call_arguments(i: int, j: int, call: ToolCall) -> object:
+    try:
+        return json.loads(call.function.arguments or "{}")
+    except ValueError:
+        raise bad_request("tool call arguments must be a JSON text", f"messages.{i}.tool_calls.{j}.function.arguments") \
+            from None
+
+
+def _tool_result(out: list[dict], text: str, call_id: str | None) -> dict:
+    """A tool result as a user turn; consecutive results share one turn (returned or merged)."""
+    block = f"<tool_response>\n{text}\n</tool_response>"
+    if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
+        last = out.pop()
+        return {"role": "user", "content": last["content"] + "\n" + block}
+    return {"role": "user", "content": block}
+
+
+def with_tool_section(messages: list[dict], plan: ToolPlan | None, tool_aware: bool) -> list[dict]:
+    """Prepend the tool listing to the system turn (templates that do not render tools)."""
+    if plan is None or tool_aware:
+        return messages
+    section = tools_system_text(plan)
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": messages[0]["content"] + "\n\n" + section}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": section}, *messages]
 
 
 def _content_text(msg: ChatMessage, i: int) -> str:
@@ -40,17 +93,20 @@ def _content_text(msg: ChatMessage, i: int) -> str:
     return "".join(texts)
 
 
-def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def _chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    kwargs = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except Exception as exc:  # the template rejected these messages (e.g. role order)
         raise bad_request(f"the model's chat template rejected the messages: {exc}", "messages") from None
     return list(tokenizer.encode(text))
 
 
-async def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> list[int]:
-    dicts = message_dicts(messages)
-    return await asyncio.to_thread(_chat_ids, tokenizer, dicts)
+async def render_chat(tokenizer, messages: Sequence[ChatMessage], plan: ToolPlan | None = None) -> list[int]:
+    aware = template_knows_tools(tokenizer)
+    dicts = with_tool_section(message_dicts(messages, aware), plan, aware)
+    tools = plan.template_tools() if plan is not None and aware else None
+    return await asyncio.to_thread(_chat_ids, tokenizer, dicts, tools)
 
 
 def _prompt_list(prompt: str | list) -> list[str | list[int]]:

@@ -36,16 +36,18 @@ def grammar_spec(fmt: ResponseFormat | None) -> GrammarSpec | None:
         raise bad_request(str(exc), "response_format.json_schema.schema", "invalid_schema") from None
 
 
-async def compile_grammar(info, spec: GrammarSpec | None) -> CompiledGrammar | None:
+async def compile_grammar(info, spec: GrammarSpec | None, param: str | None = None) -> CompiledGrammar | None:
+    """param: the request field to name in a 400 (default: the one the backend names)."""
     if spec is None:
         return None
     backend = getattr(info, "grammar", None)
     if backend is None:
-        raise bad_request("structured output is not available for this model's tokenizer", "response_format")
+        raise bad_request("structured output is not available for this model's tokenizer",
+                          param or "response_format")
     try:
         return await asyncio.to_thread(backend.compile, spec)
     except GrammarError as exc:
-        raise bad_request(str(exc), exc.param or "response_format", "invalid_schema") from None
+        raise bad_request(str(exc), param or exc.param or "response_format", "invalid_schema") from None
 
 
 def validation_error(grammar: CompiledGrammar | None, text: str, finish_reason: str | None) -> str | None:

@@ -57,10 +57,23 @@ class FakeInfo:
     tokenizer: ByteTokenizer
     num_blocks: int
     block_size: int
+    grammar: object | None = None
+
+
+class PassThroughGrammar:
+    """A GrammarBackend stand-in that accepts every schema (the fake engine ignores grammars)."""
+
+    def compile(self, spec):
+        from schemas.grammar import CompiledGrammar
+        return CompiledGrammar(spec, "", 0.0)
 
 
 def reply_text(prompt_ids, params) -> str:
-    """The scripted answer: fixed when greedy, seeded words otherwise."""
+    """The scripted answer: what follows "ECHO:" in the prompt (to its line end); else fixed when
+    greedy, seeded words otherwise."""
+    prompt = ByteTokenizer().decode(prompt_ids) if prompt_ids else ""
+    if "ECHO:" in prompt:
+        return prompt.split("ECHO:", 1)[1].split("\n", 1)[0]
     if params.temperature == 0:
         return "Hello, wörld! The answer is 42. STOP here 🙂 and more text follows."
     rng = random.Random(params.seed)
@@ -71,8 +84,9 @@ class FakeEngineClient:
     """EngineClient's interface over a script. Prompt text markers: REJECT, DIE, SLOW."""
 
     def __init__(self, delay: float = 0.0, load_time: float = 0.0, fail_load: str | None = None,
-                 max_model_len: int = 256) -> None:
+                 max_model_len: int = 256, grammar: bool = False) -> None:
         self.delay, self.load_time, self.fail_load = delay, load_time, fail_load
+        self.grammar = PassThroughGrammar() if grammar else None
         self.info: FakeInfo | None = None
         self.max_model_len = max_model_len
         self.active: set[str] = set()
@@ -93,7 +107,8 @@ class FakeEngineClient:
         if self.fail_load:
             self._dead = f"model failed to load: {self.fail_load}"
             raise EngineDeadError(self._dead)
-        self.info = FakeInfo("fake-model", self.max_model_len, ByteTokenizer(), num_blocks=64, block_size=16)
+        self.info = FakeInfo("fake-model", self.max_model_len, ByteTokenizer(), num_blocks=64, block_size=16,
+                             grammar=self.grammar)
         return self.info
 
     async def generate(self, prompt_token_ids, params, request_id=None):

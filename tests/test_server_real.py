@@ -206,7 +206,7 @@ def _expect_timeout(server, body, out):
 
 @pytest.mark.parametrize("raw,status", [
     (b"{", 422), (b"[]", 422), (b'{"messages": "hi"}', 422),
-    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 422),
     (b'{"messages": [{"role": "user", "content": "x"}], "foo": 1}', 400),
     (b'{"messages": [{"role": "user", "content": "x"}], "model": "gpt-4o"}', 400),
 ])
@@ -290,3 +290,68 @@ def test_outlines_openai_client_gets_valid_output(server):
     out = model("Invent a pet. Reply with JSON.", Pet, max_tokens=64, temperature=0)
     pet = Pet.model_validate_json(out)
     assert 0 <= pet.legs <= 8
+
+
+# ---- tools ----
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string"},
+                  "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"],
+                  "additionalProperties": False}
+TIME_PARAMS = {"type": "object", "properties": {"tz": {"type": "string", "pattern": "^[A-Z][a-z]+/[A-Z][a-z]+$"}},
+               "required": ["tz"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": WEATHER_PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "description": "Time in a timezone",
+                                           "parameters": TIME_PARAMS}}]
+PARAMS = {"get_weather": WEATHER_PARAMS, "get_time": TIME_PARAMS}
+WEATHER_Q = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+@pytest.mark.parametrize("temperature", [0, 0.7])
+def test_required_tool_calls_are_valid_calls(sdk, temperature):
+    import jsonschema
+
+    r = sdk.chat.completions.create(model="smol", messages=WEATHER_Q, tools=TOOLS, tool_choice="required",
+                                    max_tokens=48, temperature=temperature, n=2, seed=5)
+    for ch in r.choices:
+        assert ch.finish_reason in ("tool_calls", "length") and ch.message.content is None
+        calls = ch.message.tool_calls
+        assert calls and all(c.type == "function" and c.function.name in PARAMS for c in calls)
+        if ch.finish_reason == "tool_calls":
+            for c in calls:
+                jsonschema.validate(json.loads(c.function.arguments), PARAMS[c.function.name])
+            assert not getattr(ch, "validation_error", None)
+
+
+def test_named_tool_stream_equals_non_stream(sdk):
+    import jsonschema
+
+    kwargs = dict(model="smol", messages=WEATHER_Q, tools=TOOLS, max_tokens=48, temperature=0,
+                  tool_choice={"type": "function", "function": {"name": "get_time"}})
+    whole = sdk.chat.completions.create(**kwargs).choices[0]
+    (call,) = whole.message.tool_calls
+    assert whole.finish_reason == "tool_calls" and call.function.name == "get_time"
+    jsonschema.validate(json.loads(call.function.arguments), TIME_PARAMS)
+    deltas = [tc for c in sdk.chat.completions.create(**kwargs, stream=True) if c.choices
+              for tc in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].id and deltas[0].function.name == "get_time" and len(deltas) > 1
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+
+
+def test_auto_tools_answer_is_text_or_known_calls(sdk):
+    ch = sdk.chat.completions.create(model="smol", messages=WEATHER_Q, tools=TOOLS, max_tokens=32,
+                                     temperature=0).choices[0]
+    if ch.message.tool_calls:
+        assert ch.finish_reason == "tool_calls"
+        assert all(c.function.name in PARAMS and isinstance(json.loads(c.function.arguments), dict)
+                   for c in ch.message.tool_calls)
+    else:
+        assert ch.message.content and ch.finish_reason in ("stop", "length")
+    # The answer to a call goes back in as a "tool" message, and the model continues in text.
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    follow = WEATHER_Q + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18, "sky": "clear"}'}]
+    answer = sdk.chat.completions.create(model="smol", messages=follow, tools=TOOLS, tool_choice="none",
+                                         max_tokens=24, temperature=0).choices[0]
+    assert answer.message.content and not answer.message.tool_calls

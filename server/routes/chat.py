@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request, Response
 from server.logprobs import chat_logprobs
 from server.output import ChoiceEvent, Collector, merged_events
 from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                             ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, Usage)
+                             ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, FunctionCall,
+                             FunctionCallDelta, ToolCall, ToolCallDelta, Usage)
 from server.render import render_chat
 from server.routes.common import (Job, collect, engine_errors, make_job, new_id, plan_choices,
                                   reject_unsupported, stream_error)
@@ -18,6 +19,8 @@ from server.sampling import base_params, check_prompt, limits_of, resolve_max_to
 from server.sse import DONE, EventStream, event, unless_disconnected
 from server.state import get_state
 from server.structured import compile_grammar, grammar_spec
+from server.tool_parsers import Delta, ToolParser, make_parser, merge
+from server.tools import tool_plan
 
 router = APIRouter()
 
@@ -30,17 +33,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     info = state.require_ready()
     model = state.check_model(body.model)
     stops = stop_strings(body.stop)
-    spec = grammar_spec(body.response_format)
+    plan = tool_plan(body)
+    spec = plan.grammar_spec() if plan is not None else grammar_spec(body.response_format)
     limits = limits_of(info)
-    prompt = await render_chat(info.tokenizer, body.messages)
+    prompt = await render_chat(info.tokenizer, body.messages, plan)
     check_prompt(prompt, limits, "messages")
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(body.max_completion_tokens or body.max_tokens, None, len(prompt), limits, param)
     kwargs = base_params(body, max_tokens, limits)
-    grammar = kwargs["grammar"] = await compile_grammar(info, spec)
+    grammar = kwargs["grammar"] = await compile_grammar(info, spec, "tools" if plan is not None else None)
     job_id, n = new_id("chatcmpl"), body.n or 1
     job = make_job(job_id, model, plan_choices(job_id, [prompt], kwargs, body.seed, n), n, stops,
-                   info.tokenizer, body.stream_options, grammar)
+                   info.tokenizer, body.stream_options, grammar, plan)
     events = merged_events(state.client, info.tokenizer, job.specs, stops)
     if body.stream:
         return EventStream(_stream(job, events, bool(body.logprobs)))
@@ -52,18 +56,34 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 
 def _response(job: Job, collector: Collector, want_logprobs: bool) -> ChatCompletionResponse:
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content="".join(r.text)),
+    choices = []
+    for i, r in sorted(collector.results.items()):
+        text = "".join(r.text)
+        message, finish = _message(job, text, r.finish_reason)
+        choices.append(ChatChoice(
+            index=i, message=message, finish_reason=finish,
             logprobs=ChatLogprobs(**chat_logprobs(r.logprobs, job.text_of)) if want_logprobs else None,
-            finish_reason=r.finish_reason,
-            **job.validation("".join(r.text), r.finish_reason),
-        )
-        for i, r in sorted(collector.results.items())
-    ]
+            **job.validation(text, r.finish_reason)))
     return ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
                                   usage=Usage(**collector.usage()))
+
+
+def _message(job: Job, text: str, finish_reason: str | None) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of one choice; tool calls parsed the same way the stream parses them."""
+    if job.tools is None:
+        return AssistantMessage(content=text), finish_reason
+    parser = make_parser(job.tools)
+    content, calls = merge(parser.feed(text) + parser.finish())
+    tool_calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments="".join(c.arguments)))
+                  for c in calls]
+    if not tool_calls:
+        return AssistantMessage(content=content), finish_reason
+    return (AssistantMessage(content=content if content.strip() else None, tool_calls=tool_calls),
+            _tool_finish(finish_reason))
+
+
+def _tool_finish(finish_reason: str | None) -> str | None:
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def _chunk(job: Job, choices: list[ChatChunkChoice], usage: dict | None = None) -> bytes:
@@ -73,13 +93,14 @@ def _chunk(job: Job, choices: list[ChatChunkChoice], usage: dict | None = None) 
 
 async def _stream(job: Job, events: AsyncIterator[ChoiceEvent], want_logprobs: bool) -> AsyncIterator[bytes]:
     collector = job.collector()
+    parsers = {spec.index: make_parser(job.tools) for spec in job.specs} if job.tools is not None else {}
     async with aclosing(events):
         try:
             for spec in job.specs:
                 yield _chunk(job, [ChatChunkChoice(index=spec.index, delta=ChatDelta(role="assistant", content=""))])
             async for ev in events:
                 collector.add(ev)
-                for choice in _chunk_choices(job, ev, want_logprobs, collector):
+                for choice in _chunk_choices(job, ev, want_logprobs, collector, parsers.get(ev.index)):
                     yield _chunk(job, [choice])
             if job.include_usage:
                 yield _chunk(job, [], collector.usage())
@@ -88,12 +109,26 @@ async def _stream(job: Job, events: AsyncIterator[ChoiceEvent], want_logprobs: b
     yield DONE
 
 
-def _chunk_choices(job: Job, ev: ChoiceEvent, want_logprobs: bool, collector: Collector) -> list[ChatChunkChoice]:
+def _chunk_choices(job: Job, ev: ChoiceEvent, want_logprobs: bool, collector: Collector,
+                   parser: ToolParser | None) -> list[ChatChunkChoice]:
     out = []
     logprobs = ChatLogprobs(**chat_logprobs(ev.logprobs, job.text_of)) if want_logprobs and ev.logprobs else None
-    if ev.text or logprobs is not None:
-        out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(content=ev.text), logprobs=logprobs))
+    deltas = [ChatDelta(content=ev.text)] if ev.text else []
+    if parser is not None:
+        parsed = parser.feed(ev.text) + (parser.finish() if ev.finish_reason is not None else [])
+        deltas = [_chat_delta(d) for d in parsed]
+    if logprobs is not None and not deltas:
+        deltas = [ChatDelta()]
+    for i, delta in enumerate(deltas):
+        out.append(ChatChunkChoice(index=ev.index, delta=delta, logprobs=logprobs if i == 0 else None))
     if ev.finish_reason is not None:
+        finish = _tool_finish(ev.finish_reason) if parser is not None and parser.num_calls else ev.finish_reason
         extra = job.validation(collector.text(ev.index), ev.finish_reason)
-        out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(), finish_reason=ev.finish_reason, **extra))
+        out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(), finish_reason=finish, **extra))
     return out
+
+
+def _chat_delta(d: Delta) -> ChatDelta:
+    calls = [ToolCallDelta(index=c.index, id=c.id, type="function" if c.id else None,
+                           function=FunctionCallDelta(name=c.name, arguments=c.arguments)) for c in d.calls]
+    return ChatDelta(content=d.content or None, tool_calls=calls or None)

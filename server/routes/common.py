@@ -18,6 +18,7 @@ from server.protocol import unsupported_fields
 from server.sampling import make_params
 from server.sse import error_event
 from server.structured import validation_error
+from server.tools import ToolPlan
 
 log = logging.getLogger("mlx_loom.server")
 
@@ -38,6 +39,8 @@ class Job:
     include_usage: bool
     grammar: CompiledGrammar | None = None
     """The response_format grammar of every choice, for final validation."""
+    tools: ToolPlan | None = None
+    """Chat with tools: how each choice's text becomes content and tool calls."""
 
     def validation(self, text: str, finish_reason: str | None) -> dict:
         """{"validation_error": why} when a finished constrained choice does not validate, else {}."""
@@ -73,9 +76,11 @@ def plan_choices(job_id: str, prompts: Sequence[Sequence[int]], kwargs: dict, se
 
 
 def make_job(job_id: str, model: str, specs: tuple[ChoiceSpec, ...], n: int, stops: tuple[str, ...],
-             tokenizer, stream_options, grammar: CompiledGrammar | None = None) -> Job:
+             tokenizer, stream_options, grammar: CompiledGrammar | None = None,
+             tools: ToolPlan | None = None) -> Job:
     include_usage = bool(stream_options and stream_options.include_usage)
-    return Job(job_id, int(time.time()), model, specs, n, stops, TokenText(tokenizer), include_usage, grammar)
+    return Job(job_id, int(time.time()), model, specs, n, stops, TokenText(tokenizer), include_usage, grammar,
+               tools)
 
 
 def as_api_error(exc: Exception) -> ApiError | None:
