@@ -14,7 +14,8 @@ from fastapi import FastAPI
 
 from server import errors
 from server.limits import BodySizeLimit
-from server.routes import chat, completions, health, models
+from server.metrics import ServerMetrics
+from server.routes import chat, completions, health, metrics, models
 from server.settings import Settings
 from server.state import ServerState
 
@@ -31,9 +32,10 @@ def create_app(settings: Settings | None = None, client=None) -> FastAPI:
     app = FastAPI(title="mlx-loom", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible LLM inference on MLX")
     app.state.loom = ServerState(settings, client)
+    app.state.metrics = ServerMetrics()  # per app: never the global default registry
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (chat, completions, models, health):
+    for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
     return app
 

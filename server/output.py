@@ -13,7 +13,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol, Sequence
 
-from scheduler.client import EngineDeadError
+from scheduler.client import EngineDeadError, RequestRejected
 from scheduler.messages import RequestOutput, TokenLogprob
 from scheduler.params import SamplingParams
 from scheduler.tokenizer import IncrementalDetokenizer
@@ -25,6 +25,30 @@ class Engine(Protocol):
 
     def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                  request_id: str | None = None) -> AsyncIterator[RequestOutput]: ...
+
+
+class ChoiceObserver(Protocol):
+    """Sees one choice's engine outputs as they arrive, then how it ended (server/metrics.py)."""
+
+    def output(self, out: RequestOutput) -> None: ...
+
+    def end(self, finish_reason: str | None) -> None: ...
+
+
+class Observer(Protocol):
+    def choice(self) -> ChoiceObserver:
+        """A fresh observer for one choice, created just before it is submitted."""
+
+
+class _Unobserved:
+    def output(self, out: RequestOutput) -> None:
+        pass
+
+    def end(self, finish_reason: str | None) -> None:
+        pass
+
+
+_UNOBSERVED = _Unobserved()
 
 
 @dataclass(frozen=True)
@@ -46,36 +70,51 @@ class ChoiceEvent:
     num_cached_tokens: int
 
 
-async def choice_events(engine: Engine, tokenizer, spec: ChoiceSpec, stops: Sequence[str]) -> AsyncIterator[ChoiceEvent]:
+async def choice_events(engine: Engine, tokenizer, spec: ChoiceSpec, stops: Sequence[str],
+                        observer: ChoiceObserver | None = None) -> AsyncIterator[ChoiceEvent]:
     """One choice: detokenize, apply stop strings; a stop string hit ends (and aborts) it."""
+    observer = observer or _UNOBSERVED
     detok = IncrementalDetokenizer(tokenizer)
     matcher = StopMatcher(stops) if stops else None
-    async with aclosing(engine.generate(spec.prompt_ids, spec.params, spec.request_id)) as outputs:
-        async for out in outputs:
-            if out.finish_reason == "abort":
-                raise EngineDeadError(out.error or "request aborted by the engine")
-            text = detok.feed(list(out.new_token_ids)) + (detok.flush() if out.finished else "")
-            finish = out.finish_reason
-            if matcher is not None:
-                text = matcher.feed(text) + (matcher.flush() if out.finished else "")
-                finish = "stop" if matcher.stopped else finish
-            yield ChoiceEvent(spec.index, text, out.new_token_ids, out.logprobs or (), finish,
-                              out.num_prompt_tokens, out.num_cached_tokens)
-            if finish is not None:
-                return  # closing `outputs` aborts the engine request if it is still running
+    end: str | None = "abort"  # left before finishing: client gone, or a sibling choice failed
+    try:
+        async with aclosing(engine.generate(spec.prompt_ids, spec.params, spec.request_id)) as outputs:
+            async for out in outputs:
+                observer.output(out)
+                if out.finish_reason == "abort":
+                    raise EngineDeadError(out.error or "request aborted by the engine")
+                text = detok.feed(list(out.new_token_ids)) + (detok.flush() if out.finished else "")
+                finish = out.finish_reason
+                if matcher is not None:
+                    text = matcher.feed(text) + (matcher.flush() if out.finished else "")
+                    finish = "stop" if matcher.stopped else finish
+                end = finish or end
+                yield ChoiceEvent(spec.index, text, out.new_token_ids, out.logprobs or (), finish,
+                                  out.num_prompt_tokens, out.num_cached_tokens)
+                if finish is not None:
+                    return  # closing `outputs` aborts the engine request if it is still running
+    except RequestRejected:
+        end = None  # refused at admission (a 400): never served
+        raise
+    except Exception:
+        end = "error"
+        raise
+    finally:
+        observer.end(end)
 
 
 _DONE = object()
 
 
-async def merged_events(engine: Engine, tokenizer, specs: Sequence[ChoiceSpec],
-                        stops: Sequence[str]) -> AsyncIterator[ChoiceEvent]:
+async def merged_events(engine: Engine, tokenizer, specs: Sequence[ChoiceSpec], stops: Sequence[str],
+                        observer: Observer | None = None) -> AsyncIterator[ChoiceEvent]:
     """Events of every choice, in arrival order; the first error ends the whole request."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(spec: ChoiceSpec) -> None:
         try:
-            async for event in choice_events(engine, tokenizer, spec, stops):
+            tracker = observer.choice() if observer is not None else None
+            async for event in choice_events(engine, tokenizer, spec, stops, tracker):
                 queue.put_nowait(event)
         except Exception as exc:  # handed to the consumer, which raises it
             queue.put_nowait(exc)

@@ -140,7 +140,9 @@ class FakeEngineClient:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def stats(self) -> EngineStats:
+    async def stats(self) -> EngineStats | None:
+        if self.info is None:
+            return None  # as EngineClient: no stats until the model has loaded
         return EngineStats(len(self.active), 0, 64, 64 - 2 * len(self.active), 0, 0, 0, 0)
 
     async def shutdown(self) -> None:

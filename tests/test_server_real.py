@@ -355,3 +355,21 @@ def test_auto_tools_answer_is_text_or_known_calls(sdk):
     answer = sdk.chat.completions.create(model="smol", messages=follow, tools=TOOLS, tool_choice="none",
                                          max_tokens=24, temperature=0).choices[0]
     assert answer.message.content and not answer.message.tool_calls
+
+
+# ---- metrics (last: it reads what the tests above served) ----
+
+def test_metrics_after_traffic(server, sdk):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(2):  # the second finds the first's prompt in the prefix cache
+        sdk.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2, temperature=0)
+    wait_idle(server)
+    text = httpx.get(server + "/metrics").text
+    m = {s.name.removeprefix("mlx_loom:"): s.value for f in text_string_to_metric_families(text)
+         for s in f.samples if not s.labels}
+    assert m["num_kv_blocks_free"] == m["num_kv_blocks_total"] > 0  # idle: every block back in the pool
+    assert m["num_requests_running"] == m["num_requests_waiting"] == m["kv_cache_usage_perc"] == 0
+    assert m["prompt_tokens_total"] > 0 and m["generation_tokens_total"] > 0 and m["engine_steps_total"] > 0
+    assert m["prefix_cache_hits_total"] > 0 and 0 < m["prefix_cache_hit_rate"] <= 1
+    assert m["time_to_first_token_seconds_count"] >= 2 and m["e2e_request_latency_seconds_count"] >= 2

@@ -8,6 +8,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request, Response
 
 from server.logprobs import chat_logprobs
+from server.metrics import metrics_of
 from server.output import ChoiceEvent, Collector, merged_events
 from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                              ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, FunctionCall,
@@ -45,7 +46,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     job_id, n = new_id("chatcmpl"), body.n or 1
     job = make_job(job_id, model, plan_choices(job_id, [prompt], kwargs, body.seed, n), n, stops,
                    info.tokenizer, body.stream_options, grammar, plan)
-    events = merged_events(state.client, info.tokenizer, job.specs, stops)
+    events = merged_events(state.client, info.tokenizer, job.specs, stops, metrics_of(request))
     if body.stream:
         return EventStream(_stream(job, events, bool(body.logprobs)))
     with engine_errors():

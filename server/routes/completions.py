@@ -8,6 +8,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request, Response
 
 from server.logprobs import completion_logprobs
+from server.metrics import metrics_of
 from server.output import ChoiceEvent, Collector, merged_events
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from server.render import render_prompts
@@ -43,7 +44,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     job_id, n = new_id("cmpl"), body.n or 1
     job = make_job(job_id, model, plan_choices(job_id, prompts, kwargs, body.seed, n), n, stops,
                    info.tokenizer, body.stream_options, grammar)
-    events = merged_events(state.client, info.tokenizer, job.specs, stops)
+    events = merged_events(state.client, info.tokenizer, job.specs, stops, metrics_of(request))
     want_top = bool(body.logprobs)
     if body.stream:
         return EventStream(_stream(job, events, body.logprobs is not None, want_top))
