@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# CI check of the Docker image's install steps, without a Docker engine:
+#   1. builds the image's source tree in a temp dir from this checkout, filtered by .dockerignore
+#      (so a file the install needs but the build context leaves out fails here);
+#   2. runs scripts/docker_install.sh (what the Dockerfile RUNs) into a FRESH venv in that temp dir;
+#   3. checks that every dependency resolves to a binary wheel for linux/arm64 too (pip dry run);
+#   4. runs the Dockerfile's HEALTHCHECK command (must fail: nothing listens yet), starts
+#      `mlx-loom serve` from the fresh venv on a free loopback port, waits for /health 200, runs the
+#      HEALTHCHECK command again (must pass), sends one chat completion (200 with content);
+#   5. stops the server and deletes the temp dir (also on failure).
+# Env: PYTHON (interpreter for the venv, default python3), HEALTH_TIMEOUT (seconds, default 180),
+# SKIP_ARM64_RESOLVE=1 to skip step 3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-python3}
+HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-180}
+T0=$(date +%s)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/mlx-loom-docker-check.XXXXXX")
+SERVER_PID=""
+
+cleanup() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 1 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+    echo "== check_docker_install [$(( $(date +%s) - T0 ))s] temp dir removed"
+}
+trap cleanup EXIT
+step() { echo "== check_docker_install [$(( $(date +%s) - T0 ))s] $*"; }
+fail() { echo "check_docker_install: FAILED: $*" >&2; [ -f "$WORK/server.log" ] && tail -n 40 "$WORK/server.log" >&2; exit 1; }
+
+grep -q 'scripts/docker_install.sh' Dockerfile || fail "Dockerfile does not RUN scripts/docker_install.sh"
+
+step "build context from .dockerignore -> $WORK/src"
+"$PYTHON" - "$REPO" "$WORK/src" <<'EOF'
+"""Copy the Docker build context: every file under the repo that .dockerignore does not exclude.
+
+Docker's rules: patterns in order, the last one matching a path or one of its parent directories
+decides; `!` re-includes; `*` and `?` stay within one path segment, `**` spans segments."""
+import os, re, shutil, sys
+
+repo, dest = sys.argv[1], sys.argv[2]
+
+def to_regex(pat):
+    out, i = "", 0
+    while i < len(pat):
+        if pat.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pat.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pat[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pat[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pat[i] == "[" and "]" in pat[i + 1:]:
+            j = pat.index("]", i + 1)
+            cls = pat[i + 1:j]
+            out, i = out + "[" + ("^" + cls[1:] if cls.startswith("!") else cls) + "]", j + 1
+        else:
+            out, i = out + re.escape(pat[i]), i + 1
+    return re.compile(out + r"\Z")
+
+rules = []
+for line in open(os.path.join(repo, ".dockerignore")):
+    line = line.strip()
+    if not line or line.startswith("#"):
+        continue
+    neg = line.startswith("!")
+    pat = os.path.normpath(line[1:] if neg else line).lstrip("/")
+    rules.append((neg, pat, to_regex(pat)))
+
+def excluded(rel):
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+    verdict = False
+    for neg, _, rx in rules:
+        if any(rx.match(p) for p in prefixes):
+            verdict = not neg
+    return verdict
+
+def may_reinclude_below(rel):
+    return any(neg and ("*" in pat or pat.startswith(rel + "/")) for neg, pat, _ in rules)
+
+copied = 0
+for root, dirs, files in os.walk(repo):
+    rel_root = os.path.relpath(root, repo).replace(os.sep, "/")
+    rel_root = "" if rel_root == "." else rel_root + "/"
+    dirs[:] = [d for d in dirs
+               if not (excluded(rel_root + d) and not may_reinclude_below(rel_root + d))]
+    for name in files:
+        rel = rel_root + name
+        if not excluded(rel):
+            os.makedirs(os.path.join(dest, rel_root), exist_ok=True)
+            shutil.copy2(os.path.join(root, name), os.path.join(dest, rel))
+            copied += 1
+print(f"{copied} files in the build context")
+EOF
+
+step "scripts/docker_install.sh into a fresh venv ($WORK/venv)"
+T_INSTALL=$(date +%s)
+PYTHON="$PYTHON" bash "$WORK/src/scripts/docker_install.sh" "$WORK/venv"
+INSTALL_S=$(( $(date +%s) - T_INSTALL ))
+VPY="$WORK/venv/bin/python"
+(cd "$WORK" && "$VPY" -c "import server, sys; sys.exit(0 if server.__file__.startswith('$WORK/venv/') else 1)") \
+    || fail "the venv imports 'server' from outside itself (not a non-editable install?)"
+
+if [ "${SKIP_ARM64_RESOLVE:-0}" != 1 ]; then
+    step "every dependency has a linux/arm64 cp311 wheel (glibc <= 2.36, as in bookworm)"
+    PLATFORMS=(--platform manylinux2014_aarch64)
+    for v in 17 27 28 31 34 35 36; do PLATFORMS+=(--platform "manylinux_2_${v}_aarch64"); done
+    "$VPY" -m pip install -q --dry-run --ignore-installed --only-binary=:all: \
+        --python-version 3.11 --implementation cp "${PLATFORMS[@]}" \
+        --target "$WORK/arm64-target" "$WORK/src" \
+        || fail "some dependency has no linux/arm64 wheel: the arm64 image would not build"
+fi
+
+PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+HEALTHCHECK_CMD=$("$PYTHON" - <<'EOF'
+import json, re, shlex
+text = re.sub(r"\\\n", " ", open("Dockerfile").read())
+line = next(l for l in text.splitlines() if l.startswith("HEALTHCHECK"))
+cmd = line.split(" CMD ", 1)[1].strip()
+print(shlex.join(json.loads(cmd)) if cmd.startswith("[") else cmd)  # exec form or shell form
+EOF
+)
+run_healthcheck() { (cd "$WORK" && PATH="$WORK/venv/bin:$PATH" MLX_LOOM_PORT=$PORT sh -c "$HEALTHCHECK_CMD") >/dev/null 2>&1; }
+run_healthcheck && fail "the Dockerfile HEALTHCHECK passes with no server on port $PORT"
+
+step "mlx-loom serve from the fresh venv on 127.0.0.1:$PORT"
+T_SERVE=$(date +%s)
+# Started from the temp dir so nothing from this checkout can shadow the installed package.
+(cd "$WORK" && exec env -u MLX_LOOM_MODEL "$WORK/venv/bin/mlx-loom" serve --host 127.0.0.1 --port "$PORT" \
+    >"$WORK/server.log" 2>&1) &
+SERVER_PID=$!
+
+"$PYTHON" - "$PORT" "$HEALTH_TIMEOUT" "$SERVER_PID" <<'EOF' || fail "/health did not answer 200"
+import os, sys, time, urllib.error, urllib.request
+port, timeout, pid = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+deadline = time.monotonic() + timeout
+last = None
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit(f"server exited before /health answered 200 (last: {last})")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            if r.status == 200:
+                sys.exit(0)
+            last = r.status
+    except urllib.error.HTTPError as e:
+        last = e.code
+    except OSError as e:
+        last = repr(e)
+    time.sleep(1)
+sys.exit(f"/health not 200 after {timeout:.0f} s (last: {last})")
+EOF
+HEALTHY_S=$(( $(date +%s) - T_SERVE ))
+step "/health 200 after ${HEALTHY_S}s"
+run_healthcheck || fail "the Dockerfile HEALTHCHECK fails against a healthy server"
+
+"$PYTHON" - "$PORT" <<'EOF' || fail "chat completion"
+import json, sys, urllib.request
+port = int(sys.argv[1])
+body = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16, "temperature": 0}
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+    status, out = r.status, json.load(r)
+content = out["choices"][0]["message"]["content"]
+assert status == 200 and isinstance(content, str) and content.strip(), (status, out)
+print(f"chat completion 200 from {out['model']}: {content!r}")
+EOF
+
+kill -TERM "$SERVER_PID"
+for _ in $(seq 1 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
+kill -0 "$SERVER_PID" 2>/dev/null && fail "server still running 15 s after SIGTERM"
+wait "$SERVER_PID" 2>/dev/null || true
+SERVER_PID=""
+step "OK: install ${INSTALL_S}s, /health 200 after ${HEALTHY_S}s; total $(( $(date +%s) - T0 ))s"
