@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import errors
+from server.admission import Overloaded, overloaded_response
+from server.auth import ApiKeyAuth
 from server.limits import BodySizeLimit
 from server.metrics import ServerMetrics
 from server.routes import chat, completions, health, metrics, models
@@ -34,7 +36,10 @@ def create_app(settings: Settings | None = None, client=None) -> FastAPI:
     app.state.loom = ServerState(settings, client)
     app.state.metrics = ServerMetrics()  # per app: never the global default registry
     errors.install(app)
+    app.add_exception_handler(Overloaded, overloaded_response)  # a 429 carries Retry-After
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.api_key:  # added last = outermost: a request without the key is refused first
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key, rejected=app.state.loom.rejected)
     for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
     return app

@@ -38,15 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     from server.app import create_app
+    from server.graceful import make_server
 
     logging.basicConfig(level=_py_level(settings.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+    make_server(app, settings.host, settings.port, settings.log_level).run()
 
 
 def _py_level(name: str) -> int:

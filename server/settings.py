@@ -17,9 +17,12 @@ ENV_PREFIX = "MLX_LOOM_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
-def _opt(default: object, help: str, flag: str | None = None) -> object:
-    """A dataclass field with its CLI help (and an optional non-default flag name)."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+def _opt(default: object, help: str, flag: str | None = None, secret: bool = False) -> object:
+    """A dataclass field with its CLI help (and an optional non-default flag name).
+
+    A secret is left out of repr() and --help, so it never lands in a log or a terminal.
+    """
+    return field(default=default, repr=not secret, metadata={"help": help, "flag": flag, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,14 @@ class Settings:
     enable_prefix_caching: bool = _opt(True, "Disable sharing KV pages between requests with the "
                                              "same prompt prefix.", flag="--no-prefix-caching")
     max_request_bytes: int = _opt(4 * 2**20, "Largest accepted request body in bytes (larger: 413).")
+    max_queued_requests: int = _opt(256, "Requests that may wait beyond the --max-num-seqs running ones; "
+                                         "more in flight get 429 with Retry-After (each of n choices counts).")
+    api_key: str | None = _opt(None, "Require 'Authorization: Bearer <key>' on every /v1 route (/health, "
+                                     "/metrics and /docs stay public). Prefer the env variable: a command "
+                                     "line is visible to other users.", secret=True)
+    shutdown_timeout: float = _opt(30.0, "Seconds in-flight requests may run after SIGTERM/SIGINT "
+                                         "before they are stopped with a 503.")
+    backlog: int = _opt(2048, "Listen backlog: connections the OS queues before the server accepts them.")
     log_level: str = _opt("info", f"Log level, one of {', '.join(LOG_LEVELS)}.")
 
     def __post_init__(self) -> None:
@@ -50,6 +61,15 @@ class Settings:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        if self.backlog < 1:
+            raise ValueError(f"backlog must be >= 1, got {self.backlog}")
+        if self.api_key is not None and not self.api_key.strip():
+            # An empty variable (MLX_LOOM_API_KEY=) must not silently turn authentication off.
+            raise ValueError("api_key is empty; set a non-empty key or leave MLX_LOOM_API_KEY unset")
         if self.model is not None and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist; pass a GGUF file or an "
                              "mlx-lm model directory (or omit --model for the default model)")
@@ -79,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             help_text = f"{f.metadata['help']} [env {env_name}=true|false; now: {str(default).lower()}]"
             parser.add_argument(flag, dest=f.name, action=action, default=default, help=help_text)
         else:
-            shown = "unset" if default is None else "%(default)s"
+            shown = "unset" if default is None else "set" if f.metadata["secret"] else "%(default)s"
             help_text = f"{f.metadata['help']} [env {env_name}; default: {shown}]"
             kind = _scalar_type(f.type)
             parser.add_argument(flag, dest=f.name, type=kind, default=default,

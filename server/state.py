@@ -1,12 +1,14 @@
-"""What the routes share: settings, the engine client, and the engine's start-up state."""
+"""What the routes share: settings, the engine client, the engine's start-up state, admission."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
 from fastapi import Request
 
+from server.admission import Admission, shutting_down
 from server.errors import ApiError, bad_request
 from server.settings import Settings
 
@@ -19,6 +21,9 @@ class ServerState:
         self.client = client
         self.created = int(time.time())
         self.load_error: str | None = None
+        self.rejected: collections.Counter[str] = collections.Counter()
+        """Requests refused, by reason ("queue_full", "unauthorized", "shutting_down"); read by /metrics."""
+        self.admission = Admission(settings.max_num_seqs, settings.max_queued_requests, self.rejected)
 
     async def start_engine(self) -> None:
         """Load the model (in the engine thread); a failure leaves /health at 503 with the reason."""
@@ -32,7 +37,16 @@ class ServerState:
         log.info("engine ready in %.1fs: model %s, context %d tokens", time.perf_counter() - t0,
                  info.model_name, info.max_model_len)
 
+    def begin_shutdown(self) -> None:
+        """New requests get 503; in-flight ones get `shutdown_timeout` seconds (on the event loop)."""
+        if not self.admission.draining:
+            log.info("shutting down: %d requests in flight get %gs to finish", self.admission.in_flight,
+                     self.settings.shutdown_timeout)
+        self.admission.begin_drain(self.settings.shutdown_timeout)
+
     def not_ready_reason(self) -> str | None:
+        if self.admission.draining:
+            return "the server is shutting down"
         if self.client.ready:
             return None
         if self.load_error is not None:
@@ -43,6 +57,9 @@ class ServerState:
 
     def require_ready(self):
         """The EngineInfo, or a 503 saying why there is none."""
+        if self.admission.draining:
+            self.rejected["shutting_down"] += 1
+            raise shutting_down("new requests are refused")
         reason = self.not_ready_reason()
         if reason is not None:
             raise ApiError(503, reason, code="engine_not_ready")

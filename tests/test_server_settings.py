@@ -63,3 +63,36 @@ def test_server_package_never_imports_mlx():
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_admission_and_shutdown_options():
+    s = load_settings([], env={})
+    assert (s.max_queued_requests, s.api_key, s.shutdown_timeout, s.backlog) == (256, None, 30.0, 2048)
+    env = {"MLX_LOOM_API_KEY": "sk-env", "MLX_LOOM_MAX_QUEUED_REQUESTS": "0", "MLX_LOOM_BACKLOG": "4096"}
+    s = load_settings(["--shutdown-timeout", "2.5", "--max-queued-requests", "64"], env=env)
+    assert (s.api_key, s.max_queued_requests, s.shutdown_timeout, s.backlog) == ("sk-env", 64, 2.5, 4096)
+    for argv, name in ((["--max-queued-requests", "-1"], "max_queued_requests"),
+                       (["--shutdown-timeout", "-1"], "shutdown_timeout"), (["--backlog", "0"], "backlog"),
+                       (["--api-key", " "], "api_key")):
+        with pytest.raises(ValueError, match=name):
+            load_settings(argv, env={})
+
+
+def test_api_key_never_shown(capsys, monkeypatch):
+    s = load_settings(["--api-key", "sk-very-secret"], env={})
+    assert "sk-very-secret" not in repr(s)
+    monkeypatch.setenv("MLX_LOOM_API_KEY", "sk-env-secret")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "sk-env-secret" not in text and "MLX_LOOM_API_KEY" in text.replace("\n", "").replace(" ", "")
+
+
+def test_serve_passes_backlog_and_shutdown_backstop():
+    from server.app import create_app
+    from server.graceful import BACKSTOP_S, make_server
+    from server_fixtures import FakeEngineClient
+
+    app = create_app(Settings(backlog=4096, shutdown_timeout=7), client=FakeEngineClient())
+    server = make_server(app, "127.0.0.1", 8123)
+    assert server.config.backlog == 4096 and server.config.timeout_graceful_shutdown == 7 + BACKSTOP_S

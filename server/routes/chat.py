@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
+from server.admission import AdmissionSlot
 from server.logprobs import chat_logprobs
 from server.metrics import metrics_of
 from server.output import ChoiceEvent, Collector, merged_events
@@ -28,7 +29,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              summary="Chat completion (stream: true answers with server-sent events)")
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, slot: AdmissionSlot):
     state = get_state(request)
     reject_unsupported(body)
     info = state.require_ready()
@@ -46,7 +47,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     job_id, n = new_id("chatcmpl"), body.n or 1
     job = make_job(job_id, model, plan_choices(job_id, [prompt], kwargs, body.seed, n), n, stops,
                    info.tokenizer, body.stream_options, grammar, plan)
-    events = merged_events(state.client, info.tokenizer, job.specs, stops, metrics_of(request))
+    events = slot.admit(len(job.specs), merged_events(state.client, info.tokenizer, job.specs, stops,
+                                                      metrics_of(request)))
     if body.stream:
         return EventStream(_stream(job, events, bool(body.logprobs)))
     with engine_errors():

@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
+from server.admission import AdmissionSlot
 from server.logprobs import completion_logprobs
 from server.metrics import metrics_of
 from server.output import ChoiceEvent, Collector, merged_events
@@ -26,7 +27,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 @router.post("/v1/completions", response_model=CompletionResponse,
              summary="Text completion (stream: true answers with server-sent events)")
-async def create_completion(body: CompletionRequest, request: Request):
+async def create_completion(body: CompletionRequest, request: Request, slot: AdmissionSlot):
     state = get_state(request)
     reject_unsupported(body)
     info = state.require_ready()
@@ -44,7 +45,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     job_id, n = new_id("cmpl"), body.n or 1
     job = make_job(job_id, model, plan_choices(job_id, prompts, kwargs, body.seed, n), n, stops,
                    info.tokenizer, body.stream_options, grammar)
-    events = merged_events(state.client, info.tokenizer, job.specs, stops, metrics_of(request))
+    events = slot.admit(len(job.specs), merged_events(state.client, info.tokenizer, job.specs, stops,
+                                                      metrics_of(request)))
     want_top = bool(body.logprobs)
     if body.stream:
         return EventStream(_stream(job, events, body.logprobs is not None, want_top))
