@@ -339,12 +339,12 @@ def test_client_disconnect_aborts_streaming_and_non_streaming():
         with httpx.Client(base_url=base) as http:
             with http.stream("POST", "/v1/chat/completions", json={**slow, "stream": True}) as r:
                 lines = r.iter_lines()
-                next(lines)
-                assert fake.active
+                next(lines)  # the role chunk may precede the engine request: wait for it
+                _wait_until(lambda: fake.active)
         _wait_until(lambda: not fake.active)
         assert len(fake.aborted) == 1
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(base + "/v1/chat/completions", json=slow, timeout=0.3)
+            httpx.post(base + "/v1/chat/completions", json=slow, timeout=1.0)  # the reply takes 3 s
         _wait_until(lambda: not fake.active)
         assert len(fake.aborted) == 2
 
