@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build llama.cpp's native `llama-server` (continuous batching, --parallel slots) from the
+# llama.cpp sources vendored in the llama-cpp-python sdist of the installed version, so both
+# llama.cpp servers in the serving benchmark run the same llama.cpp revision. CPU only, native
+# instructions (as the llama-cpp-python wheel was built), no web UI, no network at run time.
+#
+#   bash benchmarks/build_llama_server.sh        # -> benchmarks/.cache/llama-server/bin/llama-server
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+CACHE=benchmarks/.cache
+OUT=$CACHE/llama-server
+JOBS=${JOBS:-$(nproc)}
+mkdir -p "$CACHE" && echo '*' > "$CACHE/.gitignore"
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-$("$VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)')}
+SRC=$CACHE/llama_cpp_python-$VERSION
+if [ ! -d "$SRC/vendor/llama.cpp" ]; then
+    "$VENV/bin/pip" download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$CACHE"
+    tar xzf "$CACHE/llama_cpp_python-$VERSION.tar.gz" -C "$CACHE"
+fi
+cmake -S "$SRC/vendor/llama.cpp" -B "$OUT/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+cmake --build "$OUT/build" --target llama-server -j "$JOBS"
+mkdir -p "$OUT/bin"
+cp "$OUT/build/bin/llama-server" "$OUT/bin/llama-server"
+echo "$OUT/bin/llama-server (llama.cpp from llama-cpp-python $VERSION)"
