@@ -54,6 +54,14 @@ ALL_SERVERS = ["mlx-loom", "mlx_lm.server", "llama-cpp-python", "llama-server"]
 VENV_BIN = Path(sys.executable).parent
 
 
+def _loom_defaults_note() -> str:
+    sys.path.insert(0, str(ROOT))
+    from scheduler.config import CacheConfig, SchedulerConfig  # pure Python, no mlx
+
+    return (f"other settings at their defaults (kv-cache-memory-gb {CacheConfig.kv_cache_memory_gb}, "
+            f"max-num-batched-tokens {SchedulerConfig.max_num_batched_tokens}, prefix caching on)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -192,8 +200,7 @@ def make_spec(name: str, args, gguf: str) -> ServerSpec | None:
         return ServerSpec(name, cmd, port, "/health", settings={
             "max_num_seqs": args.loom_max_num_seqs, "extra_args": args.loom_args,
             "weights": "GGUF dequantized to float32",
-            "note": "other settings at their defaults (kv-cache-memory-gb 1.0, max-num-batched-tokens 512, "
-                    "prefix caching on)"})
+            "note": _loom_defaults_note()})
     if name == "mlx_lm.server":
         from mlx_lm_server import convert, default_out_dir
 

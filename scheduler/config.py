@@ -11,8 +11,8 @@ class CacheConfig:
     """Tokens per KV page. Prefix sharing works at this granularity."""
     num_blocks: int | None = None
     """KV pages in the pool; None sizes the pool from kv_cache_memory_gb."""
-    kv_cache_memory_gb: float = 1.0
-    """Memory for the KV pool when num_blocks is None."""
+    kv_cache_memory_gb: float = 0.5
+    """Memory for the KV pool when num_blocks is None (0.5 GiB: ~11k tokens of the default model in float32)."""
     enable_prefix_caching: bool = True
     """Share full pages between requests with the same token prefix."""
 
