@@ -1,0 +1,359 @@
+// The AffineQMM primitive: op construction, CPU evaluation (kernel dispatch + a small thread
+// pool), and the ISA choice.
+//
+// MLX runs CPU primitives as tasks on its stream thread. eval_cpu only allocates the output and
+// enqueues one task; inside it the rows of w are split across a parked pool of worker threads
+// (the stream thread takes the first share). Workers spin briefly after each call (a decode step
+// issues hundreds of matmuls back to back), then yield, then sleep on a condition variable.
+#include "qmm.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "qmm_kernels.h"
+
+namespace loom {
+
+// ---------------------------------------------------------------------------------------------
+// ISA dispatch
+
+using RowsFn = void (*)(const QmmArgs&, int, int, float*);
+
+static RowsFn pick_kernel(std::string* isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    *isa = "avx2";
+    return qmm_rows_avx2;
+  }
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR")) {
+    *isa = "neon";
+    return qmm_rows_neon;
+  }
+#endif
+  *isa = "scalar";
+  return qmm_rows_scalar;
+}
+
+static const std::pair<RowsFn, std::string>& kernel() {
+  static const std::pair<RowsFn, std::string> k = [] {
+    std::string isa;
+    RowsFn fn = pick_kernel(&isa);
+    return std::make_pair(fn, isa);
+  }();
+  return k;
+}
+
+std::string kernel_isa() {
+  return kernel().second;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool
+
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+static int default_threads() {
+  if (const char* env = std::getenv("MLX_LOOM_NATIVE_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  int n = 0;
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+#endif
+  if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
+  return std::clamp(n, 1, 64);
+}
+
+class Pool {
+ public:
+  explicit Pool(int threads) : threads_(threads) {
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { work(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const {
+    return threads_;
+  }
+
+  // fn(i) for i in [0, n) with n <= size(): the caller runs i = 0, worker i runs i.
+  void run(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (!busy.owns_lock() || n <= 1) {  // another stream thread is using the pool: run inline
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    fn_ = &fn;
+    active_ = n;
+    remaining_.store(n - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load() > 0) cv_.notify_all();
+    fn(0);
+    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();
+  }
+
+ private:
+  void work(int i) {
+    uint64_t seen = 0;
+    using clock = std::chrono::steady_clock;
+    for (;;) {
+      auto start = clock::now();
+      unsigned spins = 0;
+      uint64_t g;
+      while ((g = gen_.load(std::memory_order_acquire)) == seen) {
+        if (++spins < 2000) {
+          cpu_relax();
+          continue;
+        }
+        if (clock::now() - start < std::chrono::microseconds(spin_us_)) {
+          std::this_thread::yield();  // let a BLAS thread or the interpreter have the core
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);
+        cv_.wait(lock, [&] { return gen_.load() != seen; });
+        sleepers_.fetch_sub(1);
+        start = clock::now();
+        spins = 0;
+      }
+      seen = g;
+      if (stop_) return;
+      if (i < active_) {
+        (*fn_)(i);
+        remaining_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  const int threads_;
+  const int spin_us_ = [] {
+    const char* env = std::getenv("MLX_LOOM_NATIVE_SPIN_US");
+    return env ? std::max(0, std::atoi(env)) : 300;
+  }();
+  std::vector<std::thread> workers_;
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<int> sleepers_{0};
+  const std::function<void(int)>* fn_ = nullptr;
+  int active_ = 0;
+  bool stop_ = false;
+};
+
+static std::mutex g_pool_mu;
+static std::unique_ptr<Pool> g_pool;
+static int g_threads = 0;  // 0 = default
+
+static Pool& pool() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  if (!g_pool) g_pool = std::make_unique<Pool>(g_threads > 0 ? g_threads : default_threads());
+  return *g_pool;
+}
+
+int num_threads() {
+  return pool().size();
+}
+
+void set_num_threads(int n) {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  g_threads = std::max(0, n);
+  g_pool.reset();  // rebuilt on next use
+}
+
+// ---------------------------------------------------------------------------------------------
+// The op
+
+mx::array affine_qmm(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  auto fail = [&](const std::string& what) {
+    std::ostringstream msg;
+    msg << "[affine_qmm] " << what << " (x " << x.shape() << " " << x.dtype() << ", w " << w.shape() << " "
+        << w.dtype() << ", scales " << scales.shape() << " " << scales.dtype() << ", biases " << biases.shape()
+        << " " << biases.dtype() << ", group_size " << group_size << ", bits " << bits << ")";
+    throw std::invalid_argument(msg.str());
+  };
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8");
+  if (group_size != 32 && group_size != 64 && group_size != 128) fail("group_size must be 32, 64 or 128");
+  if (x.ndim() < 1 || w.ndim() != 2 || scales.ndim() != 2 || biases.ndim() != 2) fail("bad ranks");
+  if (x.dtype() != mx::float32) fail("x must be float32");
+  if (w.dtype() != mx::uint32) fail("w must be uint32");
+  if (scales.dtype() != mx::float32 || biases.dtype() != mx::float32) fail("scales and biases must be float32");
+  const int K = x.shape(-1), N = w.shape(0);
+  if (K % group_size != 0) fail("K must be a multiple of group_size");
+  if (w.shape(1) * 32 / bits != K) fail("w.shape[1] * 32 / bits must equal x.shape[-1]");
+  if (scales.shape(0) != N || scales.shape(1) != K / group_size || biases.shape() != scales.shape())
+    fail("scales/biases must be [N, K / group_size]");
+  auto out_shape = x.shape();
+  out_shape.back() = N;
+  return mx::array(
+      out_shape,
+      mx::float32,
+      std::make_shared<AffineQMM>(mx::to_stream(s), group_size, bits),
+      {x, w, scales, biases});
+}
+
+std::vector<mx::Shape> AffineQMM::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0);
+  return {shape};
+}
+
+bool AffineQMM::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const AffineQMM&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
+void AffineQMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[affine_qmm] CPU only: use mx.quantized_matmul on GPU streams");
+}
+
+// Strided -> dense row-major copy (rare: inputs are almost always row-contiguous).
+template <typename T>
+static void gather_dense(const T* src, const mx::Shape& shape, const mx::Strides& strides, T* dst) {
+  const int nd = static_cast<int>(shape.size());
+  size_t total = 1;
+  for (int d : shape) total *= d;
+  std::vector<int> idx(nd, 0);
+  for (size_t i = 0; i < total; ++i) {
+    long long off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
+    dst[i] = src[off];
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+namespace {
+struct Input {
+  const void* ptr;
+  bool dense;
+  mx::Shape shape;
+  mx::Strides strides;
+};
+
+Input input(const mx::array& a) {
+  return {a.data<char>(), a.flags().row_contiguous, a.shape(), a.strides()};
+}
+
+template <typename T>
+const T* dense_ptr(const Input& in, std::vector<T>& storage) {
+  if (in.dense) return static_cast<const T*>(in.ptr);
+  size_t total = 1;
+  for (int d : in.shape) total *= d;
+  storage.resize(total);
+  gather_dense(static_cast<const T*>(in.ptr), in.shape, in.strides, storage.data());
+  return storage.data();
+}
+}  // namespace
+
+void AffineQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  const int K = inputs[0].shape(-1), N = inputs[1].shape(0);
+  const int M = K > 0 ? static_cast<int>(inputs[0].size() / K) : 0;
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = input(inputs[0]),
+                    w = input(inputs[1]),
+                    s = input(inputs[2]),
+                    b = input(inputs[3]),
+                    out_ptr = out.data<float>(),
+                    M,
+                    N,
+                    K,
+                    gs = group_size_,
+                    bits = bits_]() {
+    if (M == 0 || N == 0) return;
+    std::vector<float> xs, ss, bs;
+    std::vector<uint32_t> ws;
+    QmmArgs a{};
+    a.x = dense_ptr<float>(x, xs);
+    a.ldx = K;
+    a.w = dense_ptr<uint32_t>(w, ws);
+    a.scales = dense_ptr<float>(s, ss);
+    a.biases = dense_ptr<float>(b, bs);
+    a.out = out_ptr;
+    a.M = M;
+    a.N = N;
+    a.K = K;
+    a.group_size = gs;
+    a.bits = bits;
+    if (K == 0) {
+      std::fill(out_ptr, out_ptr + (size_t)M * N, 0.f);
+      return;
+    }
+    const RowsFn rows = kernel().first;
+    // M > kDirectMaxM: run in chunks of rows of x so the direct path's M <= 4 contract holds
+    // only where used; the tiled path takes any M.
+    std::vector<float> xsum;
+    if (M <= kDirectMaxM) {
+      xsum.resize((size_t)M * (K / gs));
+      group_sums(a, xsum.data());
+      a.xsum = xsum.data();
+    }
+    // Split N into chunks of whole tiles; tiny problems stay on the calling thread.
+    Pool& p = pool();
+    const long long work = (long long)N * K * std::max(1, M);
+    const int max_chunks = std::max(1, (N + kTileN - 1) / kTileN);
+    int nt = std::min<long long>(p.size(), std::max<long long>(1, work / (1 << 16)));
+    nt = std::min(nt, max_chunks);
+    const int tiles = (N + kTileN - 1) / kTileN;
+    p.run(nt, [&](int i) {
+      const int t0 = static_cast<int>((long long)tiles * i / nt), t1 = static_cast<int>((long long)tiles * (i + 1) / nt);
+      const int n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
+      if (n0 >= n1) return;
+      thread_local std::vector<float> scratch;
+      if (scratch.size() < (size_t)kTileN * K) scratch.resize((size_t)kTileN * K);
+      rows(a, n0, n1, scratch.data());
+    });
+  });
+}
+
+}  // namespace loom

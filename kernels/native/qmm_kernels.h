@@ -1,0 +1,48 @@
+// Affine-quantized matmul kernels (MLX layout), free of MLX headers so each ISA file can be
+// compiled on its own (and cross-compiled for checks).
+//
+//   out[m, n] = sum_k x[m, k] * (scales[n, k / gs] * q[n, k] + biases[n, k / gs])
+//
+// w is uint32 [N, K * bits / 32], values packed low bits first (element k of a row is bits
+// (k % per) * bits .. of word k / per, per = 32 / bits); scales / biases float32 [N, K / gs].
+//
+// Two loop shapes, picked by M:
+//   - direct (M <= kDirectMaxM): each row of w is unpacked in registers and dotted with up to 4
+//     rows of x; the scale is applied once per group and the bias term is sum_g b[n,g] * xsum[m,g]
+//     (xsum precomputed per call). Memory-bound matrix-vector product (decode).
+//   - tiled (M > kDirectMaxM): a tile of kTileN rows of w is dequantized (s * q + b) into a
+//     per-thread float buffer in L1, then a register-blocked float micro-kernel runs over all
+//     rows of x. The dequantization is paid once per weight per call, whatever M is.
+#pragma once
+
+#include <cstdint>
+
+namespace loom {
+
+constexpr int kDirectMaxM = 4;
+constexpr int kTileN = 4;
+
+struct QmmArgs {
+  const float* x;        // [M, K], row stride ldx
+  long long ldx;
+  const uint32_t* w;     // [N, K * bits / 32]
+  const float* scales;   // [N, K / group_size]
+  const float* biases;   // [N, K / group_size]
+  const float* xsum;     // [M, K / group_size]: per-group sums of x (direct path only)
+  float* out;            // [M, N]
+  int M, N, K, group_size, bits;
+};
+
+// Each computes out[:, n0:n1]; scratch holds kTileN * K floats (tiled path).
+void qmm_rows_scalar(const QmmArgs& a, int n0, int n1, float* scratch);
+#if defined(__x86_64__) || defined(_M_X64)
+void qmm_rows_avx2(const QmmArgs& a, int n0, int n1, float* scratch);
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+void qmm_rows_neon(const QmmArgs& a, int n0, int n1, float* scratch);
+#endif
+
+// Per-group sums of x: xsum[m, g] = sum of x[m, g*gs : (g+1)*gs].
+void group_sums(const QmmArgs& a, float* xsum);
+
+}  // namespace loom
