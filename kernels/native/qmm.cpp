@@ -342,7 +342,7 @@ void AffineQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     Pool& p = pool();
     const long long work = (long long)N * K * std::max(1, M);
     const int max_chunks = std::max(1, (N + kTileN - 1) / kTileN);
-    int nt = std::min<long long>(p.size(), std::max<long long>(1, work / (1 << 16)));
+    int nt = std::min<long long>(p.size(), std::max<long long>(1, work / (1 << 14)));
     nt = std::min(nt, max_chunks);
     const int tiles = (N + kTileN - 1) / kTileN;
     p.run(nt, [&](int i) {
