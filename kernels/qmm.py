@@ -86,3 +86,26 @@ def set_num_threads(n: int) -> None:
     """Threads per native call (0 = one per available CPU); no-op without the extension."""
     if _native is not None:
         _native.set_num_threads(n)
+
+
+def _is_affine(module) -> bool:
+    return getattr(module, "mode", "affine") == "affine" and hasattr(module, "scales") and hasattr(module, "bits")
+
+
+def linear(module, x: mx.array) -> mx.array:
+    """module(x), with an affine nn.QuantizedLinear routed through affine_qmm (native on the CPU)."""
+    import mlx.nn as nn
+
+    if not isinstance(module, nn.QuantizedLinear) or not _is_affine(module):
+        return module(x)
+    y = affine_qmm(x, module.weight, module.scales, module.biases, module.group_size, module.bits)
+    return y + module.bias if "bias" in module else y
+
+
+def embedding_logits(embedding, h: mx.array) -> mx.array:
+    """Tied lm_head: h @ E.T, with an affine nn.QuantizedEmbedding routed through affine_qmm."""
+    import mlx.nn as nn
+
+    if not isinstance(embedding, nn.QuantizedEmbedding) or not _is_affine(embedding):
+        return embedding.as_linear(h)
+    return affine_qmm(h, embedding.weight, embedding.scales, embedding.biases, embedding.group_size, embedding.bits)

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama
 
+from kernels import qmm
 from scheduler import blas
 from scheduler.tokenizer import TextTokenizer
 
@@ -71,14 +72,17 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | None = None, *, dequantize: bool | None = None) -> LoadedModel:
-    """GGUF file or mlx-lm directory; dequantize=None dequantizes to float32 on the CPU only."""
+    """GGUF file or mlx-lm directory. dequantize=None: float32 on the CPU, except GGUF weights when the
+    native quantized matmul (kernels/qmm.py) is available; quantized as stored on a GPU."""
     path = path or default_model_path()
-    if dequantize is None:
-        # MLX's CPU quantized matmul is far slower than a float32 BLAS GEMM.
-        dequantize = mx.default_device() == mx.cpu
+    on_cpu = mx.default_device() == mx.cpu
     if Path(path).is_dir():
-        return _load_mlx_dir(path, dequantize)
+        # MLX's CPU quantized matmul is far slower than a float32 BLAS GEMM.
+        return _load_mlx_dir(path, on_cpu if dequantize is None else dequantize)
     if path.endswith(".gguf"):
+        # GGUF weights stay 4/8-bit on the CPU when the native kernels (float32 scales) are built.
+        if dequantize is None:
+            dequantize = on_cpu and not qmm.native_available()
         return _load_gguf(path, dequantize)
     raise ValueError(f"{path!r} is neither a .gguf file nor an mlx-lm model directory")
 
@@ -258,4 +262,5 @@ def describe_backend() -> str:
         gemm = f"BLAS {lib}" if lib else "mlx's bundled BLAS (no OpenBLAS preloaded)"
     else:
         gemm = "GPU"
-    return f"mlx {mx.__version__} on {device}, {gemm}, float32 GEMM {measure_gemm_gflops():.1f} GFLOP/s"
+    return (f"mlx {mx.__version__} on {device}, {gemm}, float32 GEMM {measure_gemm_gflops():.1f} GFLOP/s; "
+            f"{qmm.describe()}")

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from kernels.activations import silu_mul
+from kernels.qmm import embedding_logits, linear
 from kernels.paged_attention import paged_attention, write_kv
 from scheduler.scheduler import ScheduledRow
 
@@ -128,9 +129,9 @@ class ModelRunner:
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
         h = inner.norm(h)[0, batch.sample_index]  # [S, DM]
         if getattr(self.model.args, "tie_word_embeddings", False):
-            logits = inner.embed_tokens.as_linear(h)
+            logits = embedding_logits(inner.embed_tokens, h)
         else:
-            logits = self.model.lm_head(h)
+            logits = linear(self.model.lm_head, h)
         return logits.astype(mx.float32), batch.sample_rows  # [S, V]
 
     @staticmethod
@@ -138,21 +139,21 @@ class ModelRunner:
         """Gated MLP with the backend's fastest silu; other MLP shapes run as the model defines them."""
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return mlp(x)
-        return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        return linear(mlp.down_proj, silu_mul(linear(mlp.gate_proj, x), linear(mlp.up_proj, x)))
 
     def _attention(self, i: int, attn: nn.Module, x: mx.array, batch: StepBatch) -> mx.array:
         T = x.shape[1]
         H, HKV, D = attn.n_heads, attn.n_kv_heads, self.head_dim
         # One "row" per token so RoPE takes each token's own position: [T, H, 1, D].
-        q = attn.rope(attn.q_proj(x).reshape(T, H, 1, D), offset=batch.positions)
-        k = attn.rope(attn.k_proj(x).reshape(T, HKV, 1, D), offset=batch.positions)
-        v = attn.v_proj(x).reshape(T, HKV, D)
+        q = attn.rope(linear(attn.q_proj, x).reshape(T, H, 1, D), offset=batch.positions)
+        k = attn.rope(linear(attn.k_proj, x).reshape(T, HKV, 1, D), offset=batch.positions)
+        v = linear(attn.v_proj, x).reshape(T, HKV, D)
         self.k_pools[i] = write_kv(self.k_pools[i], batch.slots, k.reshape(T, HKV, D))
         self.v_pools[i] = write_kv(self.v_pools[i], batch.slots, v)
         q = q.reshape(T, H, D)
         outs = [self._group_attention(g, q, attn.scale, i) for g in batch.groups]
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)  # [T, H*D]
-        return attn.o_proj(o[None])
+        return linear(attn.o_proj, o[None])
 
     def _group_attention(self, g: AttentionGroup, q: mx.array, scale: float, i: int) -> mx.array:
         H, D = q.shape[1], q.shape[2]

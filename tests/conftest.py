@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def default_model():
-    """The embedded SmolLM2-135M, loaded once per test session (float32 on the CPU)."""
+    """The embedded SmolLM2-135M, loaded once per test session (4-bit on the native CPU kernels when
+    they are built, else float32)."""
     import scheduler  # noqa: F401  (OpenBLAS before mlx)
     from scheduler.model import load_model
 

@@ -65,18 +65,23 @@ def quantized_model():
     return load_model(None, dequantize=False)
 
 
-def test_4bit_weights_match_float(default_model, quantized_model):
+@pytest.fixture(scope="module")
+def float_model():
+    return load_model(None, dequantize=True)
+
+
+def test_4bit_weights_match_float(float_model, quantized_model):
     attn = quantized_model.model.layers[3].self_attn.k_proj
     w = mx.dequantize(attn.weight, attn.scales, attn.biases, group_size=attn.group_size, bits=attn.bits)
-    ref = default_model.model.layers[3].self_attn.k_proj.weight
+    ref = float_model.model.layers[3].self_attn.k_proj.weight
     assert mx.allclose(w, ref, atol=1e-5)
 
 
-def test_4bit_greedy_matches_float(default_model, quantized_model):
+def test_4bit_greedy_matches_float(float_model, quantized_model):
     # Same weights, different kernels: the first greedy tokens agree. A short raw prompt, since
     # MLX's CPU quantized matmul makes a chat-template prefill take seconds.
-    ids = default_model.tokenizer.encode("The capital of France is")
-    assert greedy(quantized_model, ids, 3) == greedy(default_model, ids, 3)
+    ids = float_model.tokenizer.encode("The capital of France is")
+    assert greedy(quantized_model, ids, 3) == greedy(float_model, ids, 3)
 
 
 def test_describe_backend():
