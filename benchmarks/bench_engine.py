@@ -1,9 +1,14 @@
-"""Offline engine throughput: mlx-loom's EngineCore vs mlx-lm's BatchGenerator.
+"""Offline engine throughput: mlx-loom's EngineCore vs mlx-lm's BatchGenerator (and llama-bench).
 
-Both run the same loaded model (the default SmolLM2-135M, float32 on the CPU) on the same
-device with the same prompts: N varied chat prompts, exactly --new-tokens greedy tokens each
-(EOS ignored so both do the same work). Each (system, N) runs in its own subprocess so peak
-RSS is per configuration; each does one warm-up run, then --repeats timed runs (median).
+Systems: "mlx-loom" (the default load: GGUF weights kept 4/8-bit on the native CPU kernels
+when built), "mlx-loom-f32" (weights dequantized to float32 through OpenBLAS: the path before
+the native kernels), "mlx-lm" (BatchGenerator on the float32 weights, its best CPU setup), and
+"llama.cpp" (llama-batched-bench on the same GGUF, 2 threads, N parallel sequences of a
+--llama-prompt-tokens prompt and --new-tokens generated tokens; built by
+benchmarks/build_llama_server.sh; its tok/s counts prompt processing + generation time, like ours).
+Same prompts: N varied chat prompts, exactly --new-tokens greedy tokens each (EOS ignored so
+all do the same work). Each (system, N) runs in its own subprocess so peak RSS is per
+configuration; each does one warm-up run, then --repeats timed runs (median).
 
     .venv/bin/python benchmarks/bench_engine.py                # N = 1 8 32 100
     .venv/bin/python benchmarks/bench_engine.py --batch 8 --repeats 1
@@ -24,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import chat_prompts, machine, median, peak_rss_mb, write_results  # noqa: E402
 
 
-def run_loom(model_path, n: int, new_tokens: int, repeats: int) -> dict:
+def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool | None = None) -> dict:
     import scheduler  # noqa: F401  (OpenBLAS before mlx)
     from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
     from scheduler.engine_core import EngineCore
@@ -32,7 +37,7 @@ def run_loom(model_path, n: int, new_tokens: int, repeats: int) -> dict:
     from scheduler.model import describe_backend, load_model
     from scheduler.params import SamplingParams
 
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, dequantize=dequantize)
     prompts = chat_prompts(loaded.tokenizer, n)
     blocks_per_req = -(-(max(map(len, prompts)) + new_tokens) // 16)
     # Room for the batch plus prefix-cache slack; memory grows with N like any KV cache.
@@ -66,7 +71,7 @@ def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
 
     from scheduler.model import describe_backend, load_model
 
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, dequantize=mx.default_device() == mx.cpu)  # its fastest CPU setup
     prompts = chat_prompts(loaded.tokenizer, n)
 
     def once() -> float:
@@ -90,10 +95,43 @@ def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
 
 
 def child(args) -> None:
-    fn = run_loom if args.system == "mlx-loom" else run_mlx_lm
-    res = fn(args.model, args.batch[0], args.new_tokens, args.repeats)
+    if args.system == "mlx-lm":
+        res = run_mlx_lm(args.model, args.batch[0], args.new_tokens, args.repeats)
+    else:
+        dequantize = True if args.system == "mlx-loom-f32" else None
+        res = run_loom(args.model, args.batch[0], args.new_tokens, args.repeats, dequantize)
     res["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(res))
+
+
+SYSTEMS = ["mlx-loom", "mlx-loom-f32", "mlx-lm", "llama.cpp"]
+LLAMA_BIN = Path(__file__).resolve().parent / ".cache" / "llama-server" / "bin" / "llama-batched-bench"
+
+
+def measure_llama(n: int, args) -> dict | None:
+    """llama.cpp's own batched decoding on the GGUF: median of --repeats runs (None if not built)."""
+    if not LLAMA_BIN.exists():
+        print(f"llama.cpp: {LLAMA_BIN} not built (bash benchmarks/build_llama_server.sh); skipped", flush=True)
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scheduler.model import default_model_path
+
+    gguf = args.model or default_model_path()
+    ctx = max(2048, n * (args.llama_prompt_tokens + args.new_tokens) + 256)
+    cmd = [str(LLAMA_BIN), "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512", "-t", "2",
+           "-npp", str(args.llama_prompt_tokens), "-ntg", str(args.new_tokens), "-npl", str(n),
+           "--output-format", "jsonl"]
+    runs = []
+    for _ in range(args.repeats + 1):  # the first is the warm-up
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        runs.append(json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1]))
+    runs = runs[1:]
+    t = median([r["t"] for r in runs])
+    res = {"system": "llama.cpp", "batch": n, "times_s": [r["t"] for r in runs], "median_s": t,
+           "tok_per_s": n * args.new_tokens / t, "decode_tok_per_s": median([r["speed_tg"] for r in runs]),
+           "peak_rss_mb": None, "command": " ".join(cmd)}
+    print(f"llama.cpp N={n:<4d} {res['tok_per_s']:8.1f} tok/s (decode only {res['decode_tok_per_s']:.1f})", flush=True)
+    return res
 
 
 def measure(system: str, n: int, args) -> dict:
@@ -112,23 +150,31 @@ def measure(system: str, n: int, args) -> dict:
 
 def report(rows: list[dict], args) -> str:
     by = {(r["system"], r["batch"]): r for r in rows}
+    systems = [s for s in args.systems if any(r["system"] == s for r in rows)]
+    ratio_to = [s for s in systems if s != "mlx-loom"]
+    head = ["N"] + [f"{s} tok/s" for s in systems] + [f"mlx-loom / {s}" for s in ratio_to] + \
+        [f"{s} peak RSS MB" for s in systems if s != "llama.cpp"]
     lines = [
-        "# bench_engine: offline throughput, mlx-loom EngineCore vs mlx-lm BatchGenerator",
+        "# bench_engine: offline throughput, mlx-loom EngineCore vs mlx-lm BatchGenerator and llama.cpp",
         "",
-        f"Model: {args.model or 'default SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)'}; "
-        f"{args.new_tokens} greedy new tokens per request (EOS ignored), varied chat prompts; "
-        f"median of {args.repeats} runs after a warm-up; each cell its own process.",
-        f"Backend: {rows[0].get('backend', '?')}",
+        f"Model: {args.model or 'default SmolLM2-135M-Instruct (GGUF Q4_1)'}; mlx-loom: weights as loaded by "
+        "default (4/8-bit on the native CPU kernels when built); mlx-loom-f32 and mlx-lm: dequantized to "
+        f"float32 through OpenBLAS; llama.cpp: llama-batched-bench on the GGUF. {args.new_tokens} greedy new "
+        f"tokens per request (EOS ignored), varied chat prompts (llama.cpp: {args.llama_prompt_tokens}-token "
+        f"prompts); tok/s = N x {args.new_tokens} / (prefill + decode time); median of {args.repeats} runs "
+        "after a warm-up; each cell its own process.",
+        f"Backend: {next((r['backend'] for r in rows if r.get('backend')), '?')}",
         "",
-        "| N | mlx-loom tok/s | mlx-lm tok/s | ratio | mlx-loom peak RSS MB | mlx-lm peak RSS MB |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for n in args.batch:
-        a, b = by.get(("mlx-loom", n)), by.get(("mlx-lm", n))
-        if not a or not b:
-            continue
-        lines.append(f"| {n} | {a['tok_per_s']:.1f} | {b['tok_per_s']:.1f} | {a['tok_per_s'] / b['tok_per_s']:.2f}x "
-                     f"| {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
+        loom = by.get(("mlx-loom", n))
+        cells = [str(n)] + [f"{by[(s, n)]['tok_per_s']:.1f}" if (s, n) in by else "-" for s in systems]
+        cells += [f"{loom['tok_per_s'] / by[(s, n)]['tok_per_s']:.2f}x" if loom and (s, n) in by else "-"
+                  for s in ratio_to]
+        cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if (s, n) in by else "-" for s in systems if s != "llama.cpp"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,13 +184,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default=None, help="GGUF file or mlx-lm directory (default: embedded model)")
-    ap.add_argument("--systems", nargs="+", default=["mlx-loom", "mlx-lm"])
-    ap.add_argument("--child", choices=["mlx-loom", "mlx-lm"], dest="system", help=argparse.SUPPRESS)
+    ap.add_argument("--systems", nargs="+", default=["mlx-loom", "mlx-loom-f32", "mlx-lm", "llama.cpp"],
+                    choices=SYSTEMS)
+    ap.add_argument("--child", choices=SYSTEMS[:3], dest="system", help=argparse.SUPPRESS)
+    ap.add_argument("--llama-prompt-tokens", type=int, default=40, help="prompt length for llama-batched-bench "
+                    "(about the mean of our chat prompts)")
     ap.add_argument("--out", default="bench_engine")
     args = ap.parse_args()
     if args.system:
         return child(args)
-    rows = [measure(s, n, args) for n in args.batch for s in args.systems]
+    rows = [measure_llama(n, args) if s == "llama.cpp" else measure(s, n, args)
+            for n in args.batch for s in args.systems]
+    rows = [r for r in rows if r is not None]
     md = report(rows, args)
     js, mdp = write_results(args.out, {"machine": machine(), "args": vars(args), "rows": rows}, md)
     print(md)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's native `llama-server` (continuous batching, --parallel slots) from the
+# Build llama.cpp's native `llama-server` (and `llama-bench` / `llama-batched-bench`, for bench_engine) (continuous batching, --parallel slots) from the
 # llama.cpp sources vendored in the llama-cpp-python sdist of the installed version, so both
 # llama.cpp servers in the serving benchmark run the same llama.cpp revision. CPU only, native
 # instructions (as the llama-cpp-python wheel was built), no web UI, no network at run time.
@@ -22,7 +22,7 @@ cmake -S "$SRC/vendor/llama.cpp" -B "$OUT/build" -G Ninja -DCMAKE_BUILD_TYPE=Rel
     -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
-cmake --build "$OUT/build" --target llama-server -j "$JOBS"
+cmake --build "$OUT/build" --target llama-server llama-bench llama-batched-bench -j "$JOBS"
 mkdir -p "$OUT/bin"
-cp "$OUT/build/bin/llama-server" "$OUT/bin/llama-server"
+cp "$OUT/build/bin/llama-server" "$OUT/build/bin/llama-bench" "$OUT/build/bin/llama-batched-bench" "$OUT/bin/"
 echo "$OUT/bin/llama-server (llama.cpp from llama-cpp-python $VERSION)"
