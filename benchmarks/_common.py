@@ -61,3 +61,18 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     js.write_text(json.dumps(payload, indent=2) + "\n")
     md.write_text(markdown)
     return js, md
+
+
+def run_batch(core, prompts, params, tag: str) -> float:
+    """Seconds for an EngineCore to finish every prompt, each making exactly params.max_tokens."""
+    from scheduler.messages import AddRequest
+
+    for i, p in enumerate(prompts):
+        core.add(AddRequest(f"{tag}-{i}", tuple(p), params))
+    t0 = time.perf_counter()
+    produced = 0
+    while core.has_unfinished():
+        produced += sum(len(o.new_token_ids) for o in core.step())
+    dt = time.perf_counter() - t0
+    assert produced == len(prompts) * params.max_tokens, (produced, len(prompts) * params.max_tokens)
+    return dt

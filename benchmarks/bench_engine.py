@@ -1,4 +1,4 @@
-"""Offline engine throughput: mlx-loom's EngineCore vs mlx-lm's BatchGenerator (and llama-bench).
+"""Offline engine throughput: mlx-loom's EngineCore vs mlx-lm's BatchGenerator and llama.cpp.
 
 Systems: "mlx-loom" (the default load: GGUF weights kept 4/8-bit on the native CPU kernels
 when built), "mlx-loom-f32" (weights dequantized to float32 through OpenBLAS: the path before
@@ -26,14 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import chat_prompts, machine, median, peak_rss_mb, write_results  # noqa: E402
+from _common import chat_prompts, machine, median, peak_rss_mb, run_batch, write_results  # noqa: E402
 
 
 def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool | None = None) -> dict:
     import scheduler  # noqa: F401  (OpenBLAS before mlx)
     from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
     from scheduler.engine_core import EngineCore
-    from scheduler.messages import AddRequest
     from scheduler.model import describe_backend, load_model
     from scheduler.params import SamplingParams
 
@@ -48,19 +47,8 @@ def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool
     core = EngineCore(config, loaded)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
-    def once(tag: str) -> float:
-        for i, p in enumerate(prompts):
-            core.add(AddRequest(f"{tag}-{i}", tuple(p), params))
-        t0 = time.perf_counter()
-        produced = 0
-        while core.has_unfinished():
-            produced += sum(len(o.new_token_ids) for o in core.step())
-        dt = time.perf_counter() - t0
-        assert produced == n * new_tokens, (produced, n * new_tokens)
-        return dt
-
-    once("warm")
-    times = [once(f"run{r}") for r in range(repeats)]
+    run_batch(core, prompts, params, "warm")
+    times = [run_batch(core, prompts, params, f"run{r}") for r in range(repeats)]
     return {"times_s": times, "backend": describe_backend(), "num_blocks": config.cache.num_blocks}
 
 
@@ -113,7 +101,6 @@ def measure_llama(n: int, args) -> dict | None:
     if not LLAMA_BIN.exists():
         print(f"llama.cpp: {LLAMA_BIN} not built (bash benchmarks/build_llama_server.sh); skipped", flush=True)
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from scheduler.model import default_model_path
 
     gguf = args.model or default_model_path()

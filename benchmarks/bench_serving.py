@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -348,6 +347,15 @@ async def _probe(target: Target, max_tokens: int, extra: dict, include_usage: bo
         return await send(client, t, [{"role": "user", "content": prompt}], max_tokens, keep_text=True)
 
 
+def served_model(base_url: str) -> str | None:
+    """The first id GET /v1/models lists (None if the server does not say)."""
+    try:
+        data = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=10).json().get("data") or []
+        return data[0]["id"] if data else None
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+
+
 def detect(target: Target, eos_policy: str = "auto", max_tokens: int = 32,
            eos_token_ids: tuple[int, ...] = (0, 2)) -> dict:
     """Check the server answers (greedy, "Paris"), whether it takes stream_options.include_usage
@@ -511,13 +519,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.concurrency is None:
         args.concurrency = [] if args.request_rate else [1, 8, 32, 100]
-    model = args.model
-    if model is None:
-        try:
-            data = httpx.get(args.base_url + "/v1/models", timeout=10).json().get("data") or []
-            model = data[0]["id"] if data else None
-        except (httpx.HTTPError, ValueError, KeyError):
-            model = None
+    model = args.model or served_model(args.base_url)
     target = Target(args.base_url.rstrip("/"), name=args.name or args.base_url, model=model, pid=args.pid)
     info = detect(target, args.eos_policy, eos_token_ids=tuple(args.eos_token_ids))
     print(f"{target.name}: model={model!r} usage={info['include_usage']} ignore_eos={info['ignore_eos_honoured']} "

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _common import chat_prompts, machine, median, peak_rss_mb, write_results  # noqa: E402
+from _common import chat_prompts, machine, median, peak_rss_mb, run_batch, write_results  # noqa: E402
 
 LONG_DOC = {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}},
             "required": ["story"], "additionalProperties": False}
@@ -42,20 +42,6 @@ class Timer:
             finally:
                 self.seconds += time.perf_counter() - t0
         return timed
-
-
-def run_batch(core, prompts, params, tag: str) -> float:
-    from scheduler.messages import AddRequest
-
-    for i, p in enumerate(prompts):
-        core.add(AddRequest(f"{tag}-{i}", tuple(p), params))
-    t0 = time.perf_counter()
-    produced = 0
-    while core.has_unfinished():
-        produced += sum(len(o.new_token_ids) for o in core.step())
-    dt = time.perf_counter() - t0
-    assert produced == len(prompts) * params.max_tokens, (produced, len(prompts) * params.max_tokens)
-    return dt
 
 
 def measure_n(loaded, n: int, args) -> dict:

@@ -47,7 +47,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _common import RESULTS, machine  # noqa: E402
-from bench_serving import Target, add_load_arguments, detect, plot, requests_for, run_levels  # noqa: E402
+from bench_serving import (Target, add_load_arguments, detect, plot, requests_for, run_levels,  # noqa: E402
+                           served_model)
 
 CACHE = HERE / ".cache"
 ALL_SERVERS = ["mlx-loom", "mlx_lm.server", "llama-cpp-python", "llama-server"]
@@ -254,13 +255,7 @@ def bench_server(spec: ServerSpec, args, log_dir: Path) -> dict:
     record: dict = {"name": spec.name, "command": spec.cmd, "settings": spec.settings}
     with RunningServer(spec, log_dir, args.start_timeout) as srv:
         record["load_s"] = srv.load_s
-        model = spec.model
-        if model is None:
-            try:
-                data = httpx.get(spec.base_url + "/v1/models", timeout=10).json().get("data") or []
-                model = data[0]["id"] if data else None
-            except (httpx.HTTPError, ValueError, KeyError):
-                model = None
+        model = spec.model or served_model(spec.base_url)
         target = Target(spec.base_url, name=spec.name, model=model, pid=srv.proc.pid)
         record["probe"] = detect(target, args.eos_policy, eos_token_ids=tuple(args.eos_token_ids))
         p = record["probe"]

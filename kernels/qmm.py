@@ -17,6 +17,7 @@ import logging
 import os
 
 import mlx.core as mx
+import mlx.nn as nn
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def _is_affine(module) -> bool:
 
 def linear(module, x: mx.array) -> mx.array:
     """module(x), with an affine nn.QuantizedLinear routed through affine_qmm (native on the CPU)."""
-    import mlx.nn as nn
-
     if not isinstance(module, nn.QuantizedLinear) or not _is_affine(module):
         return module(x)
     y = affine_qmm(x, module.weight, module.scales, module.biases, module.group_size, module.bits)
@@ -104,8 +103,6 @@ def linear(module, x: mx.array) -> mx.array:
 
 def embedding_logits(embedding, h: mx.array) -> mx.array:
     """Tied lm_head: h @ E.T, with an affine nn.QuantizedEmbedding routed through affine_qmm."""
-    import mlx.nn as nn
-
     if not isinstance(embedding, nn.QuantizedEmbedding) or not _is_affine(embedding):
         return embedding.as_linear(h)
     return affine_qmm(h, embedding.weight, embedding.scales, embedding.biases, embedding.group_size, embedding.bits)

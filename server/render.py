@@ -26,7 +26,7 @@ def message_dicts(messages: Sequence[ChatMessage], tool_aware: bool = False) -> 
         if msg.role == "tool":
             if msg.tool_call_id is None:
                 raise bad_request("a 'tool' message needs 'tool_call_id'", f"messages.{i}.tool_call_id")
-            out.append(_tool_result(out, text, msg.tool_call_id) if not tool_aware else
+            out.append(_tool_result(out, text) if not tool_aware else
                        {"role": "tool", "content": text, "tool_call_id": msg.tool_call_id})
             continue
         role = "system" if msg.role == "developer" else msg.role
@@ -55,7 +55,7 @@ def _call_arguments(i: int, j: int, call: ToolCall) -> object:
             from None
 
 
-def _tool_result(out: list[dict], text: str, call_id: str | None) -> dict:
+def _tool_result(out: list[dict], text: str) -> dict:
     """A tool result as a user turn; consecutive results share one turn (returned or merged)."""
     block = f"<tool_response>\n{text}\n</tool_response>"
     if out and out[-1]["role"] == "user" and out[-1]["content"].startswith("<tool_response>"):
