@@ -37,6 +37,11 @@ def native_available() -> bool:
     return _native is not None
 
 
+def native_module():
+    """The compiled extension module (kernels.native._loom_native); None when unavailable."""
+    return _native
+
+
 def native_unavailable_reason() -> str | None:
     return _native_error
 

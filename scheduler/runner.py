@@ -18,6 +18,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from kernels import decode_layer as fused
 from kernels.activations import silu_mul
 from kernels.qmm import embedding_logits, linear
 from kernels.paged_attention import paged_attention, write_kv
@@ -98,6 +99,41 @@ def _group(rows: Sequence[ScheduledRow], start: int, block_size: int) -> Attenti
     )
 
 
+@dataclass(frozen=True)
+class DecodeBatch:
+    """A step whose rows all decode one token: row t is token t."""
+
+    tokens: mx.array  # [T] int32
+    positions: mx.array  # [T] int32
+    slots: mx.array  # [T] int32
+    block_tables: mx.array  # [T, MB] int32, each row's pages up to its position, padded
+
+
+def build_decode_batch(rows: Sequence[ScheduledRow], block_size: int) -> DecodeBatch:
+    positions = [r.start_pos for r in rows]
+    pages = [r.block_ids[: p // block_size + 1] for r, p in zip(rows, positions)]
+    width = max(len(p) for p in pages)
+    return DecodeBatch(
+        tokens=mx.array([r.token_ids[0] for r in rows], dtype=mx.int32),
+        positions=mx.array(positions, dtype=mx.int32),
+        slots=mx.array([p[-1] * block_size + pos % block_size for p, pos in zip(pages, positions)], dtype=mx.int32),
+        block_tables=mx.array([list(p) + [p[0]] * (width - len(p)) for p in pages], dtype=mx.int32),
+    )
+
+
+def _fused_layers(model: nn.Module) -> list | None:
+    """(weights, spec, inv_freq) per layer when every layer fits the fused decode primitive."""
+    out = []
+    for layer in model.model.layers:
+        weights = fused.fused_layer_weights(layer)
+        rope = fused.rope_inv_freq(layer.self_attn.rope, layer.self_attn.head_dim)
+        if weights is None or rope is None:
+            return None
+        out.append((weights, fused.layer_spec(layer), rope[0]))
+    mx.eval([inv_freq for _, _, inv_freq in out])
+    return out
+
+
 class ModelRunner:
     """Owns the per-layer KV pools and runs the paged forward (engine thread only)."""
 
@@ -112,6 +148,7 @@ class ModelRunner:
         self.k_pools = [mx.zeros(shape, dtype=dtype) for _ in layers]
         self.v_pools = [mx.zeros(shape, dtype=dtype) for _ in layers]
         mx.eval(self.k_pools, self.v_pools)
+        self.fused_layers = _fused_layers(model) if fused.native_decode_enabled() else None
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: mx.Dtype) -> int:
@@ -121,6 +158,8 @@ class ModelRunner:
 
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
         """Run one step; returns (logits [S, V] float32, row index of each logits row)."""
+        if self.fused_layers is not None and all(len(r.token_ids) == 1 for r in rows):
+            return self._execute_decode(rows)
         batch = build_step_batch(rows, self.block_size)
         inner = self.model.model
         h = inner.embed_tokens(batch.tokens[None])  # [1, T, DM]
@@ -128,11 +167,27 @@ class ModelRunner:
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), batch)
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
         h = inner.norm(h)[0, batch.sample_index]  # [S, DM]
+        return self._logits(h), batch.sample_rows  # [S, V]
+
+    def _execute_decode(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
+        """All rows decode one token: one fused native primitive per layer (kernels/decode_layer.py)."""
+        d = build_decode_batch(rows, self.block_size)
+        inner = self.model.model
+        h = inner.embed_tokens(d.tokens)  # [T, DM]
+        for i, (weights, spec, inv_freq) in enumerate(self.fused_layers):
+            h, self.k_pools[i], self.v_pools[i] = fused.decode_layer(
+                h, weights, self.k_pools[i], self.v_pools[i], d.slots, d.positions, d.block_tables, inv_freq, spec)
+        sample_rows = tuple(i for i, r in enumerate(rows) if r.sample)
+        if len(sample_rows) < len(rows):
+            h = h[mx.array(sample_rows, dtype=mx.int32)]
+        return self._logits(inner.norm(h)), sample_rows  # [S, V]
+
+    def _logits(self, h: mx.array) -> mx.array:
         if getattr(self.model.args, "tie_word_embeddings", False):
-            logits = embedding_logits(inner.embed_tokens, h)
+            logits = embedding_logits(self.model.model.embed_tokens, h)
         else:
             logits = linear(self.model.lm_head, h)
-        return logits.astype(mx.float32), batch.sample_rows  # [S, V]
+        return logits.astype(mx.float32)
 
     @staticmethod
     def _mlp(mlp: nn.Module, x: mx.array) -> mx.array:

@@ -28,3 +28,19 @@ def test_20_prompts_greedy_identical_to_float32_reference(default_model):
     native = run(make_core(default_model), requests)
     expected = run(make_core(reference), requests)
     assert {r: native[r].tokens for r, _, _ in requests} == {r: expected[r].tokens for r, _, _ in requests}
+
+
+def test_fused_decode_layer_matches_the_op_by_op_path(default_model):
+    """Decode steps on the fused native layer (kernels/decode_layer.py) vs the same engine running
+    every layer as MLX ops: same greedy tokens with requests joining mid-batch and a small pool."""
+    from benchmarks._common import chat_prompts
+
+    prompts = chat_prompts(default_model.tokenizer, 8)
+    requests = [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=20)) for i, p in enumerate(prompts)]
+    joins = {f"r{i}": 3 * i for i in range(8)}
+    fused = make_core(default_model, num_blocks=48)
+    assert fused.runner.fused_layers is not None
+    op_by_op = make_core(default_model, num_blocks=48)
+    op_by_op.runner.fused_layers = None
+    got, want = run(fused, requests, joins), run(op_by_op, requests, joins)
+    assert {r: got[r].tokens for r in got} == {r: want[r].tokens for r in want}

@@ -29,6 +29,7 @@
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "native_util.h"
 #include "qmm_kernels.h"
 
 namespace loom {
@@ -252,46 +253,47 @@ void AffineQMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[affine_qmm] CPU only: use mx.quantized_matmul on GPU streams");
 }
 
-// Strided -> dense row-major copy (rare: inputs are almost always row-contiguous).
-template <typename T>
-static void gather_dense(const T* src, const mx::Shape& shape, const mx::Strides& strides, T* dst) {
-  const int nd = static_cast<int>(shape.size());
-  size_t total = 1;
-  for (int d : shape) total *= d;
-  std::vector<int> idx(nd, 0);
-  for (size_t i = 0; i < total; ++i) {
-    long long off = 0;
-    for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
-    dst[i] = src[off];
-    for (int d = nd - 1; d >= 0; --d) {
-      if (++idx[d] < shape[d]) break;
-      idx[d] = 0;
-    }
+
+void qmm_run(QmmArgs a) {
+  const int M = a.M, N = a.N, K = a.K, gs = a.group_size;
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    std::fill(a.out, a.out + (size_t)M * N, 0.f);
+    return;
   }
+  const RowsFn rows = kernel().first;
+  // The direct path (M <= kDirectMaxM) needs per-group sums of x; the tiled path takes any M.
+  thread_local std::vector<float> xsum;
+  if (M <= kDirectMaxM) {
+    xsum.resize((size_t)M * (K / gs));
+    group_sums(a, xsum.data());
+    a.xsum = xsum.data();
+  }
+  // Split N into chunks of whole tiles; tiny problems stay on the calling thread.
+  Pool& p = pool();
+  const long long work = (long long)N * K * std::max(1, M);
+  const int tiles = (N + kTileN - 1) / kTileN;
+  int nt = std::min<long long>(p.size(), std::max<long long>(1, work / (1 << 14)));
+  nt = std::min(nt, std::max(1, tiles));
+  p.run(nt, [&](int i) {
+    const int t0 = static_cast<int>((long long)tiles * i / nt), t1 = static_cast<int>((long long)tiles * (i + 1) / nt);
+    const int n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
+    if (n0 >= n1) return;
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < (size_t)kTileN * K) scratch.resize((size_t)kTileN * K);
+    rows(a, n0, n1, scratch.data());
+  });
 }
 
-namespace {
-struct Input {
-  const void* ptr;
-  bool dense;
-  mx::Shape shape;
-  mx::Strides strides;
-};
-
-Input input(const mx::array& a) {
-  return {a.data<char>(), a.flags().row_contiguous, a.shape(), a.strides()};
+void parallel_for(int n, const std::function<void(int)>& fn) {
+  Pool& p = pool();
+  if (n <= 0) return;
+  const int nt = std::min(n, p.size());
+  p.run(nt, [&](int i) {
+    const int b0 = static_cast<int>((long long)n * i / nt), b1 = static_cast<int>((long long)n * (i + 1) / nt);
+    for (int b = b0; b < b1; ++b) fn(b);
+  });
 }
-
-template <typename T>
-const T* dense_ptr(const Input& in, std::vector<T>& storage) {
-  if (in.dense) return static_cast<const T*>(in.ptr);
-  size_t total = 1;
-  for (int d : in.shape) total *= d;
-  storage.resize(total);
-  gather_dense(static_cast<const T*>(in.ptr), in.shape, in.strides, storage.data());
-  return storage.data();
-}
-}  // namespace
 
 void AffineQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -310,7 +312,6 @@ void AffineQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
                     K,
                     gs = group_size_,
                     bits = bits_]() {
-    if (M == 0 || N == 0) return;
     std::vector<float> xs, ss, bs;
     std::vector<uint32_t> ws;
     QmmArgs a{};
@@ -325,34 +326,7 @@ void AffineQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     a.K = K;
     a.group_size = gs;
     a.bits = bits;
-    if (K == 0) {
-      std::fill(out_ptr, out_ptr + (size_t)M * N, 0.f);
-      return;
-    }
-    const RowsFn rows = kernel().first;
-    // M > kDirectMaxM: run in chunks of rows of x so the direct path's M <= 4 contract holds
-    // only where used; the tiled path takes any M.
-    std::vector<float> xsum;
-    if (M <= kDirectMaxM) {
-      xsum.resize((size_t)M * (K / gs));
-      group_sums(a, xsum.data());
-      a.xsum = xsum.data();
-    }
-    // Split N into chunks of whole tiles; tiny problems stay on the calling thread.
-    Pool& p = pool();
-    const long long work = (long long)N * K * std::max(1, M);
-    const int max_chunks = std::max(1, (N + kTileN - 1) / kTileN);
-    int nt = std::min<long long>(p.size(), std::max<long long>(1, work / (1 << 14)));
-    nt = std::min(nt, max_chunks);
-    const int tiles = (N + kTileN - 1) / kTileN;
-    p.run(nt, [&](int i) {
-      const int t0 = static_cast<int>((long long)tiles * i / nt), t1 = static_cast<int>((long long)tiles * (i + 1) / nt);
-      const int n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
-      if (n0 >= n1) return;
-      thread_local std::vector<float> scratch;
-      if (scratch.size() < (size_t)kTileN * K) scratch.resize((size_t)kTileN * K);
-      rows(a, n0, n1, scratch.data());
-    });
+    qmm_run(a);
   });
 }
 

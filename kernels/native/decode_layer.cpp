@@ -1,0 +1,386 @@
+// The DecodeLayer primitive: argument checks, then one CPU task per layer that runs
+//   x = rms_norm(h) ; q, k, v = x Wq, x Wk, x Wv ; RoPE(q, k) ; write k, v into their pages
+//   h += attention(q over each row's pages) Wo ; x = rms_norm(h) ; h += (silu(x Wg) * x Wu) Wd
+// The matmuls use the affine kernels on the worker pool; attention splits (row, kv head) pairs
+// over the same pool. Everything else is a few thousand floats per row and stays on one thread.
+#include "decode_layer.h"
+
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "native_util.h"
+
+// Attention's inner loops are plain float loops written to auto-vectorize; on x86-64 Linux they
+// are also compiled for Haswell (AVX2 + FMA) and picked at load time (GCC function multiversioning).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define LOOM_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define LOOM_SIMD_CLONES
+#endif
+
+namespace loom {
+
+namespace {
+
+constexpr int kNumWeights = 23;  // 2 norms + 7 x (w, scales, biases)
+enum InputIndex : int { kH = 0, kKPool = 1 + kNumWeights, kVPool, kSlots, kPositions, kTables, kInvFreq, kNumInputs };
+
+struct QWeight {
+  const uint32_t* w;
+  const float* scales;
+  const float* biases;
+  int N, K, group_size, bits;
+};
+
+// y [M, N] = x [M, K] @ dequantize(q).T
+void matmul(const QWeight& q, const float* x, int M, float* y) {
+  QmmArgs a{};
+  a.x = x;
+  a.ldx = q.K;
+  a.w = q.w;
+  a.scales = q.scales;
+  a.biases = q.biases;
+  a.out = y;
+  a.M = M;
+  a.N = q.N;
+  a.K = q.K;
+  a.group_size = q.group_size;
+  a.bits = q.bits;
+  qmm_run(a);
+}
+
+void rms_norm(const float* x, const float* w, int T, int DM, float eps, float* y) {
+  for (int t = 0; t < T; ++t) {
+    const float* xr = x + (size_t)t * DM;
+    float ss = 0.f;
+    for (int i = 0; i < DM; ++i) ss += xr[i] * xr[i];
+    const float r = 1.f / std::sqrt(ss / DM + eps);
+    for (int i = 0; i < DM; ++i) y[(size_t)t * DM + i] = xr[i] * r * w[i];
+  }
+}
+
+// x [T, heads, D] rotated in place by each row's position.
+void rope(float* x, int T, int heads, int D, const int* pos, const float* inv_freq, bool traditional) {
+  const int half = D / 2;
+  std::vector<float> c(half), s(half);
+  for (int t = 0; t < T; ++t) {
+    for (int i = 0; i < half; ++i) {
+      const float theta = static_cast<float>(pos[t]) * inv_freq[i];
+      c[i] = std::cos(theta);
+      s[i] = std::sin(theta);
+    }
+    for (int h = 0; h < heads; ++h) {
+      float* v = x + ((size_t)t * heads + h) * D;
+      for (int i = 0; i < half; ++i) {
+        const int a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
+        const float x1 = v[a], x2 = v[b];
+        v[a] = x1 * c[i] - x2 * s[i];
+        v[b] = x1 * s[i] + x2 * c[i];
+      }
+    }
+  }
+}
+
+LOOM_SIMD_CLONES
+float dot(const float* a, const float* b, int n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[i + l];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < 8; ++l) s += lanes[l];
+  return s;
+}
+
+// exp for x <= 0 (softmax after max subtraction) via 2^n * 2^f, branch-free so it vectorizes;
+// relative error ~2e-7. Inputs below ~-87 flush to ~1e-38 instead of 0, which softmax absorbs.
+LOOM_SIMD_CLONES
+void exp_shifted(float* x, int n, float shift) {
+  for (int i = 0; i < n; ++i) {
+    float y = (x[i] - shift) * 1.4426950408889634f;
+    y = y < -126.f ? -126.f : y;
+    const float fl = std::floor(y);
+    const float f = y - fl;  // [0, 1)
+    // 2^f on [0, 1): minimax degree-6 polynomial
+    float p = 1.535336188e-4f;
+    p = p * f + 1.339887440e-3f;
+    p = p * f + 9.618437357e-3f;
+    p = p * f + 5.550332471e-2f;
+    p = p * f + 2.402264791e-1f;
+    p = p * f + 6.931472028e-1f;
+    p = p * f + 1.0f;
+    int32_t bits = (static_cast<int32_t>(fl) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    x[i] = p * scale;
+  }
+}
+
+LOOM_SIMD_CLONES
+void axpy(float a, const float* x, float* y, int n) {
+  for (int i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+struct AttentionArgs {
+  const float* q;  // [T, H, D]
+  const float* k_pool;
+  const float* v_pool;  // [HKV, NB, BS, D]
+  const int* tables;    // [T, MB]
+  const int* pos;       // [T]
+  float* out;           // [T, H, D]
+  int H, HKV, D, NB, BS, MB;
+  float scale;
+};
+
+// Row t, kv head g: its rep = H / HKV query heads over keys 0..pos[t] read through the block table.
+void attend(const AttentionArgs& a, int t, int g) {
+  const int rep = a.H / a.HKV, D = a.D, L = a.pos[t] + 1;
+  const int* table = a.tables + (size_t)t * a.MB;
+  const size_t head_off = (size_t)g * a.NB * a.BS * D;
+  const float* q = a.q + ((size_t)t * a.H + (size_t)g * rep) * D;
+  float* out = a.out + ((size_t)t * a.H + (size_t)g * rep) * D;
+  thread_local std::vector<float> scores;
+  scores.resize((size_t)rep * L);
+  for (int j = 0; j < L; ++j) {
+    const float* key = a.k_pool + head_off + ((size_t)table[j / a.BS] * a.BS + j % a.BS) * D;
+    for (int r = 0; r < rep; ++r) scores[(size_t)r * L + j] = dot(q + (size_t)r * D, key, D) * a.scale;
+  }
+  for (int r = 0; r < rep; ++r) {
+    float* s = scores.data() + (size_t)r * L;
+    float m = s[0];
+    for (int j = 1; j < L; ++j) m = s[j] > m ? s[j] : m;
+    exp_shifted(s, L, m);
+    float sum = 0.f;
+    for (int j = 0; j < L; ++j) sum += s[j];
+    const float inv = 1.f / sum;
+    for (int j = 0; j < L; ++j) s[j] *= inv;
+  }
+  std::memset(out, 0, sizeof(float) * rep * D);
+  for (int j = 0; j < L; ++j) {
+    const float* val = a.v_pool + head_off + ((size_t)table[j / a.BS] * a.BS + j % a.BS) * D;
+    for (int r = 0; r < rep; ++r) axpy(scores[(size_t)r * L + j], val, out + (size_t)r * D, D);
+  }
+}
+
+void add_into(float* y, const float* x, size_t n) {
+  for (size_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void silu_mul(float* g, const float* u, size_t n) {
+  for (size_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+struct LayerPtrs {
+  const float* h;
+  const float* attn_norm;
+  const float* ffn_norm;
+  QWeight q, k, v, o, gate, up, down;
+  float* k_pool;
+  float* v_pool;
+  const int* slots;
+  const int* pos;
+  const int* tables;
+  const float* inv_freq;
+  float* h_out;
+  int T, DM, FF, NB, BS, MB;
+};
+
+void run_layer(const LayerPtrs& p, const DecodeLayerSpec& sp) {
+  const int T = p.T, DM = p.DM, H = sp.n_heads, HKV = sp.n_kv_heads, D = sp.head_dim;
+  thread_local std::vector<float> xn, q, k, v, att, tmp, g, u;
+  xn.resize((size_t)T * DM);
+  q.resize((size_t)T * H * D);
+  k.resize((size_t)T * HKV * D);
+  v.resize((size_t)T * HKV * D);
+  att.resize((size_t)T * H * D);
+  tmp.resize((size_t)T * DM);
+  g.resize((size_t)T * p.FF);
+  u.resize((size_t)T * p.FF);
+
+  std::memcpy(p.h_out, p.h, sizeof(float) * T * DM);
+  rms_norm(p.h_out, p.attn_norm, T, DM, sp.eps, xn.data());
+  matmul(p.q, xn.data(), T, q.data());
+  matmul(p.k, xn.data(), T, k.data());
+  matmul(p.v, xn.data(), T, v.data());
+  rope(q.data(), T, H, D, p.pos, p.inv_freq, sp.rope_traditional);
+  rope(k.data(), T, HKV, D, p.pos, p.inv_freq, sp.rope_traditional);
+  const size_t head_stride = (size_t)p.NB * p.BS * D;
+  for (int t = 0; t < T; ++t)
+    for (int gi = 0; gi < HKV; ++gi) {
+      const size_t dst = gi * head_stride + (size_t)p.slots[t] * D, src = ((size_t)t * HKV + gi) * D;
+      std::memcpy(p.k_pool + dst, k.data() + src, sizeof(float) * D);
+      std::memcpy(p.v_pool + dst, v.data() + src, sizeof(float) * D);
+    }
+  AttentionArgs aa{q.data(), p.k_pool, p.v_pool, p.tables, p.pos, att.data(), H, HKV, D, p.NB, p.BS, p.MB, sp.attn_scale};
+  parallel_for(T * HKV, [&](int i) { attend(aa, i / HKV, i % HKV); });
+  matmul(p.o, att.data(), T, tmp.data());
+  add_into(p.h_out, tmp.data(), (size_t)T * DM);
+  rms_norm(p.h_out, p.ffn_norm, T, DM, sp.eps, xn.data());
+  matmul(p.gate, xn.data(), T, g.data());
+  matmul(p.up, xn.data(), T, u.data());
+  silu_mul(g.data(), u.data(), (size_t)T * p.FF);
+  matmul(p.down, g.data(), T, tmp.data());
+  add_into(p.h_out, tmp.data(), (size_t)T * DM);
+}
+
+[[noreturn]] void fail(const std::string& what) {
+  throw std::invalid_argument("[decode_layer] " + what);
+}
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream s;
+  s << a.shape() << " " << a.dtype();
+  return s.str();
+}
+
+// (bits, group_size) of a quantized matrix whose input width is K, checking its three arrays.
+std::pair<int, int> check_qweight(const std::vector<mx::array>& in, int first, int K, int N, const char* name) {
+  const auto &w = in[first], &s = in[first + 1], &b = in[first + 2];
+  const std::string what = std::string(name) + " (w " + shape_str(w) + ", scales " + shape_str(s) + ")";
+  if (w.dtype() != mx::uint32 || w.ndim() != 2 || s.ndim() != 2 || s.dtype() != mx::float32 ||
+      b.dtype() != mx::float32 || b.shape() != s.shape())
+    fail(what + ": expected uint32 w and float32 scales/biases of equal 2-d shape");
+  if (w.shape(0) != N || s.shape(0) != N) fail(what + ": expected " + std::to_string(N) + " output rows");
+  if (s.shape(1) == 0 || K % s.shape(1) != 0 || (w.shape(1) * 32) % K != 0) fail(what + ": K does not match");
+  const int bits = w.shape(1) * 32 / K, gs = K / s.shape(1);
+  if ((bits != 4 && bits != 8) || (gs != 32 && gs != 64 && gs != 128))
+    fail(what + ": only 4/8-bit with group size 32/64/128");
+  return {bits, gs};
+}
+
+void check_float(const mx::array& a, const char* name, int ndim) {
+  if (a.dtype() != mx::float32 || a.ndim() != ndim) fail(std::string(name) + " must be float32 of rank " + std::to_string(ndim) + ", got " + shape_str(a));
+}
+
+void check_int(const mx::array& a, const char* name, int ndim) {
+  if (a.dtype() != mx::int32 || a.ndim() != ndim) fail(std::string(name) + " must be int32 of rank " + std::to_string(ndim) + ", got " + shape_str(a));
+}
+
+}  // namespace
+
+mx::array decode_layer(
+    const mx::array& h,
+    const std::vector<mx::array>& weights,
+    const mx::array& k_pool,
+    const mx::array& v_pool,
+    const mx::array& slots,
+    const mx::array& positions,
+    const mx::array& block_tables,
+    const mx::array& inv_freq,
+    const DecodeLayerSpec& spec,
+    mx::StreamOrDevice s) {
+  if ((int)weights.size() != kNumWeights) fail("expected 23 weights: 2 norms + 7 x (w, scales, biases)");
+  check_float(h, "h", 2);
+  check_float(k_pool, "k_pool", 4);
+  check_float(v_pool, "v_pool", 4);
+  check_float(inv_freq, "inv_freq", 1);
+  check_int(slots, "slots", 1);
+  check_int(positions, "positions", 1);
+  check_int(block_tables, "block_tables", 2);
+  const int T = h.shape(0), DM = h.shape(1), H = spec.n_heads, HKV = spec.n_kv_heads, D = spec.head_dim;
+  if (H <= 0 || HKV <= 0 || H % HKV != 0 || D <= 0 || D % 2 != 0) fail("bad head counts / head_dim");
+  if (k_pool.shape() != v_pool.shape() || k_pool.shape(0) != HKV || k_pool.shape(3) != D)
+    fail("pools must be [HKV, NB, BS, D], got " + shape_str(k_pool));
+  if (slots.shape(0) != T || positions.shape(0) != T || block_tables.shape(0) != T)
+    fail("slots, positions and block_tables need one entry per row of h");
+  if (inv_freq.shape(0) != D / 2) fail("inv_freq must have head_dim / 2 entries");
+  std::vector<mx::array> in{h};
+  in.insert(in.end(), weights.begin(), weights.end());
+  for (int i : {0, 1})
+    if (in[1 + i].dtype() != mx::float32 || in[1 + i].ndim() != 1 || in[1 + i].shape(0) != DM)
+      fail("norm weights must be float32 [DM]");
+  const int FF = weights[14 + 0].shape(0);  // gate rows
+  check_qweight(in, 3, DM, H * D, "q_proj");
+  check_qweight(in, 6, DM, HKV * D, "k_proj");
+  check_qweight(in, 9, DM, HKV * D, "v_proj");
+  check_qweight(in, 12, H * D, DM, "o_proj");
+  check_qweight(in, 15, DM, FF, "gate_proj");
+  check_qweight(in, 18, DM, FF, "up_proj");
+  check_qweight(in, 21, FF, DM, "down_proj");
+  in.insert(in.end(), {k_pool, v_pool, slots, positions, block_tables, inv_freq});
+  return mx::array(h.shape(), mx::float32, std::make_shared<DecodeLayer>(mx::to_stream(s), spec), std::move(in));
+}
+
+std::vector<mx::Shape> DecodeLayer::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[kH].shape()};
+}
+
+bool DecodeLayer::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DecodeLayer&>(other).spec_;
+  return o.n_heads == spec_.n_heads && o.n_kv_heads == spec_.n_kv_heads && o.head_dim == spec_.head_dim &&
+      o.eps == spec_.eps && o.attn_scale == spec_.attn_scale && o.rope_traditional == spec_.rope_traditional;
+}
+
+void DecodeLayer::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[decode_layer] CPU only: GPU backends run the reference composition");
+}
+
+// The KV pools are written in place (like any paged KV cache): they are inputs so MLX orders this
+// layer after whatever produced them, but not outputs, because a multi-output primitive can never
+// donate its inputs (each output holds its own reference). The runner owns the pools and keeps
+// nothing lazy that reads an older version of them.
+static float* writable_pool(const mx::array& pool) {
+  if (!pool.flags().row_contiguous || pool.data_size() != pool.size())
+    throw std::runtime_error("[decode_layer] KV pools must be dense row-major buffers (mx.contiguous them once)");
+  return const_cast<float*>(pool.data<float>());
+}
+
+void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  // Only pointers and metadata here: inputs may still be being computed by earlier stream tasks.
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+
+  const int DM = inputs[kH].shape(1), HD = spec_.n_heads * spec_.head_dim, FF = inputs[15].shape(0);
+  LayerPtrs p{};
+  p.T = inputs[kH].shape(0);
+  p.DM = DM;
+  p.FF = FF;
+  p.NB = inputs[kKPool].shape(1);
+  p.BS = inputs[kKPool].shape(2);
+  p.MB = inputs[kTables].shape(1);
+  p.k_pool = writable_pool(inputs[kKPool]);
+  p.v_pool = writable_pool(inputs[kVPool]);
+  p.h_out = out.data<float>();
+  std::vector<Input> views;
+  for (int i = 0; i < kNumInputs; ++i) views.push_back(input(inputs[i]));
+  // (first input, K) of each quantized matrix: q, k, v, o, gate, up, down
+  const std::array<std::pair<int, int>, 7> mats{{{3, DM}, {6, DM}, {9, DM}, {12, HD}, {15, DM}, {18, DM}, {21, FF}}};
+  encoder.dispatch([p, spec = spec_, views = std::move(views), mats]() mutable {
+    // Inputs are row-contiguous in practice; a strided one is gathered into `store` first.
+    std::vector<std::vector<uint32_t>> store(kNumInputs);
+    auto ptr = [&](int i) { return dense_ptr<uint32_t>(views[i], store[i]); };
+    auto f = [&](int i) { return reinterpret_cast<const float*>(ptr(i)); };
+    auto q = [&](int m) {
+      auto [first, K] = mats[m];
+      const auto& w = views[first];
+      const int groups = views[first + 1].shape[1];
+      return QWeight{ptr(first), f(first + 1), f(first + 2), w.shape[0], K, K / groups, w.shape[1] * 32 / K};
+    };
+    p.h = f(kH);
+    p.attn_norm = f(1);
+    p.ffn_norm = f(2);
+    p.q = q(0);
+    p.k = q(1);
+    p.v = q(2);
+    p.o = q(3);
+    p.gate = q(4);
+    p.up = q(5);
+    p.down = q(6);
+    p.inv_freq = f(kInvFreq);
+    p.slots = reinterpret_cast<const int*>(ptr(kSlots));
+    p.pos = reinterpret_cast<const int*>(ptr(kPositions));
+    p.tables = reinterpret_cast<const int*>(ptr(kTables));
+    if (p.T > 0) run_layer(p, spec);
+  });
+}
+
+}  // namespace loom
