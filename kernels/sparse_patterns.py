@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -187,5 +188,11 @@ def should_use_sparse(kv_len: int, config: SparsePatternConfig, q_len: int = 512
     sparse: long enough, and the estimated cost ratio, averaged over layers, low enough."""
     if kv_len < min_kv_len or q_len <= 1:
         return False
+    return mean_compute_ratio(config, q_len, kv_len) <= max_ratio
+
+
+@lru_cache(maxsize=4096)
+def mean_compute_ratio(config: SparsePatternConfig, q_len: int, kv_len: int) -> float:
+    """estimated_compute_ratio averaged over layers (cached: the engine asks once per chunk)."""
     ratios = [estimated_compute_ratio(heads, q_len, kv_len) for heads in config.layers]
-    return sum(ratios) / len(ratios) <= max_ratio
+    return sum(ratios) / len(ratios)

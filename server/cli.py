@@ -1,4 +1,5 @@
-"""`mlx-loom` console script: `mlx-loom serve [options]` (options documented by --help)."""
+"""`mlx-loom` console script: `mlx-loom serve [options]` (options documented by --help), and
+`mlx-loom search-patterns` (offline sparse-prefill pattern search, kernels/pattern_search.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "/v1/completions, /v1/models, /health, docs at /docs). Every option can also be "
                     "set with an environment variable MLX_LOOM_<OPTION>; the command line wins.")
     add_arguments(serve)
+    search = commands.add_parser(
+        "search-patterns", help="Search per-head sparse prefill patterns (MInference) for a model.",
+        description="Prefill calibration text and pick, per attention head, the sparse pattern with the "
+                    "lowest output error at a compute budget (dense where none is good enough); writes "
+                    "MInference's JSON config.")
+    _add_search_arguments(search)
     return parser
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    from kernels.search_settings import add_arguments as add_search  # pure Python, no mlx
+
+    add_search(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlx-loom: error: {exc}", file=sys.stderr)
         return 2
     ns = parser.parse_args(argv)
+    if ns.command == "search-patterns":
+        from kernels.pattern_search import run  # imports mlx: only for this command
+
+        return run(ns)
     try:
         settings = from_namespace(ns)
     except ValueError as exc:

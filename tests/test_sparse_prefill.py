@@ -234,3 +234,17 @@ def test_cli_parses_search_patterns_without_mlx_import_side_effects():
 
     ns = build_parser().parse_args(["search-patterns", "--length", "2048", "--output", "x.json"])
     assert ns.command == "search-patterns" and ns.length == 2048 and ns.model is None
+
+
+def test_search_patterns_command_on_a_tiny_model(tmp_path, capsys):
+    from server.cli import main
+    from tiny_model import make_tiny_llama_dir
+
+    model_dir = make_tiny_llama_dir(tmp_path / "tiny")
+    out = tmp_path / "patterns.json"
+    argv = ["search-patterns", "--model", str(model_dir), "--length", "256", "--chunk", "64", "--budget", "64",
+            "--min-kv-len", "128", "--output", str(out)]
+    assert main(argv) == 0
+    cfg = load_config(out)
+    assert cfg.num_layers == 2 and all(len(heads) == 4 for heads in cfg.layers)
+    assert str(out) in capsys.readouterr().out
