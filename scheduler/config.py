@@ -44,11 +44,39 @@ class SchedulerConfig:
             )
 
 
+SPEC_METHODS = ("mxfp4", "nvfp4", "mxfp8")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    method: str | None = None
+    """Level-1 draft: None (off), "mxfp4" / "nvfp4" / "mxfp8" (the target's own linear layers cast to
+    that format at load, embeddings shared), or a path to a smaller model with the same tokenizer."""
+    k: int = 4
+    """Most draft tokens per row per step."""
+    level2: str = "none"
+    """Drafts for the level-1 draft: "none", "ngram" (prompt lookup) or a path to a smaller model."""
+    mode: str = "auto"
+    """"auto": speculate only when the cost model measured at start-up predicts >= min_speedup;
+    "always": every eligible row, every step (for tests and acceptance measurements)."""
+    min_speedup: float = 1.05
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 16:
+            raise ValueError(f"spec k must be in 1..16, got {self.k}")
+        if self.mode not in ("auto", "always"):
+            raise ValueError(f"spec mode must be 'auto' or 'always', got {self.mode!r}")
+        if self.level2 != "none" and self.method is None:
+            raise ValueError("a level-2 drafter needs a level-1 draft (--speculative)")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None
     """Path to a GGUF file or an mlx-lm model directory; None = the embedded default model."""
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    spec: SpecConfig = SpecConfig()
+    """Speculative decoding (off unless spec.method is set)."""
     dequantize_on_cpu: bool = True
     """On the CPU device, expand quantized weights to float32 (MLX's CPU qmatmul is slow)."""

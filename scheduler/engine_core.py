@@ -10,6 +10,7 @@ import logging
 from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 
 from scheduler.config import EngineConfig
 from scheduler.messages import AddRequest, EngineStats, RequestOutput, TokenLogprob
@@ -35,6 +36,13 @@ class EngineCore:
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype)
         self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
+        self.spec = None
+        if cfg.spec.method is not None:
+            from scheduler.speculator import build_speculator
+
+            self.spec = build_speculator(cfg.spec, loaded, self.runner, num_blocks, cfg.cache.block_size, max_len)
+            log.info("speculative decoding: %s, k=%d, level 2 %s, mode %s (costs %s)", cfg.spec.method,
+                     cfg.spec.k, cfg.spec.level2, cfg.spec.mode, self.spec.controller.costs)
         self.eos = frozenset(loaded.tokenizer.eos_token_ids)
         backend = _grammar_backend(loaded)
         self.structured = StructuredOutput(backend)
@@ -61,7 +69,7 @@ class EngineCore:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.abort_request(request_id)
-        self.structured.remove(request_id)
+        self._forget(request_id)
         return self._output(req) if req is not None else None
 
     def has_unfinished(self) -> bool:
@@ -72,41 +80,69 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.rows:
             return []
+        if self.spec is not None:
+            out = self.spec.extend(out, self.scheduler)
         sampled = self._run(out)
         self.steps += 1
-        for rid, tok in sampled.items():
-            if tok.logprob is not None:
-                self._pending_logprobs.setdefault(rid, []).append(
-                    TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs))
-        tokens = {rid: t.token_id for rid, t in sampled.items()}
+        for rid, toks in sampled.items():
+            for tok in toks:
+                if tok.logprob is not None:
+                    self._pending_logprobs.setdefault(rid, []).append(
+                        TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs))
+        tokens = {rid: [t.token_id for t in toks] for rid, toks in sampled.items()}
         reqs = self.scheduler.requests
-        advance = self.structured.advance(tokens, {rid: reqs[rid].is_stop_token(t) for rid, t in tokens.items()})
-        changed = self.scheduler.update_from_output(out, tokens, advance.stop_after)
+        advance = self.structured.advance(tokens, lambda rid, t: reqs[rid].is_stop_token(t))
+        changed = self.scheduler.update_from_output(out, advance.kept(tokens), advance.stop_after)
         outputs = [self._output(req) for req in changed]
         for rid, message in advance.errors.items():
             outputs.extend(self._fail(rid, message))
         for req in changed:
             if req.is_finished:
-                self.structured.remove(req.request_id)
+                self._forget(req.request_id)
         return outputs
+
+    def _forget(self, request_id: str) -> None:
+        self.structured.remove(request_id)
+        if self.spec is not None:
+            self.spec.forget(request_id)
 
     def _fail(self, request_id: str, message: str) -> list[RequestOutput]:
         req = self.scheduler.abort_request(request_id)
-        self.structured.remove(request_id)
+        self._forget(request_id)
         if req is None:
             return []
         return [RequestOutput(request_id, (), finish_reason="error", error=message,
                               num_prompt_tokens=req.num_prompt_tokens)]
 
-    def _run(self, out: SchedulerOutput) -> dict[str, SampledToken]:
-        logits, sample_rows = self.runner.execute(out.rows)  # [S, V]
+    def _run(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
+        logits, sample_rows = self.runner.execute(out.rows)  # [S', V]
         if not sample_rows:  # only mid-prompt chunks: just materialize their KV writes
             mx.eval(self.runner.k_pools, self.runner.v_pools)
             return {}
         reqs = [self.scheduler.requests[out.rows[i].request_id] for i in sample_rows]
+        counts = [out.rows[i].num_draft + 1 for i in sample_rows]
+        if max(counts) == 1:
+            return self._sample(logits, reqs)
+        starts = [sum(counts[:j]) for j in range(len(counts))]
+        plain = [j for j, c in enumerate(counts) if c == 1]
+        result = self._sample(logits[mx.array([starts[j] for j in plain], dtype=mx.int32)],
+                              [reqs[j] for j in plain]) if plain else {}
+        x = np.array(logits)  # [S', V] host copy for the speculative rows' verification
+        for j, c in enumerate(counts):
+            if c > 1:
+                result[reqs[j].request_id] = self._verify(reqs[j], x[starts[j] : starts[j] + c])
+        return result
+
+    def _sample(self, logits: mx.array, reqs: list[Request]) -> dict[str, list[SampledToken]]:
         logits = self.structured.apply_masks(logits, [r.request_id for r in reqs])
         rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.sample_seed) for r in reqs]
-        return {r.request_id: t for r, t in zip(reqs, sample(logits, rows))}
+        return {r.request_id: [t] for r, t in zip(reqs, sample(logits, rows))}
+
+    def _verify(self, req: Request, logits: np.ndarray) -> list[SampledToken]:
+        """logits [k+1, V] of a speculative row: grammar masks per position, then acceptance."""
+        drafts = self.spec.draft_tokens(req.request_id)
+        num_valid, logits = self.structured.mask_drafts(req.request_id, drafts, logits)
+        return [SampledToken(t, None) for t in self.spec.verify(req, logits, None, num_valid)]
 
     def _output(self, req: Request) -> RequestOutput:
         """Delta since the last output of this request (tokens and their logprobs)."""
@@ -124,13 +160,15 @@ class EngineCore:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens,
             error=req.error,
+            spec_proposed=req.spec_proposed,
+            spec_accepted=req.spec_accepted,
         )
 
     def fail_all(self, message: str, reason: str = "error") -> list[RequestOutput]:
         outputs = []
         for rid in list(self.scheduler.requests):
             req = self.scheduler.abort_request(rid)
-            self.structured.remove(rid)
+            self._forget(rid)
             if req is not None:
                 outputs.append(RequestOutput(rid, (), finish_reason=reason, error=message,
                                              num_prompt_tokens=req.num_prompt_tokens))
@@ -147,7 +185,13 @@ class EngineCore:
             prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits,
             steps=self.steps,
+            **(self._spec_stats() if self.spec is not None else {}),
         )
+
+    def _spec_stats(self) -> dict:
+        s = self.spec.stats()
+        return dict(spec_enabled=True, spec_num_drafts=s.num_drafts, spec_proposed=s.proposed,
+                    spec_accepted=s.accepted)
 
 
 def _grammar_backend(loaded: LoadedModel):

@@ -44,6 +44,9 @@ class RequestOutput:
     """Prompt tokens served from the prefix cache."""
     error: str | None = None
     """Set with finish_reason "error": what went wrong and what to change."""
+    spec_proposed: int = 0
+    """Speculative decoding, cumulative for the request: draft tokens the target verified."""
+    spec_accepted: int = 0
 
     @property
     def finished(self) -> bool:
@@ -61,3 +64,9 @@ class EngineStats:
     prefix_cache_hits: int
     """In tokens: prompt tokens looked up / found in the prefix cache."""
     steps: int
+    spec_enabled: bool = False
+    spec_num_drafts: int = 0
+    """Speculative rows verified by the target."""
+    spec_proposed: tuple[int, ...] = ()
+    """Draft tokens proposed per level (level 1: verified by the target; level 2: by the draft)."""
+    spec_accepted: tuple[int, ...] = ()

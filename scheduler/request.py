@@ -50,6 +50,10 @@ class Request:
     sample_seed: int = field(init=False)
     """params.seed, or a random 63-bit seed drawn here so a request samples reproducibly."""
     error: str | None = None
+    spec_proposed: int = 0
+    """Draft tokens the target verified for this request (speculative decoding)."""
+    spec_accepted: int = 0
+    """Of those, accepted."""
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

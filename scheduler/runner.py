@@ -42,8 +42,8 @@ class StepBatch:
     positions: mx.array  # [T] int32
     slots: mx.array  # [T] int32, flat pool slot of each token
     groups: tuple[AttentionGroup, ...]
-    sample_index: mx.array  # [S] flat index of the last token of each sampling row
-    sample_rows: tuple[int, ...]  # index into the step's rows, same order as sample_index
+    sample_index: mx.array  # [S] flat index of the last num_draft + 1 tokens of each sampling row
+    sample_rows: tuple[int, ...]  # index into the step's rows, in sample_index order
 
 
 def build_step_batch(rows: Sequence[ScheduledRow], block_size: int) -> StepBatch:
@@ -52,21 +52,21 @@ def build_step_batch(rows: Sequence[ScheduledRow], block_size: int) -> StepBatch
     tokens: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
-    last_index: dict[int, int] = {}
+    last_index: dict[int, list[int]] = {}
     for i in order:
         row = rows[i]
         for p, tok in enumerate(row.token_ids, start=row.start_pos):
             tokens.append(tok)
             positions.append(p)
             slots.append(row.block_ids[p // block_size] * block_size + p % block_size)
-        last_index[i] = len(tokens) - 1
+        last_index[i] = list(range(len(tokens) - 1 - row.num_draft, len(tokens)))
     sample_rows = tuple(i for i in range(len(rows)) if rows[i].sample)
     return StepBatch(
         tokens=mx.array(tokens, dtype=mx.int32),
         positions=mx.array(positions, dtype=mx.int32),
         slots=mx.array(slots, dtype=mx.int32),
         groups=_attention_groups([rows[i] for i in order], block_size),
-        sample_index=mx.array([last_index[i] for i in sample_rows], dtype=mx.int32),
+        sample_index=mx.array([j for i in sample_rows for j in last_index[i]], dtype=mx.int32),
         sample_rows=sample_rows,
     )
 
@@ -157,8 +157,10 @@ class ModelRunner:
         return 2 * len(layers) * block_size * attn.n_kv_heads * attn.head_dim * dtype.size
 
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
-        """Run one step; returns (logits [S, V] float32, row index of each logits row)."""
-        if self.fused_layers is not None and all(len(r.token_ids) == 1 for r in rows):
+        """Run one step; returns (logits [S, V] float32, the sampling rows' indices in order).
+
+        Each sampling row contributes num_draft + 1 logits rows (1 unless speculative)."""
+        if self.fused_layers is not None and all(len(r.token_ids) == 1 and not r.num_draft for r in rows):
             return self._execute_decode(rows)
         batch = build_step_batch(rows, self.block_size)
         inner = self.model.model

@@ -11,7 +11,7 @@ blocks are freed and it goes back to the front of the queue with its tokens so f
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from scheduler.config import CacheConfig, SchedulerConfig
@@ -31,6 +31,9 @@ class ScheduledRow:
     """The request's whole block table after this step's allocation."""
     sample: bool
     """True when token_ids ends the known sequence, so the step samples the next token."""
+    num_draft: int = 0
+    """Speculative tokens at the end of token_ids (not yet part of the sequence): the step needs
+    logits at the last num_draft + 1 positions, and only the accepted ones become computed."""
 
 
 @dataclass(frozen=True)
@@ -178,24 +181,35 @@ class Scheduler:
                             sample=end == req.num_tokens)
 
     # -- results ---------------------------------------------------------------------------
-    def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, int],
+    def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]],
                            stop_after: Collection[str] = ()) -> list[Request]:
-        """Advance each scheduled request; the requests that got a token or finished.
+        """Advance each scheduled request; the requests that got tokens or finished.
 
-        A sampled stop token (EOS unless ignore_eos, or a stop_token_id) finishes the request
-        without being appended, as OpenAI servers do not return it. Requests in stop_after
-        (e.g. their grammar is complete) finish as stopped after their token is appended.
+        sampled[rid] is one token, or for a speculative row the accepted drafts plus the target's
+        token. A stop token (EOS unless ignore_eos, or a stop_token_id) finishes the request
+        without being appended, as OpenAI servers do not return it; tokens after a finish are
+        dropped. Requests in stop_after (e.g. their grammar is complete) finish as stopped after
+        their tokens are appended.
         """
         changed = []
         for row in output.rows:
             req = self.requests.get(row.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue
-            req.num_computed_tokens += len(row.token_ids)
+            tokens = sampled[row.request_id] if row.sample else ()
+            # Rejected drafts were computed but are not part of the sequence.
+            req.num_computed_tokens += len(row.token_ids) - row.num_draft + max(0, len(tokens) - 1)
+            status = None
+            for token in tokens:
+                status = self._append(req, token)
+                if status is not None:
+                    break
+            # After the appends: accepted drafts are computed tokens only once they are known ones
+            # (a stop token or max_tokens can cut the list; that request finishes below anyway).
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
             self.kv.cache_blocks(req)
             if not row.sample:
                 continue
-            status = self._append(req, sampled[row.request_id])
             if status is None and row.request_id in stop_after:
                 status = RequestStatus.FINISHED_STOPPED
             if status is not None:

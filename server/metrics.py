@@ -137,6 +137,27 @@ def engine_families(stats: EngineStats | None) -> list[Metric]:
         _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
         _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
         _counter("engine_steps", "Engine steps (batched forward passes) run.", stats.steps),
+    ] + (spec_families(stats) if stats.spec_enabled else [])
+
+
+def spec_families(stats: EngineStats) -> list[Metric]:
+    """Speculative decoding (vLLM's names): level 1 = draft tokens verified by the target,
+    level 2 = the second level's tokens verified by the draft."""
+    drafted = CounterMetricFamily(f"{PREFIX}spec_decode_num_draft_tokens", "Draft tokens proposed, by level.",
+                                  labels=["level"])
+    accepted = CounterMetricFamily(f"{PREFIX}spec_decode_num_accepted_tokens", "Draft tokens accepted, by level.",
+                                   labels=["level"])
+    for level, (p, a) in enumerate(zip(stats.spec_proposed, stats.spec_accepted), start=1):
+        drafted.add_metric([str(level)], p)
+        accepted.add_metric([str(level)], a)
+    l1 = stats.spec_accepted[0] if stats.spec_accepted else 0
+    mean_len = 1.0 + l1 / stats.spec_num_drafts if stats.spec_num_drafts else 0.0
+    return [
+        _counter("spec_decode_num_drafts", "Speculative rows verified by the target.", stats.spec_num_drafts),
+        drafted,
+        accepted,
+        _gauge("spec_decode_mean_accepted_length", "Tokens emitted per speculative row per target forward "
+               "(accepted drafts + 1) since start.", mean_len),
     ]
 
 

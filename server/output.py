@@ -68,6 +68,8 @@ class ChoiceEvent:
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    spec_proposed: int = 0  # speculative decoding, cumulative for the choice
+    spec_accepted: int = 0
 
 
 async def choice_events(engine: Engine, tokenizer, spec: ChoiceSpec, stops: Sequence[str],
@@ -90,7 +92,7 @@ async def choice_events(engine: Engine, tokenizer, spec: ChoiceSpec, stops: Sequ
                     finish = "stop" if matcher.stopped else finish
                 end = finish or end
                 yield ChoiceEvent(spec.index, text, out.new_token_ids, out.logprobs or (), finish,
-                                  out.num_prompt_tokens, out.num_cached_tokens)
+                                  out.num_prompt_tokens, out.num_cached_tokens, out.spec_proposed, out.spec_accepted)
                 if finish is not None:
                     return  # closing `outputs` aborts the engine request if it is still running
     except RequestRejected:
@@ -149,6 +151,8 @@ class ChoiceResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
 
 class Collector:
@@ -166,6 +170,8 @@ class Collector:
         r.logprobs.extend(event.logprobs)
         r.finish_reason = event.finish_reason or r.finish_reason
         r.num_cached_tokens = event.num_cached_tokens or r.num_cached_tokens
+        r.spec_proposed = max(r.spec_proposed, event.spec_proposed)
+        r.spec_accepted = max(r.spec_accepted, event.spec_accepted)
 
     def text(self, index: int) -> str:
         """The text of choice `index` so far."""
@@ -177,5 +183,11 @@ class Collector:
         prompt = sum(self.prompt_lens[i] for i in firsts)
         cached = sum(self.results[i].num_cached_tokens for i in firsts)
         completion = sum(r.num_tokens for r in self.results.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        proposed = sum(r.spec_proposed for r in self.results.values())
+        if proposed:  # extension field, only when speculative decoding ran for this request
+            accepted = sum(r.spec_accepted for r in self.results.values())
+            usage["speculative_decoding"] = {"draft_tokens": proposed, "accepted_tokens": accepted,
+                                             "acceptance_rate": round(accepted / proposed, 4)}
+        return usage

@@ -198,6 +198,8 @@ class PromptTokensDetails(BaseModel):
 
 
 class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # "speculative_decoding" when it ran (see server/output.py)
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int

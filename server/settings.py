@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping, Sequence
 
-from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
+from scheduler.config import SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 
 ENV_PREFIX = "MLX_LOOM_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -43,6 +43,14 @@ class Settings:
     block_size: int = _opt(CacheConfig.block_size, "Tokens per KV page (a power of two).")
     enable_prefix_caching: bool = _opt(True, "Disable sharing KV pages between requests with the "
                                              "same prompt prefix.", flag="--no-prefix-caching")
+    speculative: str | None = _opt(None, "Speculative decoding draft (ML-SpecQD): mxfp4, nvfp4 or mxfp8 (the "
+                                         "model's own linear layers cast at load, no extra files) or a path to "
+                                         "a smaller model with the same tokenizer. Off by default.")
+    spec_k: int = _opt(SpecConfig.k, "Most draft tokens per request per step.")
+    spec_level2: str = _opt(SpecConfig.level2, "Drafts for the draft: none, ngram (prompt lookup) or a path "
+                                               "to a smaller model.")
+    spec_mode: str = _opt(SpecConfig.mode, "auto: speculate only where the cost model measured at start-up "
+                                           "predicts a speedup (off on MLX's CPU backend); always: every step.")
     max_request_bytes: int = _opt(4 * 2**20, "Largest accepted request body in bytes (larger: 413).")
     max_queued_requests: int = _opt(256, "Requests that may wait beyond the --max-num-seqs running ones; "
                                          "more in flight get 429 with Retry-After (each of n choices counts).")
@@ -70,6 +78,12 @@ class Settings:
         if self.api_key is not None and not self.api_key.strip():
             # An empty variable (MLX_LOOM_API_KEY=) must not silently turn authentication off.
             raise ValueError("api_key is empty; set a non-empty key or leave MLX_LOOM_API_KEY unset")
+        if self.speculative is not None and self.speculative not in SPEC_METHODS \
+                and not os.path.exists(self.speculative):
+            raise ValueError(f"speculative must be one of {', '.join(SPEC_METHODS)} or a model path, "
+                             f"got {self.speculative!r}")
+        if self.spec_level2 not in ("none", "ngram") and not os.path.exists(self.spec_level2):
+            raise ValueError(f"spec_level2 must be none, ngram or a model path, got {self.spec_level2!r}")
         if self.model is not None and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist; pass a GGUF file or an "
                              "mlx-lm model directory (or omit --model for the default model)")
@@ -84,6 +98,7 @@ class Settings:
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_model_len=self.max_model_len),
+            spec=SpecConfig(method=self.speculative, k=self.spec_k, level2=self.spec_level2, mode=self.spec_mode),
         )
 
 

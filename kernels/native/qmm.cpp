@@ -97,13 +97,13 @@ static int default_threads() {
 class Pool {
  public:
   explicit Pool(int threads) : threads_(threads) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { work(i); });
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { work(); });
   }
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
-      gen_.fetch_add(1);
+      wake_.fetch_add(1);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -112,34 +112,50 @@ class Pool {
     return threads_;
   }
 
-  // fn(i) for i in [0, n) with n <= size(): the caller runs i = 0, worker i runs i.
+  // fn(i) for i in [0, n). Tasks are claimed dynamically by the caller and the workers, so a
+  // worker the OS has not scheduled yet (another process on the core) never stalls the call:
+  // the caller just runs its share too.
   void run(int n, const std::function<void(int)>& fn) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (!busy.owns_lock() || n <= 1) {  // another stream thread is using the pool: run inline
+    if (!busy.owns_lock() || n <= 1 || threads_ <= 1) {  // another stream thread is using the pool: inline
       for (int i = 0; i < n; ++i) fn(i);
       return;
     }
-    fn_ = &fn;
-    active_ = n;
-    remaining_.store(n - 1, std::memory_order_relaxed);
+    fn_.store(&fn, std::memory_order_relaxed);
+    n_.store(n, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = ++gen_;
+    claim_.store(gen << 32, std::memory_order_release);  // this generation, next task 0
     {
       std::lock_guard<std::mutex> lock(mu_);
-      gen_.fetch_add(1, std::memory_order_release);
+      wake_.fetch_add(1, std::memory_order_release);
     }
     if (sleepers_.load() > 0) cv_.notify_all();
-    fn(0);
-    while (remaining_.load(std::memory_order_acquire) > 0) cpu_relax();
+    drain(gen);
+    while (done_.load(std::memory_order_acquire) < n) cpu_relax();
   }
 
  private:
-  void work(int i) {
+  // Claim and run tasks of generation gen until none is left (or a newer generation started).
+  void drain(uint64_t gen) {
+    for (;;) {
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      if ((c >> 32) != (gen & 0xffffffffu) || static_cast<uint32_t>(c) >= static_cast<uint32_t>(n_.load(std::memory_order_relaxed)))
+        return;
+      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) continue;
+      (*fn_.load(std::memory_order_relaxed))(static_cast<int>(static_cast<uint32_t>(c)));  // fn_ is stable until every task is done
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void work() {
     uint64_t seen = 0;
     using clock = std::chrono::steady_clock;
     for (;;) {
       auto start = clock::now();
       unsigned spins = 0;
-      uint64_t g;
-      while ((g = gen_.load(std::memory_order_acquire)) == seen) {
+      uint64_t w;
+      while ((w = wake_.load(std::memory_order_acquire)) == seen) {
         if (++spins < 2000) {
           cpu_relax();
           continue;
@@ -150,17 +166,14 @@ class Pool {
         }
         std::unique_lock<std::mutex> lock(mu_);
         sleepers_.fetch_add(1);
-        cv_.wait(lock, [&] { return gen_.load() != seen; });
+        cv_.wait(lock, [&] { return wake_.load() != seen; });
         sleepers_.fetch_sub(1);
         start = clock::now();
         spins = 0;
       }
-      seen = g;
+      seen = w;
       if (stop_) return;
-      if (i < active_) {
-        (*fn_)(i);
-        remaining_.fetch_sub(1, std::memory_order_release);
-      }
+      drain(claim_.load(std::memory_order_acquire) >> 32);
     }
   }
 
@@ -172,11 +185,13 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> remaining_{0};
+  std::atomic<uint64_t> wake_{0};
+  std::atomic<uint64_t> claim_{0};  // (generation << 32) | next task
+  std::atomic<int> done_{0};
   std::atomic<int> sleepers_{0};
-  const std::function<void(int)>* fn_ = nullptr;
-  int active_ = 0;
+  std::atomic<const std::function<void(int)>*> fn_{nullptr};
+  std::atomic<int> n_{0};
+  uint64_t gen_ = 0;  // caller side only
   bool stop_ = false;
 };
 

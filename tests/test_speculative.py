@@ -1,0 +1,177 @@
+"""Speculative decoding inside the batch (issue 7): same greedy tokens as plain decoding, same
+sampling distribution, grammar rows stay valid, the controller turns itself off on this CPU."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx  # noqa: E402
+
+from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig  # noqa: E402
+from scheduler.engine_core import EngineCore  # noqa: E402
+from scheduler.params import SamplingParams  # noqa: E402
+
+from engine_driver import chat_ids, run  # noqa: E402
+
+
+def _core(loaded, spec: SpecConfig | None = None, num_blocks: int = 256, budget: int = 256,
+          max_num_seqs: int = 16) -> EngineCore:
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=num_blocks),
+                       scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+                       spec=spec or SpecConfig())
+    return EngineCore(cfg, loaded)
+
+
+TEXTS = ["What is the capital of France?", "Count from one to ten.", "Name three colors.",
+         "Write a haiku about the sea.", "What is 2 + 2?", "List the days of the week.",
+         "Say hello in Spanish.", "Repeat after me: the cat sat on the mat, the cat sat on the mat."]
+
+
+@pytest.fixture(scope="module")
+def prompts(default_model):
+    return [chat_ids(default_model.tokenizer, t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def plain(default_model, prompts):
+    core = _core(default_model)
+    reqs = [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=16)) for i, p in enumerate(prompts)]
+    return {rid: r.tokens for rid, r in run(core, reqs).items()}
+
+
+@pytest.mark.parametrize("k,level2,batch", [(1, "none", 1), (2, "none", 4), (4, "none", 8), (4, "ngram", 8),
+                                            (2, "ngram", 1)])
+def test_greedy_tokens_identical_with_speculation(default_model, prompts, plain, k, level2, batch):
+    core = _core(default_model, SpecConfig(method="mxfp4", k=k, level2=level2, mode="always"))
+    reqs = [(f"r{i}", p, SamplingParams(temperature=0, max_tokens=16)) for i, p in enumerate(prompts[:batch])]
+    got = run(core, reqs, join_step={f"r{i}": i for i in range(batch)})
+    assert {rid: r.tokens for rid, r in got.items()} == {rid: plain[rid] for rid in got}
+    stats = core.stats()
+    assert stats.spec_num_drafts > 0 and stats.spec_proposed[0] > 0
+    assert len(stats.spec_proposed) == (2 if level2 == "ngram" else 1)
+
+
+def test_stop_eos_and_max_tokens_boundaries(default_model, prompts):
+    """EOS inside a speculative run ends the request there; max_tokens cuts accepted drafts."""
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (1, 2, 3, 5, 7, 20)]
+    reqs = [(f"m{i}", prompts[i % len(prompts)], p) for i, p in enumerate(params)]
+    eos = ("eos", prompts[0], SamplingParams(temperature=0, max_tokens=40))  # the answer ends on EOS
+    first = run(_core(default_model), [eos])["eos"].tokens
+    reqs += [eos, ("stop_id", prompts[0], SamplingParams(temperature=0, max_tokens=40, stop_token_ids=(first[3],)))]
+    base = run(_core(default_model), reqs)
+    plain_tokens = {rid: (r.tokens, r.finish_reason) for rid, r in base.items()}
+    spec = run(_core(default_model, SpecConfig(method="mxfp4", k=4, mode="always")), reqs)
+    assert {rid: (r.tokens, r.finish_reason) for rid, r in spec.items()} == plain_tokens
+    assert plain_tokens["eos"][1] == "stop" and plain_tokens["stop_id"][0] == first[:3]
+
+
+def test_json_schema_rows_identical_and_valid(default_model, prompts):
+    import json
+
+    from schemas.grammar import GrammarSpec
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    plain_core = _core(default_model)
+    grammar = plain_core.info.grammar.compile(GrammarSpec.json_schema(schema))
+    params = SamplingParams(temperature=0, max_tokens=40, grammar=grammar)
+    reqs = [(f"j{i}", p, params) for i, p in enumerate(prompts[:3])]
+    reqs.append(("free", prompts[3], SamplingParams(temperature=0, max_tokens=20)))
+    want = run(plain_core, reqs)
+    spec_core = _core(default_model, SpecConfig(method="mxfp4", k=4, level2="ngram", mode="always"))
+    got = run(spec_core, reqs)
+    assert {r: g.tokens for r, g in got.items()} == {r: w.tokens for r, w in want.items()}
+    for rid in ("j0", "j1", "j2"):
+        if got[rid].finish_reason == "stop":
+            json.loads(default_model.tokenizer.decode(got[rid].tokens))
+    assert spec_core.stats().spec_num_drafts > 0
+
+
+def test_controller_turns_speculation_off_on_this_cpu(default_model, prompts):
+    """auto mode measures draft and verify costs at start-up; on MLX's CPU backend a draft forward
+    is not cheap enough, so no step speculates (throughput is recorded in benchmarks/)."""
+    core = _core(default_model, SpecConfig(method="mxfp4", k=4, mode="auto"))
+    costs = core.spec.controller.costs
+    assert costs is not None and costs.draft(1) > 0 and costs.decode(1) > 0
+    reqs = [(f"a{i}", p, SamplingParams(temperature=0, max_tokens=8)) for i, p in enumerate(prompts[:4])]
+    run(core, reqs)
+    if mx.default_device() == mx.cpu:
+        assert core.stats().spec_num_drafts == 0
+        assert core.spec.controller.last_speedup < core.spec.controller.min_speedup
+
+
+def test_penalty_and_logprob_rows_are_not_speculated(default_model, prompts):
+    core = _core(default_model, SpecConfig(method="mxfp4", k=4, mode="always"))
+    reqs = [("pen", prompts[0], SamplingParams(temperature=0, max_tokens=8, presence_penalty=0.5)),
+            ("lp", prompts[1], SamplingParams(temperature=0, max_tokens=8, logprobs=True))]
+    got = run(core, reqs)
+    assert core.stats().spec_num_drafts == 0
+    assert len(got["lp"].logprobs) == len(got["lp"].tokens)
+
+
+# -- distribution: exact target marginals on a tiny model with an unrelated draft --
+
+V = 8  # tiny vocabulary, so exact marginals are enumerable and 4000 samples pin them down
+
+
+class _Tok:
+    eos_token_ids = ()
+
+
+def _tiny(seed: int, scale: float):
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    from scheduler.model import LoadedModel
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=V,
+                           tie_word_embeddings=False, max_position_embeddings=256)
+    mx.random.seed(seed)
+    model = llama.Model(args)
+    model.lm_head.weight = model.lm_head.weight * scale  # peaky, seed-specific next-token distributions
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear) and p != "lm_head")
+    mx.eval(model.parameters())
+    return LoadedModel(model, _Tok(), "tiny", 2, 4, 2, 16, V, 256, mx.float32)
+
+
+def _exact_marginals(loaded, prompt: list[int], steps: int = 3) -> list[np.ndarray]:
+    """p(token at output position j) for j < steps, by enumerating every prefix (V^j of them)."""
+    model = loaded.model
+    marg = [np.zeros(V) for _ in range(steps)]
+    frontier = [((), 1.0)]
+    for j in range(steps):
+        nxt = []
+        for prefix, w in frontier:
+            logits = model(mx.array([prompt + list(prefix)]))[0, -1].astype(mx.float32)
+            p = np.array(mx.softmax(logits))
+            p = p / p.sum()
+            marg[j] += w * p
+            nxt += [(prefix + (t,), w * p[t]) for t in range(V)]
+        frontier = nxt
+    return marg
+
+
+def test_sampling_distribution_is_the_targets(monkeypatch):
+    import scheduler.draft_model as draft_model
+
+    target = _tiny(0, 6.0)
+    draft = _tiny(1, 6.0).model  # unrelated weights: q far from p, so only correct rejection sampling passes
+    monkeypatch.setattr(draft_model, "build_draft_model", lambda model, kind: draft)
+    prompt = [1, 2, 3, 4, 5]
+    exact = _exact_marginals(target, prompt)
+    # The draft must disagree with the target, or accepting every draft would pass too.
+    assert 0.5 * np.abs(_exact_marginals(_tiny(1, 6.0), prompt)[1] - exact[1]).sum() > 0.2
+    n = 4000
+    core = _core(target, SpecConfig(method="mxfp4", k=2, mode="always"), num_blocks=2048, budget=1024,
+                 max_num_seqs=128)
+    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
+    reqs = [(f"s{i}", prompt, replace(params, seed=i)) for i in range(n)]
+    got = run(core, reqs)
+    assert core.stats().spec_num_drafts > 0
+    for j in range(3):
+        counts = np.bincount([got[f"s{i}"].tokens[j] for i in range(n)], minlength=V) / n
+        tv = 0.5 * np.abs(counts - exact[j]).sum()
+        assert tv <= 0.03, (j, tv, counts, exact[j])
