@@ -85,9 +85,10 @@ def float32_twin(model: nn.Module, memo: dict) -> nn.Module:
 
 
 def _twin_leaf(module: nn.Module, memo: dict) -> nn.Module:
+    """memo: id -> (module, twin); holding the module keeps its id from being reused."""
     if id(module) not in memo:
-        memo[id(module)] = _dequantized(module)
-    return memo[id(module)]
+        memo[id(module)] = (module, _dequantized(module))
+    return memo[id(module)][1]
 
 
 def _dequantized(module: nn.Module) -> nn.Module:
