@@ -149,3 +149,28 @@ def test_openmetrics_accept_still_gets_the_text_format_with_colons():
         r = http.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert "\nmlx_loom:prompt_tokens_total 0.0\n" in r.text and "mlx_loom_" not in r.text
+
+
+def test_speculative_decoding_series_and_usage_extension():
+    from scheduler.messages import EngineStats
+    from server.metrics import engine_families
+    from server.output import ChoiceEvent, ChoiceSpec, Collector
+
+    stats = EngineStats(num_running=0, num_waiting=0, num_blocks_total=8, num_blocks_free=8, num_preemptions=0,
+                        prefix_cache_queries=0, prefix_cache_hits=0, steps=3, spec_enabled=True,
+                        spec_num_drafts=10, spec_proposed=(40, 12), spec_accepted=(28, 6))
+    samples = {(s.name, tuple(s.labels.items())): s.value for f in engine_families(stats) for s in f.samples}
+    assert samples[("mlx_loom:spec_decode_num_drafts_total", ())] == 10
+    assert samples[("mlx_loom:spec_decode_num_draft_tokens_total", (("level", "1"),))] == 40
+    assert samples[("mlx_loom:spec_decode_num_accepted_tokens_total", (("level", "2"),))] == 6
+    assert samples[("mlx_loom:spec_decode_mean_accepted_length", ())] == 1 + 28 / 10
+    plain = EngineStats(0, 0, 8, 8, 0, 0, 0, 3)
+    assert not any("spec_decode" in f.name for f in engine_families(plain))
+
+    c = Collector([ChoiceSpec(0, [1, 2, 3], None, "r0")], 1)
+    c.add(ChoiceEvent(0, "ab", (5, 6), (), None, 3, 0, 4, 3))
+    c.add(ChoiceEvent(0, "c", (7,), (), "stop", 3, 0, 8, 5))
+    assert c.usage()["speculative_decoding"] == {"draft_tokens": 8, "accepted_tokens": 5, "acceptance_rate": 0.625}
+    c2 = Collector([ChoiceSpec(0, [1], None, "r1")], 1)
+    c2.add(ChoiceEvent(0, "x", (5,), (), "stop", 1, 0))
+    assert "speculative_decoding" not in c2.usage()

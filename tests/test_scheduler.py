@@ -23,7 +23,7 @@ def req(rid, n_prompt, max_tokens=8, base=10, **kw) -> Request:
 def step(s: Scheduler, token: int = 7):
     """One schedule + update where every sampling row draws `token`."""
     out = s.schedule()
-    changed = s.update_from_output(out, {r.request_id: token for r in out.rows if r.sample})
+    changed = s.update_from_output(out, {r.request_id: [token] for r in out.rows if r.sample})
     return out, changed
 
 
@@ -186,6 +186,37 @@ def test_stop_after_finishes_with_the_token_appended():
     a = req("a", 3)
     s.add_request(a)
     out = s.schedule()
-    s.update_from_output(out, {"a": 11}, stop_after={"a"})
+    s.update_from_output(out, {"a": [11]}, stop_after={"a"})
     assert a.finish_reason == "stop" and a.output_token_ids == [11]
+    assert s.num_free_blocks == 16
+
+
+def test_speculative_row_counts_only_accepted_drafts_as_computed():
+    """A row with 3 drafts whose target accepted 1: computed = last token + 1 draft; two tokens appended."""
+    from dataclasses import replace
+
+    s = make()
+    s.add_request(req("a", 5, max_tokens=10))
+    step(s)  # prefill, first token
+    out = s.schedule()
+    r = s.requests["a"]
+    assert r.num_computed_tokens == 5 and r.num_tokens == 6
+    block_ids = s.kv.allocate_slots(r, 4)
+    row = replace(out.rows[0], token_ids=out.rows[0].token_ids + (7, 8, 9), block_ids=block_ids, num_draft=3)
+    s.update_from_output(replace(out, rows=(row,)), {"a": [7, 42]})
+    assert r.output_token_ids[-2:] == [7, 42]
+    assert r.num_computed_tokens == 7 and r.num_tokens == 8
+
+
+def test_speculative_tokens_after_a_stop_token_are_dropped():
+    from dataclasses import replace
+
+    s = make()
+    s.add_request(req("a", 5, max_tokens=10))
+    step(s)
+    out = s.schedule()
+    block_ids = s.kv.allocate_slots(s.requests["a"], 3)
+    row = replace(out.rows[0], token_ids=out.rows[0].token_ids + (7, EOS), block_ids=block_ids, num_draft=2)
+    changed = s.update_from_output(replace(out, rows=(row,)), {"a": [7, EOS, 5]})
+    assert changed[0].output_token_ids[-1] == 7 and changed[0].finish_reason == "stop"
     assert s.num_free_blocks == 16

@@ -96,3 +96,18 @@ def test_serve_passes_backlog_and_shutdown_backstop():
     app = create_app(Settings(backlog=4096, shutdown_timeout=7), client=FakeEngineClient())
     server = make_server(app, "127.0.0.1", 8123)
     assert server.config.backlog == 4096 and server.config.timeout_graceful_shutdown == 7 + BACKSTOP_S
+
+
+def test_speculative_options_reach_the_engine_config():
+    from scheduler.config import SpecConfig
+
+    s = load_settings(["--speculative", "mxfp4", "--spec-k", "2", "--spec-level2", "ngram", "--spec-mode", "always"],
+                      env={})
+    assert s.engine_config().spec == SpecConfig(method="mxfp4", k=2, level2="ngram", mode="always")
+    assert load_settings([], env={}).engine_config().spec.method is None
+    with pytest.raises(ValueError, match="speculative must be one of mxfp4"):
+        load_settings(["--speculative", "fp3"], env={})
+    with pytest.raises(ValueError, match="spec_level2"):
+        load_settings(["--speculative", "mxfp4", "--spec-level2", "bigram"], env={})
+    with pytest.raises(ValueError, match="spec k"):
+        load_settings(["--speculative", "mxfp4", "--spec-k", "0"], env={}).engine_config()
