@@ -78,5 +78,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     spec: SpecConfig = SpecConfig()
     """Speculative decoding (off unless spec.method is set)."""
+    sparse_prefill: str = "off"
+    """MInference-style sparse attention for long prefill chunks: "off"; "auto" (the per-head pattern
+    config shipped for the model in kernels/patterns/, used only where the cost model says it pays);
+    or a path to such a config (`mlx-loom search-patterns` writes one). Lossy, hence opt-in."""
     dequantize_on_cpu: bool = True
     """On the CPU device, expand quantized weights to float32 (MLX's CPU qmatmul is slow)."""

@@ -34,7 +34,8 @@ class EngineCore:
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
         num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
-        self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype)
+        self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
+                                  sparse=_sparse_config(cfg.sparse_prefill, loaded))
         self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
         self.spec = None
         if cfg.spec.method is not None:
@@ -185,6 +186,8 @@ class EngineCore:
             prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits,
             steps=self.steps,
+            sparse_prefill_chunks=self.runner.sparse_chunks,
+            sparse_prefill_tokens=self.runner.sparse_tokens,
             **(self._spec_stats() if self.spec is not None else {}),
         )
 
@@ -192,6 +195,25 @@ class EngineCore:
         s = self.spec.stats()
         return dict(spec_enabled=True, spec_num_drafts=s.num_drafts, spec_proposed=s.proposed,
                     spec_accepted=s.accepted)
+
+
+def _sparse_config(setting: str, loaded: LoadedModel):
+    """The sparse-prefill pattern config to use, or None (off, or no config for this model)."""
+    if setting == "off":
+        return None
+    from kernels.sparse_patterns import load_config, shipped_config_path
+
+    path = shipped_config_path(loaded.name) if setting == "auto" else setting
+    if path is None:
+        log.warning("sparse prefill: no pattern config shipped for %s; prefill stays dense "
+                    "(write one with `mlx-loom search-patterns` and pass its path)", loaded.name)
+        return None
+    config = load_config(path, num_heads=loaded.num_heads)
+    if config.num_layers != loaded.num_layers:
+        raise ValueError(f"sparse prefill config {path} has {config.num_layers} layers, the model "
+                         f"{loaded.num_layers}: it was searched for another model")
+    log.info("sparse prefill: per-head patterns from %s", path)
+    return config
 
 
 def _grammar_backend(loaded: LoadedModel):

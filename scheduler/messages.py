@@ -64,6 +64,9 @@ class EngineStats:
     prefix_cache_hits: int
     """In tokens: prompt tokens looked up / found in the prefix cache."""
     steps: int
+    sparse_prefill_chunks: int = 0
+    """Prefill chunks whose attention ran sparse (MInference patterns), and their tokens."""
+    sparse_prefill_tokens: int = 0
     spec_enabled: bool = False
     spec_num_drafts: int = 0
     """Speculative rows verified by the target."""

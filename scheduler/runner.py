@@ -22,6 +22,8 @@ from kernels import decode_layer as fused
 from kernels.activations import silu_mul
 from kernels.qmm import embedding_logits, linear
 from kernels.paged_attention import paged_attention, write_kv
+from kernels.sparse_patterns import SparsePatternConfig, should_use_sparse
+from kernels.sparse_prefill import sparse_prefill_attention
 from scheduler.scheduler import ScheduledRow
 
 
@@ -32,6 +34,7 @@ class AttentionGroup:
     start: int
     end: int
     q_len: int  # LQ: queries per row (1 for the decode group)
+    start_pos: int  # position of the first query (prefill groups: the chunk's start)
     block_tables: mx.array  # [B, MB] int32
     q_pos: mx.array  # [B, LQ] int32
 
@@ -94,6 +97,7 @@ def _group(rows: Sequence[ScheduledRow], start: int, block_size: int) -> Attenti
         start=start,
         end=start + q_len * len(rows),
         q_len=q_len,
+        start_pos=rows[0].start_pos,
         block_tables=mx.array(tables, dtype=mx.int32),
         q_pos=mx.array(q_pos, dtype=mx.int32),
     )
@@ -137,8 +141,14 @@ def _fused_layers(model: nn.Module) -> list | None:
 class ModelRunner:
     """Owns the per-layer KV pools and runs the paged forward (engine thread only)."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype) -> None:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype,
+                 sparse: SparsePatternConfig | None = None) -> None:
         self.model = model
+        self.sparse = sparse
+        """Per-head sparse prefill patterns (MInference); long prefill chunks use them when the cost
+        model says so (kernels.sparse_patterns.should_use_sparse), everything else stays dense."""
+        self.sparse_chunks = 0
+        self.sparse_tokens = 0
         self.block_size = block_size
         layers = model.model.layers
         attn = layers[0].self_attn
@@ -216,5 +226,25 @@ class ModelRunner:
         H, D = q.shape[1], q.shape[2]
         B = (g.end - g.start) // g.q_len
         qg = q[g.start : g.end].reshape(B, g.q_len, H, D).transpose(0, 2, 1, 3)  # [B, H, LQ, D]
-        o = paged_attention(qg, self.k_pools[i], self.v_pools[i], g.block_tables, g.q_pos, scale)
+        if self._use_sparse(g, i):
+            o = self._sparse_attention(qg, g, scale, i)
+        else:
+            o = paged_attention(qg, self.k_pools[i], self.v_pools[i], g.block_tables, g.q_pos, scale)
         return o.transpose(0, 2, 1, 3).reshape(B * g.q_len, H * D)  # [B*LQ, H*D]
+
+    def _use_sparse(self, g: AttentionGroup, i: int) -> bool:
+        """A prefill chunk (one row) long enough, and sparse enough, for its layer patterns."""
+        if self.sparse is None or g.q_len == 1:
+            return False
+        use = should_use_sparse(g.start_pos + g.q_len, self.sparse, q_len=g.q_len)
+        if use and i == 0:
+            self.sparse_chunks += 1
+            self.sparse_tokens += g.q_len
+        return use
+
+    def _sparse_attention(self, q: mx.array, g: AttentionGroup, scale: float, i: int) -> mx.array:
+        """q [1, H, LQ, D] over the chunk's pages gathered dense: [HKV, 1, MB, BS, D] -> [1, HKV, L, D]."""
+        HKV, D = self.num_kv_heads, self.head_dim
+        k = self.k_pools[i][:, g.block_tables].reshape(1, HKV, -1, D)
+        v = self.v_pools[i][:, g.block_tables].reshape(1, HKV, -1, D)
+        return sparse_prefill_attention(q, k, v, g.start_pos, scale, self.sparse.layer(i))

@@ -137,6 +137,10 @@ def engine_families(stats: EngineStats | None) -> list[Metric]:
         _counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
         _counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
         _counter("engine_steps", "Engine steps (batched forward passes) run.", stats.steps),
+        _counter("sparse_prefill_chunks", "Prefill chunks whose attention ran sparse (--sparse-prefill).",
+                 stats.sparse_prefill_chunks),
+        _counter("sparse_prefill_tokens", "Prompt tokens prefilled with sparse attention.",
+                 stats.sparse_prefill_tokens),
     ] + (spec_families(stats) if stats.spec_enabled else [])
 
 

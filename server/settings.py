@@ -51,6 +51,9 @@ class Settings:
                                                "to a smaller model.")
     spec_mode: str = _opt(SpecConfig.mode, "auto: speculate only where the cost model measured at start-up "
                                            "predicts a speedup (off on MLX's CPU backend); always: every step.")
+    sparse_prefill: str = _opt("off", "Sparse attention for long prompts (MInference): off, auto (the "
+                                      "pattern config shipped for the model; used only where it pays) or "
+                                      "a config path from `mlx-loom search-patterns`. Lossy, so off by default.")
     max_request_bytes: int = _opt(4 * 2**20, "Largest accepted request body in bytes (larger: 413).")
     max_queued_requests: int = _opt(256, "Requests that may wait beyond the --max-num-seqs running ones; "
                                          "more in flight get 429 with Retry-After (each of n choices counts).")
@@ -84,6 +87,8 @@ class Settings:
                              f"got {self.speculative!r}")
         if self.spec_level2 not in ("none", "ngram") and not os.path.exists(self.spec_level2):
             raise ValueError(f"spec_level2 must be none, ngram or a model path, got {self.spec_level2!r}")
+        if self.sparse_prefill not in ("off", "auto") and not os.path.exists(self.sparse_prefill):
+            raise ValueError(f"sparse_prefill must be off, auto or a pattern config path, got {self.sparse_prefill!r}")
         if self.model is not None and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist; pass a GGUF file or an "
                              "mlx-lm model directory (or omit --model for the default model)")
@@ -99,6 +104,7 @@ class Settings:
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_model_len=self.max_model_len),
             spec=SpecConfig(method=self.speculative, k=self.spec_k, level2=self.spec_level2, mode=self.spec_mode),
+            sparse_prefill=self.sparse_prefill,
         )
 
 
