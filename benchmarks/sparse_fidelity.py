@@ -29,7 +29,8 @@ import scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from kernels.model_prefill import dense_attention, greedy_continue, prefill, sparse_attention  # noqa: E402
-from kernels.sparse_patterns import SparsePatternConfig, load_config, should_use_sparse, shipped_config_path  # noqa: E402
+from kernels.sparse_patterns import (SparsePatternConfig, load_config, should_use_sparse,  # noqa: E402
+                                     shipped_config_path)
 
 SEARCH_TOKENS = 8192  # the search calibrates on the first 8192 tokens; evaluation text starts after
 CHUNK = 512
@@ -121,7 +122,8 @@ def passkey(lm, lengths, depths, config: SparsePatternConfig, seed: int = 0) -> 
 def _markdown(fid: dict, pk: list[dict], meta: dict) -> str:
     lines = [f"# Sparse prefill fidelity ({meta['model']}, {meta['length']} tokens, chunk {CHUNK})", "",
              f"Config: `{meta['config']}`. Text: {meta['text']}. Machine: {meta['machine']['platform']}.", "",
-             "| positions | n | agreement | mean KL | ppl dense | ppl sparse | ppl delta |", "|---|---|---|---|---|---|---|"]
+             "| positions | n | agreement | mean KL | ppl dense | ppl sparse | ppl delta |",
+             "|---|---|---|---|---|---|---|"]
     for key, m in fid.items():
         lines.append(f"| {key} | {m['positions']} | {100 * m['agreement']:.1f}% | {m['mean_kl']:.4f} | "
                      f"{m['ppl_dense']:.3f} | {m['ppl_sparse']:.3f} | {m['ppl_delta_pct']:+.2f}% |")

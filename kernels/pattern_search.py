@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from kernels.model_prefill import prefill
-from kernels.sparse_patterns import DENSE, HeadPattern, SparsePatternConfig, head_cost, save_config
+from kernels.sparse_patterns import HeadPattern, SparsePatternConfig, head_cost, save_config
 from kernels.search_settings import SearchSettings, from_namespace
 from kernels.sparse_prefill import dense_prefill_attention, run_pattern
 

@@ -18,6 +18,13 @@ masked. MLX's CPU exp is scalar; power(2, .) on log2e-scaled scores is ~2x cheap
 - A-shape: the first n_sink keys and the n_local nearest keys (tile-diagonals).
 - block-sparse: per query tile the top key tiles by mean-pooled q . k (own, previous and first
   tile always).
+
+Engine plug-in (scheduler/runner.py, one prefill chunk of layer i, queries at start .. start+LQ-1):
+    if should_use_sparse(start + LQ, config, q_len=LQ):      # kernels.sparse_patterns, host ints only
+        k = k_pool[:, table].reshape(1, HKV, -1, D)          # pages [HKV, MB, BS, D], no transpose
+        v = v_pool[:, table].reshape(1, HKV, -1, D)
+        o = sparse_prefill_attention(q, k, v, start, scale, config.layer(i))  # q [1, H, LQ, D]
+Decode rows and short chunks stay on the dense paged path.
 """
 
 from __future__ import annotations

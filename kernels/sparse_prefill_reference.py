@@ -86,19 +86,19 @@ def masked_attention(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale
     return mx.softmax(scores, axis=-1).astype(v.dtype) @ v
 
 
-def vertical_slash_reference(q, k, v, q_offset: int, scale: float, columns: mx.array, tile_diags: mx.array,
-                             kv_heads: mx.array | None = None) -> mx.array:
+def vertical_slash_reference(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale: float,
+                             columns: mx.array, tile_diags: mx.array, kv_heads: mx.array | None = None) -> mx.array:
     mask = vertical_slash_mask(q.shape[2], q_offset, columns, tile_diags)
     return masked_attention(q, k, v, q_offset, scale, mask, kv_heads)
 
 
-def a_shape_reference(q, k, v, q_offset: int, scale: float, n_sink: int, n_local_tiles: int,
-                      kv_heads: mx.array | None = None) -> mx.array:
+def a_shape_reference(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale: float,
+                      n_sink: int, n_local_tiles: int, kv_heads: mx.array | None = None) -> mx.array:
     mask = a_shape_mask(q.shape[2], q_offset, n_sink, n_local_tiles)
     return masked_attention(q, k, v, q_offset, scale, mask, kv_heads)
 
 
-def block_sparse_reference(q, k, v, q_offset: int, scale: float, blocks: mx.array,
-                           kv_heads: mx.array | None = None) -> mx.array:
+def block_sparse_reference(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale: float,
+                           blocks: mx.array, kv_heads: mx.array | None = None) -> mx.array:
     mask = block_sparse_mask(q.shape[2], q_offset, blocks)
     return masked_attention(q, k, v, q_offset, scale, mask, kv_heads)
