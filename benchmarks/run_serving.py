@@ -7,7 +7,7 @@ benchmarks/bench_serving.py's closed loop at each concurrency N (and open loop a
 --request-rate), and stopped (the whole process group; also on errors and Ctrl-C).
 
 Servers (all on the default SmolLM2-135M-Instruct unless --gguf):
-  mlx-loom          `mlx-loom serve` (GGUF dequantized to float32 on the CPU, OpenBLAS preloaded)
+  mlx-loom          `mlx-loom serve` (GGUF 4/8-bit on the native CPU kernels when built, else float32)
   mlx_lm.server     mlx-lm's server on the same float32 weights converted once to an mlx-lm
                     directory (benchmarks/.cache), through benchmarks/mlx_lm_server.py, which
                     preloads the same OpenBLAS before mlx
@@ -200,7 +200,7 @@ def make_spec(name: str, args, gguf: str) -> ServerSpec | None:
         cmd = [str(VENV_BIN / "mlx-loom"), "serve", *host, *extra]
         return ServerSpec(name, cmd, port, "/health", settings={
             "max_num_seqs": args.loom_max_num_seqs, "extra_args": args.loom_args,
-            "weights": "GGUF dequantized to float32",
+            "weights": "GGUF 4/8-bit on the native CPU kernels when built (else float32)",
             "note": _loom_defaults_note()})
     if name == "mlx_lm.server":
         from mlx_lm_server import convert, default_out_dir
