@@ -16,7 +16,7 @@ which the target's rejection sampling needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Sequence
 
 import mlx.core as mx
@@ -156,16 +156,15 @@ class ModelDrafter:
                 self.sub.settle(r.item.request_id, len(r.seq) - 1)
 
     def _sub_proposals(self, rows: list[_Row], k: int) -> dict[str, Draft]:
+        """The sub-level's proposals per row: at most what is still missing, minus the draft's own token."""
+        out = {r.item.request_id: Draft([], None) for r in rows}
         if self.sub is None:
-            return {r.item.request_id: Draft([], None) for r in rows}
-        items = [DraftItem(r.item.request_id, r.seq, r.item.block_ids, r.item.params, r.item.rng,
-                           r.item.num_preemptions) for r in rows]
-        out = {}
-        for r in rows:  # at most what is still missing, minus the draft's own token
+            return out
+        for r in rows:
             want = k - len(r.drafted) - 1
-            out[r.item.request_id] = Draft([], None)
             if want > 0:
-                out.update(self.sub.propose([i for i in items if i.request_id == r.item.request_id], want))
+                item = replace(r.item, tokens=r.seq)
+                out.update(self.sub.propose([item], want))
         return out
 
     def _emit(self, r: _Row, sub: Draft, logits: np.ndarray) -> None:

@@ -7,6 +7,7 @@ caller in tests and benchmarks). Everything MLX happens here or below.
 from __future__ import annotations
 
 import logging
+from itertools import accumulate
 from dataclasses import replace
 
 import mlx.core as mx
@@ -124,14 +125,17 @@ class EngineCore:
         counts = [out.rows[i].num_draft + 1 for i in sample_rows]
         if max(counts) == 1:
             return self._sample(logits, reqs)
-        starts = [sum(counts[:j]) for j in range(len(counts))]
+        starts = [0, *accumulate(counts)][:-1]
         plain = [j for j, c in enumerate(counts) if c == 1]
+        spec = [j for j, c in enumerate(counts) if c > 1]
         result = self._sample(logits[mx.array([starts[j] for j in plain], dtype=mx.int32)],
                               [reqs[j] for j in plain]) if plain else {}
-        x = np.array(logits)  # [S', V] host copy for the speculative rows' verification
-        for j, c in enumerate(counts):
-            if c > 1:
-                result[reqs[j].request_id] = self._verify(reqs[j], x[starts[j] : starts[j] + c])
+        # Host copy of the speculative rows' logits only: [sum of their k+1, V].
+        rows = mx.array([i for j in spec for i in range(starts[j], starts[j] + counts[j])], dtype=mx.int32)
+        x, at = np.array(logits[rows]), 0
+        for j in spec:
+            result[reqs[j].request_id] = self._verify(reqs[j], x[at : at + counts[j]])
+            at += counts[j]
         return result
 
     def _sample(self, logits: mx.array, reqs: list[Request]) -> dict[str, list[SampledToken]]:
@@ -143,7 +147,7 @@ class EngineCore:
         """logits [k+1, V] of a speculative row: grammar masks per position, then acceptance."""
         drafts = self.spec.draft_tokens(req.request_id)
         num_valid, logits = self.structured.mask_drafts(req.request_id, drafts, logits)
-        return [SampledToken(t, None) for t in self.spec.verify(req, logits, None, num_valid)]
+        return [SampledToken(t, None) for t in self.spec.verify(req, logits, num_valid)]
 
     def _output(self, req: Request) -> RequestOutput:
         """Delta since the last output of this request (tokens and their logprobs)."""

@@ -89,8 +89,7 @@ class Speculator:
                 and len(req.output_token_ids) + 1 < p.max_tokens)
 
     # -- after the forward --
-    def verify(self, req: Request, logits: mx.array | np.ndarray, masks: np.ndarray | None,
-               num_valid: int) -> list[int]:
+    def verify(self, req: Request, logits: np.ndarray, num_valid: int) -> list[int]:
         """logits [k+1, V] of one speculative row (masked already when constrained) -> tokens to append.
 
         num_valid: how many drafts the grammar allows (all of them for free rows)."""
@@ -112,9 +111,6 @@ class Speculator:
         # Draft KV stays valid up to the last token that entered the sequence.
         self.drafter.settle(req.request_id, req.num_tokens + accepted)
         return [int(t) for t in out]
-
-    def is_speculative(self, request_id: str) -> bool:
-        return request_id in self._drafts
 
     def draft_tokens(self, request_id: str) -> list[int]:
         return self._drafts[request_id].tokens

@@ -6,7 +6,6 @@
 #include "decode_layer.h"
 
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <sstream>
