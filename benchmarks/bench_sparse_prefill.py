@@ -68,7 +68,7 @@ def _prefill_seconds(model, tokens, attention) -> float:
 
 
 def model_sweep(lm, config, lengths, repeats: int) -> list[dict]:
-    from kernels.pattern_search import calibration_tokens
+    from kernels.calibration import calibration_tokens
 
     ids = calibration_tokens(lm.tokenizer, max(lengths), skip=8192)
     modes = {"dense": dense_attention, "auto": sparse_attention(config),

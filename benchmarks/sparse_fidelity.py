@@ -141,7 +141,7 @@ def _markdown(fid: dict, pk: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     from _common import machine, write_results
-    from kernels.pattern_search import calibration_tokens
+    from kernels.calibration import calibration_tokens
     from scheduler.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -21,6 +21,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from kernels.calibration import calibration_tokens
 from kernels.model_prefill import prefill
 from kernels.sparse_patterns import HeadPattern, SparsePatternConfig, head_cost, save_config
 from kernels.search_settings import SearchSettings, from_namespace
@@ -115,21 +116,6 @@ def rechoose(result: SearchResult, max_error: float, kv_len: int, q_len: int = 5
     layers = [tuple(choose_patterns(r**2, np.ones(r.shape[1]), result.candidates, max_error, kv_len, q_len))
               for r in result.rel_errors]
     return SparsePatternConfig(tuple(layers))
-
-
-def calibration_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def calibration_tokens(tokenizer, length: int, skip: int = 0) -> list[int]:
-    """`length` tokens of the calibration text after the first `skip` (disjoint slices for
-    searching and for evaluating)."""
-    ids = tokenizer.encode(calibration_text())
-    if skip + length > len(ids):
-        raise ValueError(f"calibration text has {len(ids)} tokens; {skip + length} requested")
-    return list(ids[skip : skip + length])
 
 
 def summary(config: SparsePatternConfig) -> str:

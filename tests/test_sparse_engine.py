@@ -3,7 +3,7 @@
 import pytest
 
 import scheduler  # noqa: F401  (OpenBLAS before mlx)
-from kernels.pattern_search import calibration_text  # noqa: E402
+from kernels.calibration import calibration_text  # noqa: E402
 from kernels.sparse_patterns import MIN_KV_LEN  # noqa: E402
 from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from scheduler.engine_core import EngineCore  # noqa: E402

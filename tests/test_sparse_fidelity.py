@@ -4,7 +4,7 @@ thresholds would run this length almost all dense). The 8k figures are in
 benchmarks/results/sparse_fidelity.md (benchmarks/sparse_fidelity.py)."""
 
 from benchmarks.sparse_fidelity import SEARCH_TOKENS, compare_prefill
-from kernels.pattern_search import calibration_tokens
+from kernels.calibration import calibration_tokens
 from kernels.sparse_patterns import load_config, shipped_config_path
 
 
