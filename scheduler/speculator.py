@@ -169,10 +169,12 @@ def build_speculator(spec_cfg, loaded, target_runner, num_blocks: int, block_siz
                      max_model_len: int) -> Speculator:
     """The drafter chain from the config, its measured costs, and the controller."""
     from scheduler.draft_model import DRAFT_KINDS, build_draft_model, load_draft_model
+    from scheduler.draft_scaling import ALPHAS, activation_scales
 
     def model_for(method: str):
         if method in DRAFT_KINDS:
-            return build_draft_model(loaded.model, method)
+            scales = activation_scales(loaded.model, loaded.tokenizer, ALPHAS[method])
+            return build_draft_model(loaded.model, method, scales)
         return load_draft_model(method, loaded.vocab_size)
 
     sub: Proposer | None = None

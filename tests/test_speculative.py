@@ -156,10 +156,12 @@ def _exact_marginals(loaded, prompt: list[int], steps: int = 3) -> list[np.ndarr
 
 def test_sampling_distribution_is_the_targets(monkeypatch):
     import scheduler.draft_model as draft_model
+    import scheduler.draft_scaling as draft_scaling
 
     target = _tiny(0, 6.0)
     draft = _tiny(1, 6.0).model  # unrelated weights: q far from p, so only correct rejection sampling passes
-    monkeypatch.setattr(draft_model, "build_draft_model", lambda model, kind: draft)
+    monkeypatch.setattr(draft_model, "build_draft_model", lambda model, kind, scales=None: draft)
+    monkeypatch.setattr(draft_scaling, "activation_scales", lambda model, tokenizer, alpha: None)  # _Tok has no text
     prompt = [1, 2, 3, 4, 5]
     exact = _exact_marginals(target, prompt)
     # The draft must disagree with the target, or accepting every draft would pass too.
