@@ -2,7 +2,9 @@
 
 For each of --prompts chat prompts the target greedily generates --new-tokens tokens (plain mlx-lm
 forward with mlx-lm's KV cache). Over prompt + continuation, teacher-forced:
-  (a) top-1 agreement of each self-draft kind (scheduler/draft_model.py) with that continuation;
+  (a) top-1 agreement of each self-draft kind (scheduler/draft_model.py, with the activation-aware
+      scaling of scheduler/draft_scaling.py as the engine builds it) with that continuation, and of
+      the plain casts without scaling;
   (b) greedy speculation simulated exactly for k in --k, as tokens per target forward
       (= accepted + 1 per verification, the last step capped by the token budget):
         - draft:        the MXFP4 draft proposes its own k greedy tokens from the true prefix;
@@ -17,6 +19,11 @@ forward with mlx-lm's KV cache). Over prompt + continuation, teacher-forced:
       draft for 1..5 new tokens after a prompt + continuation context, and the n-gram proposer on
       2k-token rows. A modelled speedup per k: tokens per target forward / (cost of the step's
       draft forwards + one verification of k+1 tokens, in target decode forwards).
+  (d) the scaling strength sweep: MXFP4 drafts for each alpha in --alphas and calibration length in
+      --calibration, scored by teacher-forced agreement with the target on held-out calibration
+      text (tokens 4096-6143 of kernels/calibration.py's text; the statistics use its first
+      tokens), which is how draft_scaling.ALPHAS and CALIBRATION_TOKENS were chosen, and on the
+      chat continuations of (a) for reference.
 MLX's CPU quantized matmul (what a plain mlx-lm forward of these 4-bit / MX modules runs) takes
 ~150 ms a token for this model, so (a) and (b) evaluate each model through a float32 twin: the same
 module tree with every quantized weight dequantized (identical values, float32 BLAS). A fidelity
@@ -47,7 +54,10 @@ from mlx.utils import tree_map  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache  # noqa: E402
 
 from _common import chat_prompts, machine, median, write_results  # noqa: E402
+from kernels.calibration import calibration_tokens  # noqa: E402
+from scheduler import draft_scaling  # noqa: E402
 from scheduler.draft_model import DRAFT_KINDS, build_draft_model  # noqa: E402
+from scheduler.draft_scaling import LayerScales, channel_scales, input_means  # noqa: E402
 from scheduler.model import describe_backend, load_model  # noqa: E402
 from scheduler.ngram import NgramProposer  # noqa: E402
 
@@ -303,6 +313,38 @@ def fidelity(target: nn.Module, draft: nn.Module, rows: list[Row], n: int) -> di
             "draft_argmax_identical": same_argmax / total}
 
 
+# -- scaling strength --
+
+HELD_OUT_SKIP, HELD_OUT_TOKENS = 4096, 2048
+
+
+def scaling_sweep(target: nn.Module, target_twin: nn.Module, memo: dict, tokenizer, rows: list[Row], n: int,
+                  kinds: list[str], alphas: list[float], lengths: list[int]) -> list[dict]:
+    """Agreement per (kind, calibration tokens, alpha): on held-out calibration text and on the chat rows.
+    memo: the target twin's (shared leaves are not dequantized again; each draft's own stay out of it)."""
+    held = calibration_tokens(tokenizer, HELD_OUT_TOKENS, skip=HELD_OUT_SKIP)
+    held_chunks = [held[i:i + 512] for i in range(0, len(held), 512)]
+    truth = [teacher_forced_argmax(target_twin, c) for c in held_chunks]
+    configs = [(kind, draft_scaling.CALIBRATION_TOKENS, a) for kind in kinds for a in alphas]
+    configs += [("mxfp4", length, draft_scaling.ALPHAS["mxfp4"]) for length in lengths
+                if length != draft_scaling.CALIBRATION_TOKENS]
+    means = {}
+    out = []
+    for kind, length, alpha in configs:
+        if length not in means:
+            tokens = calibration_tokens(tokenizer, length)
+            means[length] = input_means(target, [tokens[i:i + 512] for i in range(0, length, 512)])
+        scales = [LayerScales(**{site: channel_scales(m, alpha) for site, m in layer.items()})
+                  for layer in means[length]] if alpha else None
+        twin = float32_twin(build_draft_model(target, kind, scales), dict(memo))
+        held_hits = sum(int((teacher_forced_argmax(twin, c) == t).sum()) for c, t in zip(held_chunks, truth))
+        chat_rows = [replace(r, draft_argmax={kind: teacher_forced_argmax(twin, r.seq)}) for r in rows]
+        out.append({"kind": kind, "calibration_tokens": length, "alpha": alpha,
+                    "held_out_agreement": held_hits / len(held), "chat_agreement": agreement(chat_rows, n)[kind]})
+        print(f"scaling sweep: {out[-1]}", flush=True)
+    return out
+
+
 # -- report --
 
 def markdown(res: dict) -> str:
@@ -312,7 +354,8 @@ def markdown(res: dict) -> str:
         "",
         f"Model: {m['model']} (GGUF Q4_1: 4-bit affine linears, tied 8-bit embedding as lm_head). "
         f"{m['prompts']} chat prompts, {m['new_tokens']} greedy tokens each. Drafts: the target's q/k/v/o and "
-        "gate/up/down cast to each kind (scheduler/draft_model.py), embedding / norms / lm_head shared. "
+        "gate/up/down cast to each kind (scheduler/draft_model.py), embedding / final norm / lm_head shared, "
+        "per-layer norms the draft's own scaled copies. "
         "Acceptance is evaluated through float32 twins of the quantized modules (same weight values); "
         "costs are plain mlx-lm forwards of the real quantized modules at batch 1 with the KV cache.",
         f"Backend: {m['backend']}",
@@ -323,6 +366,17 @@ def markdown(res: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {kind} | {a:.3f} | {'>= 0.70' if kind == 'mxfp4' else ''} |" for kind, a in res["agreement"].items()]
+    lines += ["", f"The drafts are built as the engine builds them: activation-aware scaling (alpha "
+              f"{m['alphas']}, {m['calibration_tokens']} calibration tokens, scheduler/draft_scaling.py); "
+              "'plain cast' is the same cast without it (alpha 0).", "",
+              "## Scaling strength per kind (chosen by the held-out calibration text column)", "",
+              "| kind | calibration tokens | alpha | agreement on held-out calibration text | "
+              "agreement on the chat continuations |", "|---|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['calibration_tokens']} | {r['alpha']} | {r['held_out_agreement']:.3f} | "
+              f"{r['chat_agreement']:.3f} |" for r in res["scaling_sweep"]]
+    lines += ["", "alpha 0 is the plain cast. Held-out text: tokens "
+              f"{HELD_OUT_SKIP}-{HELD_OUT_SKIP + HELD_OUT_TOKENS - 1} of the calibration text (the statistics come "
+              "from its first tokens), teacher-forced argmax of the draft against the target's."]
     lines += ["", "## Greedy speculation, simulated exactly", "",
               "| k | method | tokens / target forward | draft forwards / target forward | tokens / draft forward "
               "| modelled speedup on this CPU |", "|---|---|---|---|---|---|"]
@@ -331,7 +385,7 @@ def markdown(res: dict) -> str:
             tpd = "" if s["tokens_per_draft_forward"] is None else f"{s['tokens_per_draft_forward']:.2f}"
             lines.append(f"| {k} | {name} | {s['tokens_per_target_forward']:.2f} | "
                          f"{s['draft_forwards_per_target_forward']:.2f} | {tpd} | {res['speedup'][k][name]:.2f}x |")
-    lines += ["", "Target: >= 2.6 tokens per target forward at k=4 (draft). Modelled speedup = tokens per target "
+    lines += ["", "Target: >= 2.6 tokens per target forward at k=4 (draft: the MXFP4 draft). Modelled speedup = tokens per target "
               "forward x target 1-token cost / (draft forwards x draft cost + target (k+1)-token cost); a 2-level "
               "draft forward is costed as a k-token draft forward (an upper bound).", "",
               "## Forward cost at batch 1 (ms, median), context = prompt + continuation", "",
@@ -368,21 +422,34 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=11, help="timed forwards per cost cell")
     ap.add_argument("--fidelity", type=int, default=2, help="prompts rerun on the real quantized modules")
+    ap.add_argument("--sweep-kinds", nargs="+", default=list(DRAFT_KINDS))
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0, 0.125, 0.25, 0.375, 0.5, 0.75])
+    ap.add_argument("--calibration", type=int, nargs="+", default=[512, 1024, 2048],
+                    help="calibration lengths (tokens) swept at the shipped alpha")
     ap.add_argument("--name", default="bench_spec_acceptance", help="result file stem under benchmarks/results/")
     args = ap.parse_args()
     loaded = load_model(None)
     target = loaded.model
-    drafts = {kind: build_draft_model(target, kind) for kind in DRAFT_KINDS}
+    t0 = time.perf_counter()
+    means = draft_scaling.input_means(target, draft_scaling.calibration_chunks(loaded.tokenizer))
+    scaling_s = time.perf_counter() - t0
+    drafts = {kind: build_draft_model(target, kind, draft_scaling.scales_from_means(means, draft_scaling.ALPHAS[kind]))
+              for kind in DRAFT_KINDS}
+    plain = {f"{kind} plain cast": build_draft_model(target, kind) for kind in DRAFT_KINDS if draft_scaling.ALPHAS[kind]}
     memo: dict = {}
     target_twin = float32_twin(target, memo)
-    draft_twins = {kind: float32_twin(d, memo) for kind, d in drafts.items()}
+    draft_twins = {kind: float32_twin(d, memo) for kind, d in {**drafts, **plain}.items()}
     prompts = chat_prompts(loaded.tokenizer, args.prompts)
     rows = build_rows(target_twin, draft_twins, prompts, args.new_tokens)
     res = {"meta": {"model": loaded.name, "prompts": args.prompts, "new_tokens": args.new_tokens, "k": args.k,
-                    "backend": describe_backend(), "machine": machine(), "repeats": args.repeats}}
+                    "backend": describe_backend(), "machine": machine(), "repeats": args.repeats,
+                    "alphas": draft_scaling.ALPHAS, "calibration_tokens": draft_scaling.CALIBRATION_TOKENS,
+                    "scaling_statistics_s": scaling_s}}
     res["agreement"] = agreement(rows, args.new_tokens)
     print("agreement", res["agreement"], flush=True)
     res["acceptance"] = acceptance(rows, draft_twins["mxfp4"], args.new_tokens, args.k)
+    res["scaling_sweep"] = scaling_sweep(target, target_twin, memo, loaded.tokenizer, rows, args.new_tokens,
+                                         args.sweep_kinds, args.alphas, args.calibration)
     text = loaded.tokenizer.encode(Path(__file__).resolve().parents[1].joinpath("docs/ARCHITECTURE.md").read_text())
     res["ngram_cost"] = ngram_cost_us(text)
     res["cost"] = costs({"target": target, **drafts, "target (float32 twin, BLAS)": target_twin}, rows[0].seq,
