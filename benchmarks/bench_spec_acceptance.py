@@ -57,7 +57,7 @@ from _common import chat_prompts, machine, median, write_results  # noqa: E402
 from kernels.calibration import calibration_tokens  # noqa: E402
 from scheduler import draft_scaling  # noqa: E402
 from scheduler.draft_model import DRAFT_KINDS, build_draft_model  # noqa: E402
-from scheduler.draft_scaling import LayerScales, channel_scales, input_means  # noqa: E402
+from scheduler.draft_scaling import input_means  # noqa: E402
 from scheduler.model import describe_backend, load_model  # noqa: E402
 from scheduler.ngram import NgramProposer  # noqa: E402
 
@@ -332,10 +332,8 @@ def scaling_sweep(target: nn.Module, target_twin: nn.Module, memo: dict, tokeniz
     out = []
     for kind, length, alpha in configs:
         if length not in means:
-            tokens = calibration_tokens(tokenizer, length)
-            means[length] = input_means(target, [tokens[i:i + 512] for i in range(0, length, 512)])
-        scales = [LayerScales(**{site: channel_scales(m, alpha) for site, m in layer.items()})
-                  for layer in means[length]] if alpha else None
+            means[length] = input_means(target, draft_scaling.calibration_chunks(tokenizer, length))
+        scales = draft_scaling.scales_from_means(means[length], alpha)
         twin = float32_twin(build_draft_model(target, kind, scales), dict(memo))
         held_hits = sum(int((teacher_forced_argmax(twin, c) == t).sum()) for c, t in zip(held_chunks, truth))
         chat_rows = [replace(r, draft_argmax={kind: teacher_forced_argmax(twin, r.seq)}) for r in rows]

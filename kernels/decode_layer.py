@@ -40,8 +40,11 @@ class DecodeLayerSpec:
 
 def native_decode_enabled() -> bool:
     """The fused primitive runs here: extension built, CPU default device, MLX_LOOM_NATIVE_DECODE != 0."""
-    return (qmm.native_available() and mx.default_device() == mx.cpu
-            and os.environ.get("MLX_LOOM_NATIVE_DECODE", "1") != "0")
+    return _native_on_cpu() and os.environ.get("MLX_LOOM_NATIVE_DECODE", "1") != "0"
+
+
+def _native_on_cpu() -> bool:
+    return qmm.native_available() and mx.default_device() == mx.cpu
 
 
 def decode_layer(
@@ -58,7 +61,7 @@ def decode_layer(
     """Native primitive on the CPU when built; the reference otherwise. Same contract, except that the
     native path writes the new k, v into the given pools in place when it runs and returns the same
     pool arrays: callers rebind to what is returned and keep no lazy reader of older pool contents."""
-    if qmm.native_available() and mx.default_device() == mx.cpu:
+    if _native_on_cpu():
         h = qmm.native_module().decode_layer(
             h, weights, k_pool, v_pool, slots, positions, block_tables, inv_freq,
             spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.eps, spec.attn_scale, spec.rope_traditional)

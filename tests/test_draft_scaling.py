@@ -12,7 +12,8 @@ from mlx_lm.models.base import create_attention_mask
 
 from scheduler import draft_model, draft_scaling
 from scheduler.draft_model import build_draft_model
-from scheduler.draft_scaling import ALPHAS, LayerScales, activation_scales, channel_scales, input_means
+from scheduler.draft_scaling import (ALPHAS, LayerScales, activation_scales, channel_scales, input_means,
+                                     scales_from_means)
 from test_draft_model import tiny_target, tokens
 
 
@@ -128,7 +129,7 @@ def test_scaling_helps_where_large_activations_meet_small_weights():
                      layer.mlp.up_proj):
             proj.weight = proj.weight / boost[None, :]  # the same function, its magnitude moved to the norm
     chunks = [[int(t) for t in tokens(1, 64)[0]]]
-    scales = [LayerScales(**{k: channel_scales(v, 0.25) for k, v in m.items()}) for m in input_means(target, chunks)]
+    scales = scales_from_means(input_means(target, chunks), 0.25)
     x = tokens(4, 32)
     ref = target(x)
 
