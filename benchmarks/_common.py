@@ -65,7 +65,7 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
 
 def run_batch(core, prompts, params, tag: str) -> float:
     """Seconds for an EngineCore to finish every prompt, each making exactly params.max_tokens."""
-    from scheduler.messages import AddRequest
+    from mlx_loom.scheduler.messages import AddRequest
 
     for i, p in enumerate(prompts):
         core.add(AddRequest(f"{tag}-{i}", tuple(p), params))

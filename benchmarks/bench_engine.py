@@ -32,11 +32,11 @@ from _common import chat_prompts, machine, median, peak_rss_mb, run_batch, write
 
 
 def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool | None = None) -> dict:
-    import scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-    from scheduler.engine_core import EngineCore
-    from scheduler.model import describe_backend, load_model
-    from scheduler.params import SamplingParams
+    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
+    from mlx_loom.scheduler.engine_core import EngineCore
+    from mlx_loom.scheduler.model import describe_backend, load_model
+    from mlx_loom.scheduler.params import SamplingParams
 
     loaded = load_model(model_path, dequantize=dequantize)
     prompts = chat_prompts(loaded.tokenizer, n)
@@ -55,11 +55,11 @@ def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool
 
 
 def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
-    import scheduler  # noqa: F401
+    import mlx_loom.scheduler  # noqa: F401
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
-    from scheduler.model import describe_backend, load_model
+    from mlx_loom.scheduler.model import describe_backend, load_model
 
     loaded = load_model(model_path, dequantize=mx.default_device() == mx.cpu)  # its fastest CPU setup
     prompts = chat_prompts(loaded.tokenizer, n)
@@ -103,7 +103,7 @@ def measure_llama(n: int, args) -> dict | None:
     if not LLAMA_BIN.exists():
         print(f"llama.cpp: {LLAMA_BIN} not built (bash benchmarks/build_llama_server.sh); skipped", flush=True)
         return None
-    from scheduler.model import default_model_path
+    from mlx_loom.scheduler.model import default_model_path
 
     gguf = args.model or default_model_path()
     ctx = max(2048, n * (args.llama_prompt_tokens + args.new_tokens) + 256)

@@ -1,10 +1,10 @@
-"""Quantized matmul kernels on the CPU: native (kernels/native) vs mx.quantized_matmul vs float32.
+"""Quantized matmul kernels on the CPU: native (mlx_loom/kernels/native) vs mx.quantized_matmul vs float32.
 
 Per projection shape of the default model (SmolLM2-135M: in -> out) and rows M in {1, 8, 32, 64}:
-  - native:  kernels.native affine_qmm (MLX custom primitive, 4-bit group 32 = the GGUF Q4_1 layout)
+  - native:  mlx_loom.kernels.native affine_qmm (MLX custom primitive, 4-bit group 32 = the GGUF Q4_1 layout)
   - mx.qmm:  mx.quantized_matmul(transpose=True), MLX's own CPU kernel, same 4-bit weights
   - f32:     x @ W.T on the dequantized float32 weights (what the server runs today), with
-             OpenBLAS preloaded the way scheduler/ does it
+             OpenBLAS preloaded the way mlx_loom/scheduler/ does it
 OpenBLAS's worker threads spin for a while after each GEMM and then compete for the same 2
 cores, so each native measurement starts after a 0.3 s pause. Timing: each eval runs CALLS independent products (distinct x) so per-eval dispatch cost is
 amortized the way it is inside a model step; median of the repeats after warm-up, per call.
@@ -27,12 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from _common import machine, write_results  # noqa: E402
-from kernels import qmm  # noqa: E402
-from scheduler import blas  # noqa: E402
+from mlx_loom.kernels import qmm  # noqa: E402
+from mlx_loom.scheduler import blas  # noqa: E402
 
 # (name, in K, out N, bits): the default model's projections; its lm_head is tied to the Q8_0
 # token embedding, so it is measured both as 4-bit (the issue's target) and as shipped (8-bit).

@@ -2,7 +2,7 @@
 
 1. Attention of one 512-query chunk over L keys (H=9, HKV=3, D=64, random q/k/v), dense vs the
    shipped per-head config (its layers averaged), next to the cost model's estimated ratio:
-   where sparse stops paying is what kernels/sparse_patterns.MAX_RATIO / MIN_KV_LEN encode.
+   where sparse stops paying is what mlx_loom/kernels/sparse_patterns.MAX_RATIO / MIN_KV_LEN encode.
 2. Whole-model chunked prefill of N tokens (chunk 512, as the engine), dense vs sparse with the
    engine's thresholds ("auto": dense for chunks that should_use_sparse rejects) and, for short
    prompts, sparse forced on every chunk whose budget does not cover all keys ("forced").
@@ -21,14 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from _common import machine, median, write_results  # noqa: E402
-from kernels.model_prefill import dense_attention, prefill, sparse_attention  # noqa: E402
-from kernels.sparse_patterns import (MAX_RATIO, MIN_KV_LEN, estimated_compute_ratio, load_config,  # noqa: E402
+from mlx_loom.kernels.model_prefill import dense_attention, prefill, sparse_attention  # noqa: E402
+from mlx_loom.kernels.sparse_patterns import (MAX_RATIO, MIN_KV_LEN, estimated_compute_ratio, load_config,  # noqa: E402
                                      shipped_config_path)
-from kernels.sparse_prefill import dense_prefill_attention, sparse_prefill_attention  # noqa: E402
+from mlx_loom.kernels.sparse_prefill import dense_prefill_attention, sparse_prefill_attention  # noqa: E402
 
 CHUNK = 512
 KERNEL_LENGTHS = (1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -68,7 +68,7 @@ def _prefill_seconds(model, tokens, attention) -> float:
 
 
 def model_sweep(lm, config, lengths, repeats: int) -> list[dict]:
-    from kernels.calibration import calibration_tokens
+    from mlx_loom.kernels.calibration import calibration_tokens
 
     ids = calibration_tokens(lm.tokenizer, max(lengths), skip=8192)
     modes = {"dense": dense_attention, "auto": sparse_attention(config),
@@ -114,7 +114,7 @@ def _markdown(kern: list[dict], model: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from scheduler.model import load_model
+    from mlx_loom.scheduler.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])

@@ -45,10 +45,10 @@ class Timer:
 
 
 def measure_n(loaded, n: int, args) -> dict:
-    from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-    from scheduler.engine_core import EngineCore
-    from scheduler.params import SamplingParams
-    from schemas.grammar import GrammarSpec
+    from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
+    from mlx_loom.scheduler.engine_core import EngineCore
+    from mlx_loom.scheduler.params import SamplingParams
+    from mlx_loom.schemas.grammar import GrammarSpec
 
     prompts = chat_prompts(loaded.tokenizer, n)
     blocks = n * (-(-(max(map(len, prompts)) + args.new_tokens) // 16)) + 16
@@ -84,8 +84,8 @@ def measure_n(loaded, n: int, args) -> dict:
 
 
 def compile_times(loaded) -> dict:
-    from schemas.grammar import GrammarSpec
-    from schemas.llguidance_backend import LLGuidanceBackend
+    from mlx_loom.schemas.grammar import GrammarSpec
+    from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
     from structured_schemas import SCHEMAS
 
     t0 = time.perf_counter()
@@ -124,8 +124,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_structured")
     args = ap.parse_args()
-    import scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from scheduler.model import load_model
+    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.scheduler.model import load_model
 
     loaded = load_model(None)
     comp = compile_times(loaded)

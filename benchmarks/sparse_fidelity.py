@@ -1,4 +1,4 @@
-"""Model-level fidelity of sparse prefill (kernels/sparse_prefill) against dense, on the default model.
+"""Model-level fidelity of sparse prefill (mlx_loom/kernels/sparse_prefill) against dense, on the default model.
 
 1. Whole-model chunked prefill of N tokens of text, dense and sparse in lockstep (same chunks as
    the engine, 512 tokens): next-token agreement (argmax) over positions, mean KL(dense || sparse)
@@ -9,7 +9,7 @@
 
 Text: the Python language reference shipped with CPython (pydoc_data.topics), tokens after the
 ones the pattern search calibrates on (disjoint). The shipped config is
-kernels/patterns/smollm2-135m.json.
+mlx_loom/kernels/patterns/smollm2-135m.json.
 
     .venv/bin/python benchmarks/sparse_fidelity.py [--length 8192] [--passkey-lengths 4096 8192]
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from kernels.model_prefill import dense_attention, greedy_continue, prefill, sparse_attention  # noqa: E402
-from kernels.sparse_patterns import (SparsePatternConfig, load_config, should_use_sparse,  # noqa: E402
+from mlx_loom.kernels.model_prefill import dense_attention, greedy_continue, prefill, sparse_attention  # noqa: E402
+from mlx_loom.kernels.sparse_patterns import (SparsePatternConfig, load_config, should_use_sparse,  # noqa: E402
                                      shipped_config_path)
 
 SEARCH_TOKENS = 8192  # the search calibrates on the first 8192 tokens; evaluation text starts after
@@ -141,8 +141,8 @@ def _markdown(fid: dict, pk: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     from _common import machine, write_results
-    from kernels.calibration import calibration_tokens
-    from scheduler.model import load_model
+    from mlx_loom.kernels.calibration import calibration_tokens
+    from mlx_loom.scheduler.model import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--length", type=int, default=8192)

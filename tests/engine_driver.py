@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-from scheduler.engine_core import EngineCore
-from scheduler.messages import AddRequest, RequestOutput
-from scheduler.params import SamplingParams
+from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
+from mlx_loom.scheduler.engine_core import EngineCore
+from mlx_loom.scheduler.messages import AddRequest, RequestOutput
+from mlx_loom.scheduler.params import SamplingParams
 
 
 @dataclass

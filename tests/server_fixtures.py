@@ -2,7 +2,7 @@
 
 FakeEngineClient has EngineClient's interface and answers from a script (no model), so the
 route, SSE, stop-string and error tests run in milliseconds. `serve_in_thread` runs any app
-under uvicorn on 127.0.0.1; `real_server` starts `python -m server.cli serve` with the
+under uvicorn on 127.0.0.1; `real_server` starts `python -m mlx_loom.server.cli serve` with the
 default model in a subprocess, the way a user would.
 """
 
@@ -23,8 +23,8 @@ from typing import Iterator
 
 import httpx
 
-from scheduler.client import EngineDeadError, RequestRejected
-from scheduler.messages import EngineStats, RequestOutput, TokenLogprob
+from mlx_loom.scheduler.client import EngineDeadError, RequestRejected
+from mlx_loom.scheduler.messages import EngineStats, RequestOutput, TokenLogprob
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "ēta", "θeta", "日本", "🙂"]
@@ -64,7 +64,7 @@ class PassThroughGrammar:
     """A GrammarBackend stand-in that accepts every schema (the fake engine ignores grammars)."""
 
     def compile(self, spec):
-        from schemas.grammar import CompiledGrammar
+        from mlx_loom.schemas.grammar import CompiledGrammar
         return CompiledGrammar(spec, "", 0.0)
 
 
@@ -202,12 +202,12 @@ def wait_ready(base_url: str, proc: subprocess.Popen | None = None, timeout: flo
 
 @contextlib.contextmanager
 def real_server(*args: str) -> Iterator[str]:
-    """`python -m server.cli serve` with the default model on a free port; yields the base URL."""
+    """`python -m mlx_loom.server.cli serve` with the default model on a free port; yields the base URL."""
     port = free_port()
     log_path = ROOT / ".pytest_cache" / f"server-{port}.log"
     log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args],
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_loom.server.cli", "serve", "--port", str(port), *args],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         base = f"http://127.0.0.1:{port}"

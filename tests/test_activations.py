@@ -1,8 +1,8 @@
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from kernels.activations import silu_mul, silu_mul_reference
+from mlx_loom.kernels.activations import silu_mul, silu_mul_reference
 
 
 def test_silu_mul_matches_reference_including_large_magnitudes():

@@ -1,14 +1,14 @@
-"""The fused native decode layer against its pure-MLX reference (kernels/decode_layer.py)."""
+"""The fused native decode layer against its pure-MLX reference (mlx_loom/kernels/decode_layer.py)."""
 
 import pytest
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
-from kernels import qmm  # noqa: E402
-from kernels.decode_layer import (  # noqa: E402
+from mlx_loom.kernels import qmm  # noqa: E402
+from mlx_loom.kernels.decode_layer import (  # noqa: E402
     decode_layer,
     decode_layer_reference,
     fused_layer_weights,

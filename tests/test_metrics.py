@@ -8,8 +8,8 @@ import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
-from server.settings import Settings
+from mlx_loom.server.app import create_app
+from mlx_loom.server.settings import Settings
 from server_fixtures import FakeEngineClient, serve_in_thread
 
 P = "mlx_loom:"
@@ -152,9 +152,9 @@ def test_openmetrics_accept_still_gets_the_text_format_with_colons():
 
 
 def test_speculative_decoding_series_and_usage_extension():
-    from scheduler.messages import EngineStats
-    from server.metrics import engine_families
-    from server.output import ChoiceEvent, ChoiceSpec, Collector
+    from mlx_loom.scheduler.messages import EngineStats
+    from mlx_loom.server.metrics import engine_families
+    from mlx_loom.server.output import ChoiceEvent, ChoiceSpec, Collector
 
     stats = EngineStats(num_running=0, num_waiting=0, num_blocks_total=8, num_blocks_free=8, num_preemptions=0,
                         prefix_cache_queries=0, prefix_cache_hits=0, steps=3, spec_enabled=True,

@@ -2,10 +2,10 @@
 
 import pytest
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
-from kernels import qmm  # noqa: E402
-from scheduler.model import load_model  # noqa: E402
-from scheduler.params import SamplingParams  # noqa: E402
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+from mlx_loom.kernels import qmm  # noqa: E402
+from mlx_loom.scheduler.model import load_model  # noqa: E402
+from mlx_loom.scheduler.params import SamplingParams  # noqa: E402
 
 from engine_driver import make_core, run  # noqa: E402
 
@@ -31,7 +31,7 @@ def test_20_prompts_greedy_identical_to_float32_reference(default_model):
 
 
 def test_fused_decode_layer_matches_the_op_by_op_path(default_model):
-    """Decode steps on the fused native layer (kernels/decode_layer.py) vs the same engine running
+    """Decode steps on the fused native layer (mlx_loom/kernels/decode_layer.py) vs the same engine running
     every layer as MLX ops: same greedy tokens with requests joining mid-batch and a small pool."""
     from benchmarks._common import chat_prompts
 

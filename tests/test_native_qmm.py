@@ -1,25 +1,25 @@
-"""Native affine quantized matmul (kernels/native via kernels.qmm) against mx.quantized_matmul
+"""Native affine quantized matmul (mlx_loom/kernels/native via mlx_loom.kernels.qmm) against mx.quantized_matmul
 and a float64 numpy dequantize reference. Skipped when the extension is not built."""
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels import qmm
+from mlx_loom.kernels import qmm
 
 import subprocess
 import sys
 
 if qmm.native_available():
-    from kernels.native import _loom_native as native
+    from mlx_loom.kernels.native import _loom_native as native
 else:
     native = None
 
 needs_native = pytest.mark.skipif(
     not qmm.native_available(),
     reason=f"native extension not built ({qmm.native_unavailable_reason()}); "
-    "build it with `python kernels/native/build.py`")
+    "build it with `python -m mlx_loom.kernels.native.build`")
 
 # SmolLM2-135M (the default model): q/o 576->576, k/v 576->192, gate/up 576->1536, down 1536->576.
 MODEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -160,8 +160,8 @@ def test_dispatcher_reports_and_falls_back():
 def test_reference_path_without_the_extension():
     """MLX_LOOM_NATIVE=0 (as when the build failed): same answers through mx.quantized_matmul."""
     code = (
-        "import scheduler, mlx.core as mx\n"
-        "from kernels import qmm\n"
+        "import mlx_loom.scheduler, mlx.core as mx\n"
+        "from mlx_loom.kernels import qmm\n"
         "assert not qmm.native_available() and 'reference' in qmm.active_path(), qmm.describe()\n"
         "W = mx.random.normal((24, 64), key=mx.random.key(0))\n"
         "w, s, b = mx.quantize(W, group_size=32, bits=4)\n"

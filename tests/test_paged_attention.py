@@ -1,12 +1,12 @@
-"""Paged attention (kernels/) against plain dense causal attention."""
+"""Paged attention (mlx_loom/kernels/) against plain dense causal attention."""
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels.paged_attention import grouped_paged_attention, paged_attention, write_kv
-from kernels.reference import dense_causal_attention, paged_attention_reference
+from mlx_loom.kernels.paged_attention import grouped_paged_attention, paged_attention, write_kv
+from mlx_loom.kernels.reference import dense_causal_attention, paged_attention_reference
 
 IMPLS = {"dispatch": paged_attention, "reference": paged_attention_reference, "grouped": grouped_paged_attention}
 

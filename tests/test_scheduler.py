@@ -2,10 +2,10 @@
 
 import pytest
 
-from scheduler.config import CacheConfig, SchedulerConfig
-from scheduler.params import SamplingParams
-from scheduler.request import Request, RequestStatus
-from scheduler.scheduler import Scheduler
+from mlx_loom.scheduler.config import CacheConfig, SchedulerConfig
+from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.scheduler.request import Request, RequestStatus
+from mlx_loom.scheduler.scheduler import Scheduler
 
 EOS = 2
 

@@ -1,16 +1,16 @@
-"""Grammar layer (schemas/) on the default model's tokenizer: no weights, no engine."""
+"""Grammar layer (mlx_loom/schemas/) on the default model's tokenizer: no weights, no engine."""
 
 import json
 
 import numpy as np
 import pytest
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
-from scheduler.model import default_model_path
-from scheduler.tokenizer import TextTokenizer
-from schemas.grammar import GrammarError, GrammarSpec
-from schemas.llguidance_backend import LLGuidanceBackend
+from mlx_loom.scheduler.model import default_model_path
+from mlx_loom.scheduler.tokenizer import TextTokenizer
+from mlx_loom.schemas.grammar import GrammarError, GrammarSpec
+from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
 from structured_schemas import PERSON, SCHEMAS
 
 WHITESPACE = (" ", "\n", "\t", "  ", "\n\n", " \n")

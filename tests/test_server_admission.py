@@ -13,11 +13,11 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from server.admission import Admission
-from server.app import create_app
-from server.errors import ApiError
-from server.graceful import make_server
-from server.settings import Settings
+from mlx_loom.server.admission import Admission
+from mlx_loom.server.app import create_app
+from mlx_loom.server.errors import ApiError
+from mlx_loom.server.graceful import make_server
+from mlx_loom.server.settings import Settings
 from server_fixtures import FakeEngineClient, free_port
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 4}

@@ -7,8 +7,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import Settings
+from mlx_loom.server.app import create_app
+from mlx_loom.server.settings import Settings
 from server_fixtures import ByteTokenizer, FakeEngineClient, reply_text, serve_in_thread
 
 GREEDY_REPLY = reply_text(None, type("P", (), {"temperature": 0})())

@@ -1,4 +1,4 @@
-"""The real server (`python -m server.cli serve`, default model) driven by the official openai SDK.
+"""The real server (`python -m mlx_loom.server.cli serve`, default model) driven by the official openai SDK.
 
 One server process for the module; requests stay short (max_tokens <= 32) so the file runs
 in well under two minutes on two CPU cores.

@@ -119,7 +119,7 @@ def test_sigterm_stops_a_long_stream_cleanly_then_exits(tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--shutdown-timeout",
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_loom.server.cli", "serve", "--port", str(port), "--shutdown-timeout",
                              "1", "--kv-cache-memory-gb", "0.25", "--log-level", "info"], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
     try:

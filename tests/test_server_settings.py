@@ -6,8 +6,8 @@ from dataclasses import fields
 
 import pytest
 
-from server.cli import build_parser
-from server.settings import Settings, load_settings
+from mlx_loom.server.cli import build_parser
+from mlx_loom.server.settings import Settings, load_settings
 from server_fixtures import ROOT
 
 
@@ -51,14 +51,14 @@ def test_help_documents_every_option(capsys):
 
 
 def test_cli_rejects_missing_model_path():
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", "/no/such.gguf"],
+    proc = subprocess.run([sys.executable, "-m", "mlx_loom.server.cli", "serve", "--model", "/no/such.gguf"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
 def test_server_package_never_imports_mlx():
-    code = ("import sys, pkgutil, importlib, server, server.routes\n"
-            "for m in pkgutil.walk_packages(server.__path__, 'server.'): importlib.import_module(m.name)\n"
+    code = ("import sys, pkgutil, importlib, mlx_loom.server as server\n"
+            "for m in pkgutil.walk_packages(server.__path__, 'mlx_loom.server.'): importlib.import_module(m.name)\n"
             "bad = sorted(k for k in sys.modules if k == 'mlx' or k.startswith(('mlx.', 'mlx_lm')))\n"
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -89,8 +89,8 @@ def test_api_key_never_shown(capsys, monkeypatch):
 
 
 def test_serve_passes_backlog_and_shutdown_backstop():
-    from server.app import create_app
-    from server.graceful import BACKSTOP_S, make_server
+    from mlx_loom.server.app import create_app
+    from mlx_loom.server.graceful import BACKSTOP_S, make_server
     from server_fixtures import FakeEngineClient
 
     app = create_app(Settings(backlog=4096, shutdown_timeout=7), client=FakeEngineClient())
@@ -99,7 +99,7 @@ def test_serve_passes_backlog_and_shutdown_backstop():
 
 
 def test_speculative_options_reach_the_engine_config():
-    from scheduler.config import SpecConfig
+    from mlx_loom.scheduler.config import SpecConfig
 
     s = load_settings(["--speculative", "mxfp4", "--spec-k", "2", "--spec-level2", "ngram", "--spec-mode", "always"],
                       env={})

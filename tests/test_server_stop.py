@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from server.stop import StopMatcher
+from mlx_loom.server.stop import StopMatcher
 
 
 def run(stops, pieces):

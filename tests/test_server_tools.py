@@ -10,8 +10,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import Settings
+from mlx_loom.server.app import create_app
+from mlx_loom.server.settings import Settings
 from server_fixtures import ByteTokenizer, FakeEngineClient
 from test_server_api import assert_error, sse
 

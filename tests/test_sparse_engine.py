@@ -2,12 +2,12 @@
 
 import pytest
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
-from kernels.calibration import calibration_text  # noqa: E402
-from kernels.sparse_patterns import MIN_KV_LEN  # noqa: E402
-from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from scheduler.engine_core import EngineCore  # noqa: E402
-from scheduler.params import SamplingParams  # noqa: E402
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+from mlx_loom.kernels.calibration import calibration_text  # noqa: E402
+from mlx_loom.kernels.sparse_patterns import MIN_KV_LEN  # noqa: E402
+from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from mlx_loom.scheduler.engine_core import EngineCore  # noqa: E402
+from mlx_loom.scheduler.params import SamplingParams  # noqa: E402
 
 from engine_driver import chat_ids, run  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_short_prompts_stay_dense(default_model):
 
 
 def test_config_for_another_model_is_refused(default_model, tmp_path):
-    from kernels.sparse_patterns import DENSE, SparsePatternConfig, save_config
+    from mlx_loom.kernels.sparse_patterns import DENSE, SparsePatternConfig, save_config
 
     path = save_config(SparsePatternConfig.uniform(DENSE, 3, default_model.num_heads), tmp_path / "p.json")
     with pytest.raises(ValueError, match="3 layers"):

@@ -4,8 +4,8 @@ thresholds would run this length almost all dense). The 8k figures are in
 benchmarks/results/sparse_fidelity.md (benchmarks/sparse_fidelity.py)."""
 
 from benchmarks.sparse_fidelity import SEARCH_TOKENS, compare_prefill
-from kernels.calibration import calibration_tokens
-from kernels.sparse_patterns import load_config, shipped_config_path
+from mlx_loom.kernels.calibration import calibration_tokens
+from mlx_loom.kernels.sparse_patterns import load_config, shipped_config_path
 
 
 def test_sparse_prefill_tracks_dense_on_the_default_model(default_model):

@@ -1,15 +1,15 @@
-"""Sparse prefill attention (kernels/sparse_prefill) against its masked references, the pattern
+"""Sparse prefill attention (mlx_loom/kernels/sparse_prefill) against its masked references, the pattern
 config, the cost model and the pattern search on synthetic heads."""
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels import sparse_prefill as sp
-from kernels import sparse_prefill_reference as ref
-from kernels.pattern_search import candidate_patterns, choose_patterns, head_errors
-from kernels.sparse_patterns import (HeadPattern, SparsePatternConfig, estimated_compute_ratio, load_config,
+from mlx_loom.kernels import sparse_prefill as sp
+from mlx_loom.kernels import sparse_prefill_reference as ref
+from mlx_loom.kernels.pattern_search import candidate_patterns, choose_patterns, head_errors
+from mlx_loom.kernels.sparse_patterns import (HeadPattern, SparsePatternConfig, estimated_compute_ratio, load_config,
                                      save_config, should_use_sparse, shipped_config_path)
 
 # (H, HKV, LQ, q_offset, D): odd lengths, chunk suffixes, one tile or several, GQA and MHA
@@ -230,14 +230,14 @@ def test_search_picks_the_pattern_each_synthetic_head_was_built_with():
 
 
 def test_cli_parses_search_patterns_without_mlx_import_side_effects():
-    from server.cli import build_parser
+    from mlx_loom.server.cli import build_parser
 
     ns = build_parser().parse_args(["search-patterns", "--length", "2048", "--output", "x.json"])
     assert ns.command == "search-patterns" and ns.length == 2048 and ns.model is None
 
 
 def test_search_patterns_command_on_a_tiny_model(tmp_path, capsys):
-    from server.cli import main
+    from mlx_loom.server.cli import main
     from tiny_model import make_tiny_llama_dir
 
     model_dir = make_tiny_llama_dir(tmp_path / "tiny")

@@ -6,12 +6,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from scheduler.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig  # noqa: E402
-from scheduler.engine_core import EngineCore  # noqa: E402
-from scheduler.params import SamplingParams  # noqa: E402
+from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig  # noqa: E402
+from mlx_loom.scheduler.engine_core import EngineCore  # noqa: E402
+from mlx_loom.scheduler.params import SamplingParams  # noqa: E402
 
 from engine_driver import chat_ids, run  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_stop_eos_and_max_tokens_boundaries(default_model, prompts):
 def test_json_schema_rows_identical_and_valid(default_model, prompts):
     import json
 
-    from schemas.grammar import GrammarSpec
+    from mlx_loom.schemas.grammar import GrammarSpec
 
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                                "age": {"type": "integer"}}, "required": ["name", "age"]}
@@ -124,7 +124,7 @@ def _tiny(seed: int, scale: float):
     import mlx.nn as nn
     from mlx_lm.models import llama
 
-    from scheduler.model import LoadedModel
+    from mlx_loom.scheduler.model import LoadedModel
 
     args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=V,
@@ -155,8 +155,8 @@ def _exact_marginals(loaded, prompt: list[int], steps: int = 3) -> list[np.ndarr
 
 
 def test_sampling_distribution_is_the_targets(monkeypatch):
-    import scheduler.draft_model as draft_model
-    import scheduler.draft_scaling as draft_scaling
+    import mlx_loom.scheduler.spec.draft_model as draft_model
+    import mlx_loom.scheduler.spec.draft_scaling as draft_scaling
 
     target = _tiny(0, 6.0)
     draft = _tiny(1, 6.0).model  # unrelated weights: q far from p, so only correct rejection sampling passes

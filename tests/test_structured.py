@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 
 from engine_driver import chat_ids, make_core, run
-from scheduler.params import SamplingParams
-from schemas.grammar import GrammarSpec
+from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.schemas.grammar import GrammarSpec
 from structured_schemas import PERSON, SCHEMAS
 
 MAX_TOKENS = 96

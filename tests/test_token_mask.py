@@ -1,9 +1,9 @@
-import scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernels.token_mask import apply_token_bitmask, apply_token_bitmask_reference
+from mlx_loom.kernels.token_mask import apply_token_bitmask, apply_token_bitmask_reference
 
 
 @pytest.mark.parametrize("S,V", [(1, 32), (3, 100), (5, 49152), (2, 31)])

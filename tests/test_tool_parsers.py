@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from server.tool_parsers import ArgumentsParser, CallListParser, HermesParser, merge
+from mlx_loom.server.tool_parsers import ArgumentsParser, CallListParser, HermesParser, merge
 
 NAMES = frozenset({"get_weather", "f"})
 

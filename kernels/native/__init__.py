@@ -1,5 +1,0 @@
-"""Native CPU kernels for MLX, as an MLX C++ extension (custom primitives + nanobind bindings).
-
-The compiled module `_loom_native` is built by `build.py` (scripts/install.sh runs it); use it
-through kernels.qmm, which falls back to MLX's own ops when it is missing.
-"""

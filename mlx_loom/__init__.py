@@ -1,0 +1,13 @@
+"""mlx-loom: an OpenAI-compatible LLM inference server on MLX.
+
+One import namespace for everything we ship: `mlx_loom.server` (FastAPI front end, never imports
+mlx), `mlx_loom.scheduler` (the engine), `mlx_loom.kernels` (compute kernels) and
+`mlx_loom.schemas` (structured output). Importing this package imports nothing else.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("mlx-loom")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"

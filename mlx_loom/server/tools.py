@@ -1,0 +1,159 @@
+"""tools + tool_choice -> a ToolPlan: which calls are allowed, the grammar that forces them, and the
+tool section of the prompt.
+
+Modes, as in vLLM: "none" (plain text, tools not shown), "auto" (tools shown; calls parsed from
+`<tool_call>` blocks in the output, Hermes style), "required" (output constrained to a JSON
+array of {"name", "arguments"} calls of the given tools) and a named function (output
+constrained to that function's arguments object). Templates that know tools (their source
+mentions `tools`) get them as the `tools` variable; others get a Hermes-style system section.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from mlx_loom.schemas.grammar import GrammarError, GrammarSpec
+from mlx_loom.server.errors import bad_request
+from mlx_loom.server.protocol import ChatCompletionRequest, NamedToolChoice
+
+ToolMode = Literal["auto", "required", "named"]
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    description: str | None
+    parameters: dict
+    """JSON Schema of the arguments object."""
+
+    def openai_dict(self) -> dict:
+        fn = {"name": self.name, "parameters": self.parameters}
+        if self.description:
+            fn["description"] = self.description
+        return {"type": "function", "function": fn}
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    mode: ToolMode
+    functions: tuple[FunctionSpec, ...]
+    named: str | None = None
+    parallel: bool = True
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.functions)
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The constraint of "required" / named mode (None for "auto": the model may answer in text)."""
+        if self.mode == "auto":
+            return None
+        if self.mode == "named":
+            fn = next(f for f in self.functions if f.name == self.named)
+            schema, param = fn.parameters, f"tools.{self._index(fn.name)}.function.parameters"
+        else:
+            schema, param = self._calls_schema(), "tools"
+        try:
+            return GrammarSpec.json_schema(schema, name=self.named or "tool_calls", strict=True)
+        except GrammarError as exc:
+            raise bad_request(str(exc), param, "invalid_schema") from None
+
+    def _calls_schema(self) -> dict:
+        # "name" first: properties are generated in schema order, so the name streams before the arguments.
+        calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                  "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]
+        item = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        schema = {"type": "array", "items": item, "minItems": 1}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return schema
+
+    def _index(self, name: str) -> int:
+        return next(i for i, f in enumerate(self.functions) if f.name == name)
+
+    def template_tools(self) -> list[dict]:
+        return [f.openai_dict() for f in self.functions]
+
+
+def tool_plan(req: ChatCompletionRequest) -> ToolPlan | None:
+    """None when the request has no tools or tool_choice is "none"; 400s name what to fix."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs a non-empty 'tools' list", "tool_choice")
+        return None
+    functions = tuple(_function_spec(i, tool.function) for i, tool in enumerate(req.tools))
+    _check_unique(functions)
+    if choice == "none":
+        return None
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request("response_format cannot be combined with tool calls; use tool_choice 'none' "
+                          "or drop response_format", "response_format")
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in {f.name for f in functions}:
+            raise bad_request(f"tool_choice names function {choice.function.name!r}, which is not in 'tools'",
+                              "tool_choice.function.name")
+        return ToolPlan("named", functions, choice.function.name)
+    mode: ToolMode = "required" if choice == "required" else "auto"
+    return ToolPlan(mode, functions, parallel=req.parallel_tool_calls is not False)
+
+
+def _function_spec(i: int, fn) -> FunctionSpec:
+    if not NAME_RE.fullmatch(fn.name):
+        raise bad_request(f"function name {fn.name!r} must be 1-64 characters from a-z, A-Z, 0-9, '_' and '-'",
+                          f"tools.{i}.function.name")
+    params = NO_PARAMETERS if fn.parameters is None else fn.parameters
+    problem = _schema_problem(params)
+    if problem:
+        raise bad_request(f"tools.{i}.function.parameters is not a valid JSON Schema: {problem}",
+                          f"tools.{i}.function.parameters", "invalid_schema")
+    return FunctionSpec(fn.name, fn.description, params)
+
+
+def _schema_problem(schema: dict) -> str | None:
+    import jsonschema
+
+    if schema.get("type", "object") != "object":
+        return "the arguments must be an object (type 'object')"
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "" if exc.json_path == "$" else f" (at {exc.json_path})"
+        return exc.message + where
+    return None
+
+
+def _check_unique(functions: tuple[FunctionSpec, ...]) -> None:
+    seen: set[str] = set()
+    for i, f in enumerate(functions):
+        if f.name in seen:
+            raise bad_request(f"function name {f.name!r} appears twice in 'tools'", f"tools.{i}.function.name")
+        seen.add(f.name)
+
+
+# ---- prompt side ----
+
+def template_knows_tools(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def tools_system_text(plan: ToolPlan) -> str:
+    """Hermes-style tool section for templates that do not render tools themselves."""
+    listing = "\n".join(json.dumps(f.openai_dict(), ensure_ascii=False) for f in plan.functions)
+    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n"
+            f"<tools>\n{listing}\n</tools>\n\n"
+            "For each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def tool_call_text(name: str, arguments: str) -> str:
+    """How an earlier assistant call is written back into a prompt (same format the model emits)."""
+    return f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
