@@ -7,6 +7,7 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,16 +28,26 @@ QUESTIONS = [
 ]
 
 
-def chat_prompts(tokenizer, n: int) -> list[list[int]]:
-    """n varied chat prompts (lengths differ by question and by a numbered suffix)."""
-    prompts = []
-    for i in range(n):
-        q = QUESTIONS[i % len(QUESTIONS)]
-        if i >= len(QUESTIONS):
-            q = f"{q} (variant {i}: answer in at most {3 + i % 5} sentences)"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-        prompts.append(tokenizer.encode(text))
-    return prompts
+SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and briefly."
+"""Shared by every request, as real chats share a system prompt (an explicit one also keeps each
+server's template from adding its own default)."""
+
+
+def chat_messages(index: int, run: int = 0) -> list[dict]:
+    """The index-th prompt of a run: the system prompt, then a question with a request number that
+    is new for every (run, index), so no run reuses an earlier run's prompts beyond what real chats
+    share (the template and the system prompt): every system gets the same cold cache state."""
+    q = QUESTIONS[index % len(QUESTIONS)]
+    if index >= len(QUESTIONS):
+        q = f"{q} (answer in at most {3 + index % 5} sentences)"
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"Request {run}-{index}. {q}"}]
+
+
+def chat_prompts(tokenizer, n: int, run: int = 0) -> list[list[int]]:
+    """n varied chat prompts of one run, tokenized with the model's chat template (see chat_messages)."""
+    return [tokenizer.encode(tokenizer.apply_chat_template(chat_messages(i, run), add_generation_prompt=True))
+            for i in range(n)]
 
 
 def peak_rss_mb() -> float:
@@ -63,10 +74,20 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     return js, md
 
 
-def run_batch(core, prompts, params, tag: str) -> float:
-    """Seconds for an EngineCore to finish every prompt, each making exactly params.max_tokens."""
+@dataclass(frozen=True)
+class BatchRun:
+    """One timed batch on an EngineCore, with the cache state it met."""
+    seconds: float
+    prompt_tokens: int
+    cached_tokens: int
+    """Prompt tokens served from the prefix cache during this batch."""
+
+
+def run_batch(core, prompts, params, tag: str) -> BatchRun:
+    """An EngineCore finishing every prompt, each making exactly params.max_tokens."""
     from mlx_loom.scheduler.messages import AddRequest
 
+    hits0 = core.stats().prefix_cache_hits
     for i, p in enumerate(prompts):
         core.add(AddRequest(f"{tag}-{i}", tuple(p), params))
     t0 = time.perf_counter()
@@ -75,4 +96,10 @@ def run_batch(core, prompts, params, tag: str) -> float:
         produced += sum(len(o.new_token_ids) for o in core.step())
     dt = time.perf_counter() - t0
     assert produced == len(prompts) * params.max_tokens, (produced, len(prompts) * params.max_tokens)
-    return dt
+    return BatchRun(dt, sum(map(len, prompts)), core.stats().prefix_cache_hits - hits0)
+
+
+def cache_note(runs: list[BatchRun]) -> dict:
+    """Mean prompt and cached tokens per timed run, for the results file."""
+    return {"prompt_tokens_per_run": statistics.fmean(r.prompt_tokens for r in runs),
+            "cached_tokens_per_run": statistics.fmean(r.cached_tokens for r in runs)}

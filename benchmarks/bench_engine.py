@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import chat_prompts, machine, median, peak_rss_mb, run_batch, write_results  # noqa: E402
+from _common import cache_note, chat_prompts, machine, median, peak_rss_mb, run_batch, write_results  # noqa: E402
 
 
 def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool | None = None) -> dict:
@@ -39,8 +39,8 @@ def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool
     from mlx_loom.scheduler.params import SamplingParams
 
     loaded = load_model(model_path, dequantize=dequantize)
-    prompts = chat_prompts(loaded.tokenizer, n)
-    blocks_per_req = -(-(max(map(len, prompts)) + new_tokens) // 16)
+    runs = [chat_prompts(loaded.tokenizer, n, run) for run in range(repeats + 1)]  # [0]: warm-up
+    blocks_per_req = -(-(max(len(p) for prompts in runs for p in prompts) + new_tokens) // 16)
     # Room for the batch plus prefix-cache slack; memory grows with N like any KV cache.
     config = EngineConfig(
         cache=CacheConfig(block_size=16, num_blocks=n * blocks_per_req + 64),
@@ -49,9 +49,10 @@ def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool
     core = EngineCore(config, loaded)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
-    run_batch(core, prompts, params, "warm")
-    times = [run_batch(core, prompts, params, f"run{r}") for r in range(repeats)]
-    return {"times_s": times, "backend": describe_backend(), "num_blocks": config.cache.num_blocks}
+    run_batch(core, runs[0], params, "warm")
+    timed = [run_batch(core, prompts, params, f"run{r}") for r, prompts in enumerate(runs[1:], 1)]
+    return {"times_s": [b.seconds for b in timed], "backend": describe_backend(),
+            "num_blocks": config.cache.num_blocks, "cache": "prefix caching on", **cache_note(timed)}
 
 
 def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
@@ -62,9 +63,9 @@ def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
     from mlx_loom.scheduler.model import describe_backend, load_model
 
     loaded = load_model(model_path, dequantize=mx.default_device() == mx.cpu)  # its fastest CPU setup
-    prompts = chat_prompts(loaded.tokenizer, n)
 
-    def once() -> float:
+    def once(run: int) -> float:
+        prompts = chat_prompts(loaded.tokenizer, n, run)
         # Decode the whole batch at once (its best case); prefill in its default groups of 8.
         gen = BatchGenerator(loaded.model, max_tokens=new_tokens, completion_batch_size=max(n, 1))
         gen.insert(prompts, [new_tokens] * n)
@@ -78,10 +79,12 @@ def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
         assert produced == n * new_tokens, (produced, n * new_tokens)
         return dt
 
-    once()
-    times = [once() for _ in range(repeats)]
+    once(0)
+    times = [once(r) for r in range(1, repeats + 1)]
+    prompt_tokens = [sum(map(len, chat_prompts(loaded.tokenizer, n, r))) for r in range(1, repeats + 1)]
     return {"times_s": times, "backend": describe_backend(), "completion_batch_size": max(n, 1),
-            "prefill_batch_size": 8}
+            "prefill_batch_size": 8, "cache": "no prefix cache (a fresh BatchGenerator per run)",
+            "prompt_tokens_per_run": sum(prompt_tokens) / len(prompt_tokens), "cached_tokens_per_run": 0.0}
 
 
 def child(args) -> None:
@@ -98,17 +101,21 @@ SYSTEMS = ["mlx-loom", "mlx-loom-ops", "mlx-loom-f32", "mlx-lm", "llama.cpp"]
 LLAMA_BIN = Path(__file__).resolve().parent / ".cache" / "llama-server" / "bin" / "llama-batched-bench"
 
 
-def measure_llama(n: int, args) -> dict | None:
-    """llama.cpp's own batched decoding on the GGUF: median of --repeats runs (None if not built)."""
+def measure_llama(n: int, args, rows: list[dict]) -> dict | None:
+    """llama.cpp's own batched decoding on the GGUF: median of --repeats runs (None if not built).
+    Its prompts are as long as ours at this N on average (from an earlier row of this run), else
+    --llama-prompt-tokens."""
     if not LLAMA_BIN.exists():
         print(f"llama.cpp: {LLAMA_BIN} not built (bash benchmarks/build_llama_server.sh); skipped", flush=True)
         return None
     from mlx_loom.scheduler.model import default_model_path
 
     gguf = args.model or default_model_path()
-    ctx = max(2048, n * (args.llama_prompt_tokens + args.new_tokens) + 256)
+    ours = next((r for r in rows if r["batch"] == n and r.get("prompt_tokens_per_run")), None)
+    npp = round(ours["prompt_tokens_per_run"] / n) if ours else args.llama_prompt_tokens
+    ctx = max(2048, n * (npp + args.new_tokens) + 256)
     cmd = [str(LLAMA_BIN), "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512", "-t", "2",
-           "-npp", str(args.llama_prompt_tokens), "-ntg", str(args.new_tokens), "-npl", str(n),
+           "-npp", str(npp), "-ntg", str(args.new_tokens), "-npl", str(n),
            "--output-format", "jsonl"]
     runs = []
     for _ in range(args.repeats + 1):  # the first is the warm-up
@@ -118,7 +125,9 @@ def measure_llama(n: int, args) -> dict | None:
     t = median([r["t"] for r in runs])
     res = {"system": "llama.cpp", "batch": n, "times_s": [r["t"] for r in runs], "median_s": t,
            "tok_per_s": n * args.new_tokens / t, "decode_tok_per_s": median([r["speed_tg"] for r in runs]),
-           "peak_rss_mb": None, "command": " ".join(cmd)}
+           "peak_rss_mb": None, "command": " ".join(cmd),
+           "cache": "a fresh process per run; its own prompts, not shared between sequences",
+           "prompt_tokens_per_run": n * npp, "cached_tokens_per_run": 0.0}
     print(f"llama.cpp N={n:<4d} {res['tok_per_s']:8.1f} tok/s (decode only {res['decode_tok_per_s']:.1f})", flush=True)
     return res
 
@@ -142,8 +151,10 @@ def report(rows: list[dict], args) -> str:
     by = {(r["system"], r["batch"]): r for r in rows}
     systems = [s for s in args.systems if any(r["system"] == s for r in rows)]
     ratio_to = [s for s in systems if s != "mlx-loom"]
+    loom_systems = [s for s in systems if s.startswith("mlx-loom")]
     head = ["N"] + [f"{s} tok/s" for s in systems] + [f"mlx-loom / {s}" for s in ratio_to] + \
-        [f"{s} peak RSS MB" for s in systems if s != "llama.cpp"]
+        [f"{s} peak RSS MB" for s in systems if s != "llama.cpp"] + \
+        [f"{s} prompt tokens from cache" for s in loom_systems]
     lines = [
         "# bench_engine: offline throughput, mlx-loom EngineCore vs mlx-lm BatchGenerator and llama.cpp",
         "",
@@ -151,9 +162,15 @@ def report(rows: list[dict], args) -> str:
         "default (4/8-bit on the native CPU kernels when built, fused native decode layer); mlx-loom-ops: same "
         "weights and kernels, layers as separate MLX ops (before the fused layer); mlx-loom-f32 and mlx-lm: dequantized to "
         f"float32 through OpenBLAS; llama.cpp: llama-batched-bench on the GGUF. {args.new_tokens} greedy new "
-        f"tokens per request (EOS ignored), varied chat prompts (llama.cpp: {args.llama_prompt_tokens}-token "
-        f"prompts); tok/s = N x {args.new_tokens} / (prefill + decode time); median of {args.repeats} runs "
+        f"tokens per request (EOS ignored), varied chat prompts (llama.cpp: prompts of the same mean length, "
+        f"its own tokens); tok/s = N x {args.new_tokens} / (prefill + decode time); median of {args.repeats} runs "
         "after a warm-up; each cell its own process.",
+        "",
+        "Cache state: every run (warm-up and each timed run) sends prompts no earlier run sent; they share "
+        "only the chat template and one system prompt, as real chats do. mlx-loom keeps prefix caching on "
+        "(its default: the full 16-token blocks of that shared start come from the cache, the share is in "
+        "the last columns); mlx-lm's BatchGenerator has no prefix cache and is new per run; llama.cpp is a "
+        "fresh process per run.",
         f"Backend: {next((r['backend'] for r in rows if r.get('backend')), '?')}",
         "",
         "| " + " | ".join(head) + " |",
@@ -165,8 +182,16 @@ def report(rows: list[dict], args) -> str:
         cells += [f"{loom['tok_per_s'] / by[(s, n)]['tok_per_s']:.2f}x" if loom and (s, n) in by else "-"
                   for s in ratio_to]
         cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if (s, n) in by else "-" for s in systems if s != "llama.cpp"]
+        cells += [_cached(by.get((s, n))) for s in loom_systems]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cached(row: dict | None) -> str:
+    if not row:
+        return "-"
+    p, c = row["prompt_tokens_per_run"], row["cached_tokens_per_run"]
+    return f"{c:.0f} of {p:.0f} ({100 * c / p:.0f}%)"
 
 
 def main() -> None:
@@ -178,15 +203,18 @@ def main() -> None:
     ap.add_argument("--systems", nargs="+", default=SYSTEMS,
                     choices=SYSTEMS)
     ap.add_argument("--child", choices=SYSTEMS[:4], dest="system", help=argparse.SUPPRESS)
-    ap.add_argument("--llama-prompt-tokens", type=int, default=40, help="prompt length for llama-batched-bench "
-                    "(about the mean of our chat prompts)")
+    ap.add_argument("--llama-prompt-tokens", type=int, default=55, help="prompt length for llama-batched-bench "
+                    "when no mlx-loom row of the same N ran first (else the mean length of our prompts)")
     ap.add_argument("--out", default="bench_engine")
     args = ap.parse_args()
     if args.system:
         return child(args)
-    rows = [measure_llama(n, args) if s == "llama.cpp" else measure(s, n, args)
-            for n in args.batch for s in args.systems]
-    rows = [r for r in rows if r is not None]
+    rows: list[dict] = []
+    for n in args.batch:
+        for s in args.systems:
+            row = measure_llama(n, args, rows) if s == "llama.cpp" else measure(s, n, args)
+            if row is not None:
+                rows.append(row)
     md = report(rows, args)
     js, mdp = write_results(args.out, {"machine": machine(), "args": vars(args), "rows": rows}, md)
     print(md)

@@ -6,7 +6,9 @@ previous one finishes, for a fixed number of requests per N (clamp(2N, --min-req
 requests/s, a bounded count, no cap on requests in flight.
 
 Every request is a streaming chat completion (httpx, stream=True) of a varied prompt (the
-questions of benchmarks/_common.py, each request its own variant), max_tokens 64, temperature
+questions of benchmarks/_common.py after one shared system prompt, each request numbered so that no
+two requests of a whole run, warm-up and levels included, share more than the template and the
+system prompt: every server meets the same cold prefix cache), max_tokens 64, temperature
 0, `stream_options.include_usage` where the server takes it (else output tokens = content
 chunks), `ignore_eos` only where the server honours it (--eos-policy auto probes: a short-answer
 prompt must then run to max_tokens). Output tokens are always the server's actual counts.
@@ -41,19 +43,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import QUESTIONS, RESULTS, machine  # noqa: E402
+from _common import RESULTS, SYSTEM_PROMPT, chat_messages, machine  # noqa: E402
 
 PARIS_PROMPT = "What is the capital of France?"
-
-
-# -- prompts --
-
-def chat_messages(index: int) -> list[dict]:
-    """The index-th prompt: _common's questions, then numbered variants (as chat_prompts does)."""
-    q = QUESTIONS[index % len(QUESTIONS)]
-    if index >= len(QUESTIONS):
-        q = f"{q} (variant {index}: answer in at most {3 + index % 5} sentences)"
-    return [{"role": "user", "content": q}]
 
 
 # -- one request --
@@ -255,6 +247,8 @@ def summarize(results: list[RequestResult], started: float, *, mode: str, level:
         "output_tok_s": out_tokens / wall,
         "total_output_tokens": out_tokens,
         "mean_output_tokens": out_tokens / len(ok) if ok else None,
+        "mean_prompt_tokens": statistics.fmean(pt) if (pt := [r.prompt_tokens for r in ok
+                                                               if r.prompt_tokens is not None]) else None,
         "requests_at_max_tokens": sum(r.finish_reason == "length" for r in ok),
         "usage_reported": sum(r.usage_tokens is not None for r in ok),
         "ttft_ms": _stats([r.ttft for r in ok if r.ttft is not None]),
@@ -273,7 +267,7 @@ def requests_for(n: int, min_requests: int, max_requests: int) -> int:
 
 
 async def run_closed(target: Target, n: int, num_requests: int, max_tokens: int, time_limit_s: float,
-                     prompt_offset: int = 0) -> dict:
+                     run: int = 1) -> dict:
     """N workers; each sends its next request when its previous one finishes."""
     results: list[RequestResult] = []
     state = {"next": 0, "stop": False, "in_flight": 0}
@@ -289,7 +283,7 @@ async def run_closed(target: Target, n: int, num_requests: int, max_tokens: int,
                 state["next"] += 1
                 state["in_flight"] += 1
                 try:
-                    results.append(await send(client, target, chat_messages(prompt_offset + i), max_tokens))
+                    results.append(await send(client, target, chat_messages(i, run), max_tokens))
                 finally:
                     state["in_flight"] -= 1
 
@@ -309,7 +303,7 @@ async def run_closed(target: Target, n: int, num_requests: int, max_tokens: int,
 
 
 async def run_open(target: Target, rate: float, num_requests: int, max_tokens: int, time_limit_s: float,
-                   prompt_offset: int = 0, seed: int = 0) -> dict:
+                   run: int = 1, seed: int = 0) -> dict:
     """Poisson arrivals at `rate` requests/s; every arrival is sent at once."""
     results: list[RequestResult] = []
     rng = random.Random(seed)
@@ -323,7 +317,7 @@ async def run_open(target: Target, rate: float, num_requests: int, max_tokens: i
             if t_next - started > time_limit_s:
                 break
             await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
-            tasks.append(asyncio.create_task(send(client, target, chat_messages(prompt_offset + i), max_tokens)))
+            tasks.append(asyncio.create_task(send(client, target, chat_messages(i, run), max_tokens)))
             t_next += rng.expovariate(rate)
         remaining = max(1.0, started + time_limit_s + 60.0 - time.perf_counter())
         done, pending = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
@@ -344,7 +338,8 @@ async def _probe(target: Target, max_tokens: int, extra: dict, include_usage: bo
     t = Target(**{**asdict(target), "extra_body": {**target.extra_body, **extra},
                   "include_usage": include_usage, "request_timeout_s": 300.0})
     async with httpx.AsyncClient() as client:
-        return await send(client, t, [{"role": "user", "content": prompt}], max_tokens, keep_text=True)
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        return await send(client, t, messages, max_tokens, keep_text=True)
 
 
 def served_model(base_url: str) -> str | None:
@@ -371,6 +366,7 @@ def detect(target: Target, eos_policy: str = "auto", max_tokens: int = 32,
     target.include_usage = target.include_usage and base.usage_tokens is not None
     info["include_usage"] = target.include_usage
     info["paris_answer"] = base.text
+    info["paris_prompt_tokens"] = base.prompt_tokens
     info["paris_ok"] = "paris" in base.text.lower()
     info["natural_tokens"] = base.output_tokens
     info["ignore_eos"] = False
@@ -474,16 +470,16 @@ def run_levels(target: Target, *, concurrency: list[int], rates: list[float], ma
                warmup: int, log=print) -> list[dict]:
     """Warm-up, then every closed-loop level and every open-loop rate against one server."""
     if warmup:
-        asyncio.run(run_closed(target, min(warmup, 4), warmup, max_tokens, time_limit_s, prompt_offset=10_000))
+        asyncio.run(run_closed(target, min(warmup, 4), warmup, max_tokens, time_limit_s, run=0))
     runs = []
-    for n in concurrency:
+    for level, n in enumerate(concurrency, 1):  # each level its own run number: new prompts
         count = num_requests or requests_for(n, min_requests, max_requests)
-        r = asyncio.run(run_closed(target, n, count, max_tokens, time_limit_s))
+        r = asyncio.run(run_closed(target, n, count, max_tokens, time_limit_s, run=level))
         log(f"{target.name:16s} {fmt_run(r)}")
         runs.append(r)
-    for rate in rates:
+    for level, rate in enumerate(rates, len(concurrency) + 1):
         count = num_requests or max_requests
-        r = asyncio.run(run_open(target, rate, count, max_tokens, time_limit_s))
+        r = asyncio.run(run_open(target, rate, count, max_tokens, time_limit_s, run=level))
         log(f"{target.name:16s} {fmt_run(r)}")
         runs.append(r)
     return runs

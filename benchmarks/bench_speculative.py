@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import chat_prompts, machine, median, run_batch, write_results  # noqa: E402
+from _common import cache_note, chat_prompts, machine, median, run_batch, write_results  # noqa: E402
 
 CONFIGS = {
     "plain": None,
@@ -43,13 +43,16 @@ def measure(loaded, name: str, n: int, args) -> dict:
     cfg = EngineConfig(cache=CacheConfig(num_blocks=64 + n * 16), spec=spec,
                        scheduler=SchedulerConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(512, n)))
     core = EngineCore(cfg, loaded)
-    prompts = chat_prompts(loaded.tokenizer, n)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-    run_batch(core, prompts, params, "warm")
+    run_batch(core, chat_prompts(loaded.tokenizer, n, 0), params, "warm")
     before = core.stats()
-    times = [run_batch(core, prompts, params, f"run{r}") for r in range(args.repeats)]
+    # New prompts every run (same for every config): no run reuses another's prefix-cache blocks.
+    timed = [run_batch(core, chat_prompts(loaded.tokenizer, n, r), params, f"run{r}")
+             for r in range(1, args.repeats + 1)]
     after = core.stats()
-    res = {"config": name, "batch": n, "times_s": times, "tok_per_s": n * args.new_tokens / median(times)}
+    times = [b.seconds for b in timed]
+    res = {"config": name, "batch": n, "times_s": times, "tok_per_s": n * args.new_tokens / median(times),
+           **cache_note(timed)}
     if core.spec is not None:
         drafts = after.spec_num_drafts - before.spec_num_drafts
         prop = [a - b for a, b in zip(after.spec_proposed, before.spec_proposed)]
@@ -72,7 +75,8 @@ def report(rows: list[dict], args) -> str:
         "# bench_speculative: speculative decoding in the engine (ML-SpecQD, MXFP4 self-draft)",
         "",
         f"Default SmolLM2-135M-Instruct (GGUF Q4_1, native 4-bit path), {args.new_tokens} greedy tokens per "
-        f"request (EOS ignored), varied chat prompts, median of {args.repeats} runs after a warm-up. "
+        f"request (EOS ignored), varied chat prompts new in every run (shared: template and system prompt; "
+        f"prefix caching on), median of {args.repeats} runs after a warm-up. "
         "auto = the controller decides from costs measured at start-up; always = every eligible step, k=4.",
         "",
         "| config | N | tok/s | vs plain | tokens per target forward | acceptance per level | modelled speedup |",

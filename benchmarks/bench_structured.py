@@ -50,8 +50,8 @@ def measure_n(loaded, n: int, args) -> dict:
     from mlx_loom.scheduler.params import SamplingParams
     from mlx_loom.schemas.grammar import GrammarSpec
 
-    prompts = chat_prompts(loaded.tokenizer, n)
-    blocks = n * (-(-(max(map(len, prompts)) + args.new_tokens) // 16)) + 16
+    runs = [chat_prompts(loaded.tokenizer, n, r) for r in range(2 * args.repeats + 2)]  # new prompts per run
+    blocks = n * (-(-(max(len(p) for prompts in runs for p in prompts) + args.new_tokens) // 16)) + 16
     core = EngineCore(EngineConfig(cache=CacheConfig(num_blocks=blocks, enable_prefix_caching=False),
                                    scheduler=SchedulerConfig(max_num_seqs=n, max_num_batched_tokens=max(512, n))),
                       loaded)
@@ -61,15 +61,15 @@ def measure_n(loaded, n: int, args) -> dict:
     masks, advance = Timer(), Timer()
     core.structured.apply_masks = masks.wrap(core.structured.apply_masks)
     core.structured.advance = advance.wrap(core.structured.advance)
-    run_batch(core, prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "warm-free")
-    run_batch(core, prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, grammar=grammar),
+    run_batch(core, runs[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "warm-free")
+    run_batch(core, runs[1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, grammar=grammar),
               "warm-json")
     times = {"unconstrained": [], "constrained": []}
     grammar_s = []
     for r in range(args.repeats):  # interleaved so drift hits both sides alike
-        times["unconstrained"].append(run_batch(core, prompts, free, f"free{r}"))
+        times["unconstrained"].append(run_batch(core, runs[2 + 2 * r], free, f"free{r}").seconds)
         masks.seconds = advance.seconds = 0.0
-        times["constrained"].append(run_batch(core, prompts, constrained, f"json{r}"))
+        times["constrained"].append(run_batch(core, runs[3 + 2 * r], constrained, f"json{r}").seconds)
         grammar_s.append(masks.seconds + advance.seconds)
     tokens = n * args.new_tokens
     free_tps = tokens / median(times["unconstrained"])
@@ -100,10 +100,12 @@ def report(rows: list[dict], comp: dict, args) -> str:
     lines = [
         "# bench_structured: JSON-schema constrained vs unconstrained decoding",
         "",
-        f"Default model, float32 on the CPU; {args.new_tokens} greedy tokens per request on both sides "
+        f"Default model as loaded by default; {args.new_tokens} greedy tokens per request on both sides "
         f"(constrained: a schema that cannot finish sooner); median of {args.repeats} interleaved runs "
         "after a warm-up. Grammar time = llguidance mask fill + building the mask-apply op + matcher "
-        "advance (the apply op itself runs inside the step's evaluation, so it shows in the ratio).",
+        "advance (the apply op itself runs inside the step's evaluation, so it shows in the ratio). "
+        "Prefix caching off; new prompts for every run.",
+        f"Backend: {args.backend}",
         "",
         "| N | unconstrained tok/s | constrained tok/s | ratio | grammar us / token / row | grammar share of step time |",
         "|---|---|---|---|---|---|",
@@ -127,7 +129,10 @@ def main() -> None:
     import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
     from mlx_loom.scheduler.model import load_model
 
+    from mlx_loom.scheduler.model import describe_backend
+
     loaded = load_model(None)
+    args.backend = describe_backend()
     comp = compile_times(loaded)
     rows = [measure_n(loaded, n, args) for n in args.batch]
     md = report(rows, comp, args)

@@ -239,22 +239,40 @@ def make_spec(name: str, args, gguf: str) -> ServerSpec | None:
         ctx = max(2048, slots * args.llama_ctx_per_seq)
         cmd = [binary, "--model", gguf, *host, "--threads", threads, "--threads-batch", threads,
                "--parallel", str(slots), "--ctx-size", str(ctx), "--kv-unified", "--cont-batching",
-               "--batch-size", "512", "--no-webui"]
+               "--batch-size", "512", "--no-webui", "--jinja"]
         return ServerSpec(name, cmd, port, "/health", settings={
             "binary": binary, "parallel": slots, "ctx_size": ctx, "threads": args.threads,
-            "kv_unified": True, "cont_batching": True, "batch_size": 512,
+            "kv_unified": True, "cont_batching": True, "batch_size": 512, "jinja": True,
             "note": "llama.cpp's native server: continuous batching over --parallel slots, Q4_1 weights "
-                    "as in the GGUF, f16 KV cache"})
+                    "as in the GGUF, f16 KV cache; --jinja renders the GGUF's own chat template (as mlx-loom "
+                    "does), not a built-in one"})
     raise ValueError(name)
 
 
 # -- one server --
+
+def backend_of(spec: ServerSpec) -> str:
+    """What the server actually runs on: mlx-loom says so itself (/v1/engine/stats); llama-server
+    prints its build; for the Python peers, the installed versions."""
+    from importlib.metadata import version
+
+    if spec.name == "mlx-loom":
+        return httpx.get(spec.base_url + "/v1/engine/stats", timeout=30).json()["backend"]
+    if spec.name == "llama-server":
+        out = subprocess.run([spec.cmd[0], "--version"], capture_output=True, text=True, timeout=60)
+        return " ".join((out.stdout + out.stderr).split())[-300:]
+    if spec.name == "mlx_lm.server":
+        return f"mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, CPU, float32 weights, OpenBLAS preloaded"
+    return f"llama-cpp-python {version('llama_cpp_python')} (its bundled llama.cpp), CPU"
+
 
 def bench_server(spec: ServerSpec, args, log_dir: Path) -> dict:
     print(f"\n== {spec.name}: {' '.join(spec.cmd)}", flush=True)
     record: dict = {"name": spec.name, "command": spec.cmd, "settings": spec.settings}
     with RunningServer(spec, log_dir, args.start_timeout) as srv:
         record["load_s"] = srv.load_s
+        record["backend"] = backend_of(spec)
+        print(f"{spec.name}: backend {record['backend']}", flush=True)
         model = spec.model or served_model(spec.base_url)
         target = Target(spec.base_url, name=spec.name, model=model, pid=srv.proc.pid)
         record["probe"] = detect(target, args.eos_policy, eos_token_ids=tuple(args.eos_token_ids))
@@ -263,6 +281,7 @@ def bench_server(spec: ServerSpec, args, log_dir: Path) -> dict:
               f"ignore_eos={p['ignore_eos_honoured']} paris={p['paris_ok']} ({p['paris_answer']!r})", flush=True)
         if not p["paris_ok"]:
             print(f"WARNING: {spec.name} did not mention Paris", file=sys.stderr)
+        print(f"{spec.name}: Paris probe prompt tokens {p.get('paris_prompt_tokens')}", flush=True)
         record["target"] = {k: v for k, v in asdict(target).items() if k not in ("pid",)}
         record["runs"] = run_levels(target, concurrency=args.concurrency, rates=args.request_rate,
                                     max_tokens=args.max_tokens, min_requests=args.min_requests,
@@ -288,7 +307,8 @@ def report(records: list[dict], args) -> str:
         "# bench_serving: streaming chat completions over HTTP, closed loop",
         "",
         f"Model: {args.gguf or 'default SmolLM2-135M-Instruct (GGUF Q4_1)'}; max_tokens {args.max_tokens}, "
-        f"temperature 0, varied prompts (benchmarks/_common.py questions, each request its own variant); "
+        f"temperature 0, varied prompts (benchmarks/_common.py questions after one shared system prompt, every "
+        f"request of the whole run new, so each server meets the same cold prefix cache); "
         f"N workers each sending its next request when the previous finishes; requests per N: "
         + (str(args.num_requests) if args.num_requests else f"clamp(2N, {args.min_requests}, {args.max_requests})")
         + f"; time limit {args.time_limit:.0f} s per N; {args.warmup} warm-up requests per server. "
@@ -317,6 +337,15 @@ def report(records: list[dict], args) -> str:
             row.append(f"{loom / other:.2f}x" if loom and other else "-")
         row += [_f(by.get((s, n), {}).get("peak_rss_mb"), ".0f") for s in names]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Mean prompt tokens per request (the servers' own usage counts; the same prompts must count "
+              "alike on every server, else the run fails):", "",
+              "| N | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    for n in args.concurrency:
+        lines.append(f"| {n} | " + " | ".join(_f(by.get((s, n), {}).get("mean_prompt_tokens"), ".2f")
+                                              for s in names) + " |")
+    problems = same_work(records)
+    lines += ["", "Same work: " + ("every server counted the same prompt tokens." if not problems else
+                                   "**FAILED**: " + "; ".join(problems))]
     lines += ["", "Peak RSS: the server's process tree, sampled every 0.1 s during that N's run.", "",
               "Latency (ms; median / p99) and request-level detail:", "",
               "| server | N | req/s | out tok/req | TTFT | TPOT | ITL | end-to-end | errors |",
@@ -336,6 +365,7 @@ def report(records: list[dict], args) -> str:
             continue
         p = r["probe"]
         lines.append(f"- **{r['name']}**: `{' '.join(_short(c) for c in r['command'])}`; "
+                     f"backend: {r.get('backend', '?')}; "
                      + "; ".join(f"{k}={v}" for k, v in r["settings"].items())
                      + (f"; logit_bias {p['logit_bias']} on every request" if p.get("logit_bias") else
                         f"; ignore_eos: {'sent' if p['ignore_eos'] else 'not sent'} (honoured: {p['ignore_eos_honoured']})")
@@ -343,6 +373,28 @@ def report(records: list[dict], args) -> str:
                      + f"; greedy Paris check: {'ok' if p['paris_ok'] else 'FAILED, answered ' + repr(p['paris_answer'][:60])}"
                      + (f"; CRASHED: {r['crashed']}" if r.get("crashed") else ""))
     return "\n".join(lines) + "\n"
+
+
+def same_work(records: list[dict]) -> list[str]:
+    """Mismatches in prompt tokens between servers (empty: every server got the same prompts).
+    The same prompts through the same GGUF's template and tokenizer must count alike; a server that
+    does not report usage cannot be checked and is named."""
+    ok = [r for r in records if r.get("runs")]
+    problems = []
+    probe = {r["name"]: r["probe"].get("paris_prompt_tokens") for r in ok}
+    if len(set(probe.values())) > 1:
+        problems.append(f"probe prompt tokens differ: {probe}")
+    levels = {}
+    for r in ok:
+        for run in r["runs"]:
+            levels.setdefault(run.get("concurrency", run.get("request_rate")), {})[r["name"]] = run["mean_prompt_tokens"]
+    for level, by in levels.items():
+        known = {k: v for k, v in by.items() if v is not None}
+        if len({round(v, 2) for v in known.values()}) > 1:
+            problems.append(f"N={level}: mean prompt tokens differ: { {k: round(v, 2) for k, v in known.items()} }")
+        if len(known) < len(by):
+            problems.append(f"N={level}: no prompt token counts from {sorted(set(by) - set(known))}")
+    return problems
 
 
 def _short(part: str) -> str:
@@ -393,7 +445,8 @@ def main() -> None:
     js, md, png = (RESULTS / f"{out}.{ext}" for ext in ("json", "md", "png"))
 
     def save() -> None:
-        js.write_text(json.dumps({"machine": machine(), "args": vars(args), "servers": records}, indent=2) + "\n")
+        js.write_text(json.dumps({"machine": machine(), "args": vars(args), "servers": records,
+                                  "same_work_problems": same_work(records)}, indent=2) + "\n")
         md.write_text(report(records, args))
         plot({r["name"]: r["runs"] for r in records if r.get("runs")}, png,
              f"bench_serving: streaming chat, max_tokens {args.max_tokens}, {machine()['cpus']} CPUs")
@@ -415,6 +468,8 @@ def main() -> None:
     save()
     print("\n" + md.read_text())
     print(f"wrote {js}, {md} and {png}")
+    if problems := same_work(records):
+        sys.exit("run_serving: the servers did not get the same work: " + "; ".join(problems))
 
 
 if __name__ == "__main__":

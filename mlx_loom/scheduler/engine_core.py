@@ -31,7 +31,8 @@ class EngineCore:
         cfg = config
         if loaded is None:
             loaded = load_model(cfg.model, dequantize=None if cfg.dequantize_on_cpu else False)
-        log.info("backend: %s", describe_backend())
+        backend_text = describe_backend()
+        log.info("backend: %s", backend_text)
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
         num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
@@ -48,7 +49,8 @@ class EngineCore:
         self.eos = frozenset(loaded.tokenizer.eos_token_ids)
         backend = _grammar_backend(loaded)
         self.structured = StructuredOutput(backend)
-        self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend)
+        self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend,
+                               backend_text)
         self.steps = 0
         self._emitted: dict[str, int] = {}  # request id -> output tokens already reported
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}

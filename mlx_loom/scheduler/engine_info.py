@@ -23,3 +23,5 @@ class EngineInfo:
     block_size: int
     grammar: GrammarBackend | None = None
     """Compiles response_format / tool schemas (thread-safe); None if the tokenizer is unsupported."""
+    backend: str = ""
+    """What the engine runs on (mlx version, device, BLAS, matmul kernels), as measured at load."""

@@ -22,9 +22,10 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/v1/engine/stats", summary="Engine counters: running/waiting requests, free KV blocks, prefix cache")
+@router.get("/v1/engine/stats", summary="Engine counters: running/waiting requests, free KV blocks, prefix cache; "
+                                         "the backend the engine runs on")
 async def engine_stats(request: Request) -> dict:
     state = get_state(request)
-    state.require_ready()
+    info = state.require_ready()
     stats = await state.client.stats()
-    return {"ready": True, **(asdict(stats) if stats is not None else {})}
+    return {"ready": True, "backend": info.backend, **(asdict(stats) if stats is not None else {})}
