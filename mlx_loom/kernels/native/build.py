@@ -7,7 +7,9 @@ crosses into the extension when both use the same nanobind ABI). The module goes
 `mlx_loom.kernels.native` package this interpreter imports: the source tree for an editable install,
 site-packages for `pip install .`. After building, the module is imported in a fresh process and
 checked against mx.quantized_matmul; a module that fails the check is removed, so mlx_loom.kernels.qmm falls
-back to MLX's own ops. Exit status 0 = built and verified, 1 = not built (reason on stderr).
+back to MLX's own ops. Exit status 0 = built and verified; 1 = the build or its check failed although
+the tools are here (reason on stderr); 3 = not attempted: MLX_LOOM_NATIVE_BUILD=0, or no cmake / C++
+compiler on this machine. scripts/build_native.sh turns 1 into a failed install, 3 into a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent
+SKIPPED = 3  # exit status: not attempted (no tools here, or MLX_LOOM_NATIVE_BUILD=0)
 # MLX release -> the nanobind it was built with (checked: mx.array converts into the extension).
 NANOBIND_FOR_MLX = {"0.32.3": "3.0.1", "0.32.4": "3.0.1"}
 
@@ -101,13 +104,13 @@ def main() -> int:
 
     if os.environ.get("MLX_LOOM_NATIVE_BUILD", "1") == "0":
         log("MLX_LOOM_NATIVE_BUILD=0: skipped")
-        return 1
+        return SKIPPED
     cmake = find_cmake()
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cmake or not cxx:
         log(f"not built: needs cmake ({cmake or 'missing'}) and a C++ compiler ({cxx or 'missing'}); "
             "the pure-MLX path is used instead")
-        return 1
+        return SKIPPED
     if not ensure_nanobind(args.install_nanobind):
         log("not built: nanobind is missing")
         return 1
