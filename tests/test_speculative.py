@@ -102,6 +102,50 @@ def test_controller_turns_speculation_off_on_this_cpu(default_model, prompts):
         assert core.spec.controller.last_speedup < core.spec.controller.min_speedup
 
 
+def test_auto_mode_speculates_when_the_measured_costs_say_it_pays(monkeypatch):
+    """auto mode with start-up costs injected in place of the measurement (a GPU-like table: a draft
+    forward costs a tenth of a decode step, verification tokens nearly free): the controller turns
+    speculation on, and the greedy tokens are those of plain decoding. A tiny random-weight target,
+    drafted by its own real MXFP4 cast (which disagrees with it now and then)."""
+    import mlx_loom.scheduler.spec.draft_scaling as draft_scaling
+    import mlx_loom.scheduler.spec.speculator as speculator
+    from mlx_loom.scheduler.spec.controller import LinearCost, SpecCosts
+
+    target = _tiny(0, 6.0)
+    monkeypatch.setattr(draft_scaling, "activation_scales", lambda model, tokenizer, alpha: None)  # _Tok has no text
+    costs = SpecCosts(decode=LinearCost(0.010, 0.0001), verify=LinearCost(0.010, 0.0001),
+                      draft=LinearCost(0.001, 0.00001))
+    measured = []
+    monkeypatch.setattr(speculator, "measure_costs",
+                        lambda runner, drafter, k, block_size, repeats=5: measured.append(k) or costs)
+    prompts = [[1, 2, 3, 4, 5], [3, 1, 4, 1, 5, 2, 6], [7, 7, 7], [5, 0, 2]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    reqs = [(f"t{i}", p, params) for i, p in enumerate(prompts)]
+    want = run(_core(target), reqs)
+
+    core = _core(target, SpecConfig(method="mxfp4", k=4, mode="auto"))
+    ctl = core.spec.controller
+    assert measured == [4] and ctl.costs is costs and not ctl.always
+    usage, step = {}, core.step
+
+    def recording_step():
+        outs = step()
+        usage.update({o.request_id: (o.spec_proposed, o.spec_accepted) for o in outs})
+        return outs
+
+    monkeypatch.setattr(core, "step", recording_step)
+    got = run(core, reqs)
+    assert {rid: r.tokens for rid, r in got.items()} == {rid: r.tokens for rid, r in want.items()}
+    stats = core.stats()
+    assert stats.spec_num_drafts > 0
+    # The first decode step of every request speculates (prior acceptance 0.7 on these costs).
+    assert all(usage[rid][0] > 0 for rid, _, _ in reqs)
+    assert sum(p for p, _ in usage.values()) == stats.spec_proposed[0]
+    assert sum(a for _, a in usage.values()) == stats.spec_accepted[0]
+    # Both verdicts happened: accepted drafts, and rejected ones that the target replaced.
+    assert 0 < stats.spec_accepted[0] < stats.spec_proposed[0]
+
+
 def test_penalty_and_logprob_rows_are_not_speculated(default_model, prompts):
     core = _core(default_model, SpecConfig(method="mxfp4", k=4, mode="always"))
     reqs = [("pen", prompts[0], SamplingParams(temperature=0, max_tokens=8, presence_penalty=0.5)),
