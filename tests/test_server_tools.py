@@ -130,6 +130,42 @@ def test_constrained_output_that_fails_validation_is_reported(api):
     assert "city" in choice["validation_error"]
 
 
+def test_tool_strict_false_is_constrained_like_strict_true(api):
+    """function.strict is accepted and not read: the same grammar is compiled, the same validation runs."""
+    http, fake = api
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for tool_choice in ("required", named):
+        specs = []
+        for strict in (True, False, None):
+            fn = {**WEATHER["function"], **({} if strict is None else {"strict": strict})}
+            body = chat('{"town": "Oslo"}', tools=[{"type": "function", "function": fn}, CLOCK],
+                        tool_choice=tool_choice)
+            choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
+            assert choice["validation_error"]  # the wrong output is reported under strict false too
+            specs.append(fake.submitted[-1][2].grammar.spec)
+        assert specs[0].kind == "json_schema" and specs[0] == specs[1] == specs[2], tool_choice
+
+
+def test_response_format_strict_false_is_constrained_like_strict_true(api):
+    """json_schema.strict is accepted and not read: the same grammar is compiled, the same validation runs."""
+    http, fake = api
+    schema = WEATHER["function"]["parameters"]
+    prompts = {"/v1/chat/completions": lambda echo: {"messages": [{"role": "user", "content": f"ECHO:{echo}"}]},
+               "/v1/completions": lambda echo: {"prompt": f"ECHO:{echo}"}}
+    for route, prompt in prompts.items():
+        specs = []
+        for strict in (True, False, None):
+            fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema,
+                                                          **({} if strict is None else {"strict": strict})}}
+            for echo, valid in (('{"city": "Oslo"}', True), ('{"town": "Oslo"}', False)):
+                r = http.post(route, json={**prompt(echo), "temperature": 0, "max_tokens": 64, "response_format": fmt})
+                choice = r.json()["choices"][0]
+                assert choice["finish_reason"] == "stop" and ("validation_error" not in choice) == valid, (route, strict)
+                specs.append(fake.submitted[-1][2].grammar.spec)
+        assert specs[0].kind == "json_schema" and json.loads(specs[0].schema) == schema
+        assert all(s == specs[0] for s in specs), route
+
+
 def test_cut_call_finishes_with_length(api):
     http, _ = api
     choice = http.post("/v1/chat/completions",

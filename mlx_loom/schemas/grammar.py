@@ -29,14 +29,15 @@ class GrammarSpec:
     schema: str | None = None
     """Compact JSON text of the schema, key order kept (it is the order properties are generated in)."""
     name: str | None = None
-    strict: bool | None = None
+    # No `strict`: every constrained output is enforced in full. OpenAI's `strict: false` (under which
+    # OpenAI does not guarantee the schema) is accepted by the server and constrained the same.
 
     @classmethod
     def json_object(cls) -> GrammarSpec:
         return cls("json_object")
 
     @classmethod
-    def json_schema(cls, schema: object, name: str | None = None, strict: bool | None = None) -> GrammarSpec:
+    def json_schema(cls, schema: object, name: str | None = None) -> GrammarSpec:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"the JSON schema must be an object, got {type(schema).__name__}",
                                "response_format.json_schema.schema")
@@ -45,7 +46,7 @@ class GrammarSpec:
         except (TypeError, ValueError) as exc:
             raise GrammarError(f"the JSON schema is not serializable JSON: {exc}",
                                "response_format.json_schema.schema") from None
-        return cls("json_schema", text, name, strict)
+        return cls("json_schema", text, name)
 
     @property
     def key(self) -> str:

@@ -44,6 +44,7 @@ class JsonSchemaFormat(_Open):
     schema_: dict | bool | None = Field(None, alias="schema")
     """The JSON Schema the output must match."""
     strict: bool | None = None
+    """Accepted and not read: the output is always constrained to the schema (as if true)."""
 
 
 class ResponseFormat(_Open):
@@ -58,6 +59,8 @@ class FunctionDef(_Open):
     parameters: dict | None = None
     """JSON Schema of the arguments object (omitted: no arguments)."""
     strict: bool | None = None
+    """Accepted and not read: "required" / named tool_choice always constrain the arguments to
+    `parameters` (as if true); "auto" parses calls from free text and constrains nothing."""
 
 
 class Tool(_Open):
@@ -121,7 +124,7 @@ class _SamplingRequest(_Open):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     """{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}:
-    the output is constrained to match (never fails open)."""
+    the output is constrained to match (never fails open), whatever `strict` says."""
 
 
 class ChatCompletionRequest(_SamplingRequest):

@@ -31,7 +31,7 @@ def grammar_spec(fmt: ResponseFormat | None) -> GrammarSpec | None:
         raise bad_request('response_format type "json_schema" needs json_schema.schema (a JSON Schema object)',
                           "response_format.json_schema")
     try:
-        return GrammarSpec.json_schema(js.schema_, name=js.name, strict=js.strict)
+        return GrammarSpec.json_schema(js.schema_, name=js.name)  # js.strict is not read: always strict
     except GrammarError as exc:
         raise bad_request(str(exc), "response_format.json_schema.schema", "invalid_schema") from None
 

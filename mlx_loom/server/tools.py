@@ -59,7 +59,7 @@ class ToolPlan:
         else:
             schema, param = self._calls_schema(), "tools"
         try:
-            return GrammarSpec.json_schema(schema, name=self.named or "tool_calls", strict=True)
+            return GrammarSpec.json_schema(schema, name=self.named or "tool_calls")
         except GrammarError as exc:
             raise bad_request(str(exc), param, "invalid_schema") from None
 
