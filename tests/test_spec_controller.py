@@ -171,14 +171,18 @@ def test_choose_k_without_costs_or_rows_and_in_always_mode():
 
 # -- acceptance tracking --
 
-def test_observe_is_an_ema_of_the_accepted_fraction():
+def test_observe_estimates_the_per_token_acceptance():
     ctl = SpecController(k_max=4, costs=CHEAP)  # prior 0.7, ema 0.3
-    ctl.observe("r", 4, 0)
+    ctl.observe("r", 4, 0)  # rejected at once: 0 of 1 tokens tried
     assert ctl.acceptance["r"] == pytest.approx(0.7 * 0.7)  # 0.7 * 0.7 + 0.3 * 0
-    ctl.observe("r", 4, 2)
-    assert ctl.acceptance["r"] == pytest.approx(0.7 * 0.49 + 0.3 * 0.5)
+    # decayed counts (accepted, tried), the prior as (0.7, 1) / 0.3: (2.333, 3.333)
+    # -> (0.7 * 2.333 + 0, 0.7 * 3.333 + 1) = (1.633, 3.333)
+    ctl.observe("r", 4, 2)  # 2 accepted, then a rejection: 3 tokens tried
+    assert ctl.acceptance["r"] == pytest.approx((0.7 * 1.63333 + 2) / (0.7 * 3.33333 + 3))  # 0.5894
     ctl.observe("r", 0, 0)  # nothing proposed: no information
-    assert ctl.acceptance["r"] == pytest.approx(0.493)
+    assert ctl.acceptance["r"] == pytest.approx(3.14333 / 5.33333)
+    ctl.observe("r", 4, 4)  # all kept: no rejection seen
+    assert ctl.acceptance["r"] == pytest.approx((0.7 * 3.14333 + 4) / (0.7 * 5.33333 + 4))  # 0.8018
     ctl.observe("s", 0, 0)
     assert "s" not in ctl.acceptance
     ctl.forget("r")
@@ -197,6 +201,28 @@ def test_low_acceptance_shrinks_k_to_zero():
     # k=1 needs (1 + a) / 1.1 >= 1.05, a >= 0.155; 0.7 * 0.7^5 = 0.118 < 0.155 <= 0.7 * 0.7^4 = 0.168
     assert ks.index(0) == 5
     assert ctl.choose_k(1, ["fresh"]) == 4  # per request: a new request starts from the prior
+
+
+def test_a_request_switched_off_is_probed_again():
+    """Off means no drafts and so no news: the estimate drifts back toward the prior (recovery 0.05 a
+    step) until speculation is tried again, rather than staying off for the rest of the request."""
+    ctl = SpecController(k_max=8, costs=CHEAP)
+    ctl.acceptance["r"] = 0.0
+    ks = [ctl.choose_k(1, ["r"]) for _ in range(40)]
+    # a_n = 0.7 * (1 - 0.95^n) reaches 0.155 (k=1 pays) at n = ceil(log(1 - 0.155/0.7) / log(0.95)) = 5
+    assert ks[:5] == [0] * 5 and ks[5] > 0
+    assert ctl.acceptance["r"] == pytest.approx(0.7 * (1 - 0.95 ** 5))  # no drift while speculating
+
+
+def test_per_token_estimate_matches_the_true_acceptance():
+    """Simulated runs that stop at the first rejection (true a = 0.7, k = 4): the estimate averages
+    near 0.7, where the fraction of drafts kept (~0.44) would have switched a good draft off."""
+    rng = np.random.default_rng(0)
+    ctl = SpecController(k_max=4, costs=CHEAP, ema=0.02)
+    for _ in range(3000):
+        run = next((i for i in range(4) if rng.random() >= 0.7), 4)
+        ctl.observe("r", 4, run)
+    assert ctl.acceptance["r"] == pytest.approx(0.7, abs=0.08)
 
 
 def test_high_acceptance_grows_k_to_k_max():

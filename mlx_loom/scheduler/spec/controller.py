@@ -60,7 +60,12 @@ class SpecController:
     prior_acceptance: float = 0.7
     """Assumed per-token acceptance before a request has history (the default model's MXFP4 draft: ~0.73)."""
     ema: float = 0.3
+    recovery: float = 0.05
+    """While a request is not speculated its estimate drifts back toward the prior by this share per
+    step, so a request that looked bad is probed again later instead of never (no drafts, no news)."""
     acceptance: dict[str, float] = field(default_factory=dict)
+    """Per-request estimate of the per-token acceptance a: decayed accepted / tried token counts."""
+    _counts: dict[str, tuple[float, float]] = field(default_factory=dict)
     last_speedup: float = 0.0
 
     def choose_k(self, rows: int, request_ids: list[str]) -> int:
@@ -72,14 +77,35 @@ class SpecController:
         a = sum(self.acceptance.get(r, self.prior_acceptance) for r in request_ids) / len(request_ids)
         best = max(range(1, self.k_max + 1), key=lambda k: modelled_speedup(self.costs, rows, a, k))
         self.last_speedup = modelled_speedup(self.costs, rows, a, best)
-        return best if self.last_speedup >= self.min_speedup else 0
+        if self.last_speedup >= self.min_speedup:
+            return best
+        for r in request_ids:
+            self._recover(r)
+        return 0
+
+    def _recover(self, request_id: str) -> None:
+        """One step without drafts: the estimate moves `recovery` of the way back to the prior."""
+        if request_id not in self.acceptance:
+            return
+        a = self.acceptance[request_id]
+        a = self.acceptance[request_id] = a + self.recovery * (self.prior_acceptance - a)
+        if request_id in self._counts:
+            tried = self._counts[request_id][1]
+            self._counts[request_id] = (a * tried, tried)
 
     def observe(self, request_id: str, proposed: int, accepted: int) -> None:
+        """Verification kept `accepted` of `proposed` drafts. A run stops at its first rejection, so
+        the tokens tried are the accepted ones plus that rejection (if any); a = accepted / tried over
+        decayed counts (the prior weighs as 1 / ema tokens). The fraction of drafts kept would
+        understate a (0.44 for a = 0.7, k = 4) and switch good drafts off."""
         if proposed <= 0:
             return
-        rate = accepted / proposed
-        old = self.acceptance.get(request_id, self.prior_acceptance)
-        self.acceptance[request_id] = (1 - self.ema) * old + self.ema * rate
+        keep = 1 - self.ema
+        acc, tried = self._counts.get(request_id, (self.prior_acceptance / self.ema, 1 / self.ema))
+        acc, tried = keep * acc + accepted, keep * tried + accepted + (accepted < proposed)
+        self._counts[request_id] = (acc, tried)
+        self.acceptance[request_id] = acc / tried
 
     def forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
+        self._counts.pop(request_id, None)
