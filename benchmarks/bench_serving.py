@@ -342,6 +342,19 @@ async def _probe(target: Target, max_tokens: int, extra: dict, include_usage: bo
         return await send(client, t, messages, max_tokens, keep_text=True)
 
 
+def probe_prompt_tokens(target: Target, prompt: str = PARIS_PROMPT) -> int | None:
+    """usage.prompt_tokens of a non-streaming request (for servers whose streams carry no usage)."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+    body = {"messages": messages, "max_tokens": 1, "temperature": 0.0}
+    if target.model is not None:
+        body["model"] = target.model
+    try:
+        r = httpx.post(target.base_url + "/v1/chat/completions", json=body, timeout=300)
+        return r.json()["usage"]["prompt_tokens"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
 def served_model(base_url: str) -> str | None:
     """The first id GET /v1/models lists (None if the server does not say)."""
     try:
@@ -366,7 +379,7 @@ def detect(target: Target, eos_policy: str = "auto", max_tokens: int = 32,
     target.include_usage = target.include_usage and base.usage_tokens is not None
     info["include_usage"] = target.include_usage
     info["paris_answer"] = base.text
-    info["paris_prompt_tokens"] = base.prompt_tokens
+    info["paris_prompt_tokens"] = base.prompt_tokens if base.prompt_tokens is not None else probe_prompt_tokens(target)
     info["paris_ok"] = "paris" in base.text.lower()
     info["natural_tokens"] = base.output_tokens
     info["ignore_eos"] = False

@@ -94,7 +94,8 @@ def model_sweep(lm, config, lengths, repeats: int) -> list[dict]:
 def _markdown(kern: list[dict], model: list[dict], meta: dict) -> str:
     lines = [f"# Sparse prefill vs dense ({meta['model']}, chunk {CHUNK}, {meta['machine']['cpus']} CPUs)", "",
              f"Config `{meta['config']}`; engine thresholds MIN_KV_LEN={MIN_KV_LEN}, MAX_RATIO={MAX_RATIO}. "
-             f"Medians of {meta['repeats']} interleaved runs after a warm-up; a shared machine (±15%).", "",
+             f"Medians of {meta['repeats']} interleaved runs after a warm-up; a shared machine (±15%).",
+             f"Backend: {meta['backend']}", "",
              "## One layer, one 512-query chunk over L keys", "",
              "| L | dense ms | sparse ms | time ratio | estimated ratio |", "|---|---|---|---|---|"]
     for r in kern:
@@ -129,7 +130,10 @@ def main(argv=None) -> int:
     config = load_config(path, lm.num_heads)
     kern = kernel_sweep(config, args.kernel_repeats)
     model = [] if args.no_model else model_sweep(lm, config, args.lengths, args.repeats)
-    meta = {"model": lm.name, "config": Path(path).name, "repeats": args.repeats, "machine": machine()}
+    from mlx_loom.scheduler.model import describe_backend
+
+    meta = {"model": lm.name, "config": Path(path).name, "repeats": args.repeats, "machine": machine(),
+            "backend": describe_backend()}
     js, md = write_results(args.name, {"meta": meta, "kernel": kern, "model": model}, _markdown(kern, model, meta))
     print(md.read_text())
     return 0

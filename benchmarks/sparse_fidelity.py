@@ -121,7 +121,8 @@ def passkey(lm, lengths, depths, config: SparsePatternConfig, seed: int = 0) -> 
 
 def _markdown(fid: dict, pk: list[dict], meta: dict) -> str:
     lines = [f"# Sparse prefill fidelity ({meta['model']}, {meta['length']} tokens, chunk {CHUNK})", "",
-             f"Config: `{meta['config']}`. Text: {meta['text']}. Machine: {meta['machine']['platform']}.", "",
+             f"Config: `{meta['config']}`. Text: {meta['text']}. Machine: {meta['machine']['platform']}.",
+             f"Backend: {meta['backend']}", "",
              "| positions | n | agreement | mean KL | ppl dense | ppl sparse | ppl delta |",
              "|---|---|---|---|---|---|---|"]
     for key, m in fid.items():
@@ -158,7 +159,10 @@ def main(argv=None) -> int:
     fid = compare_prefill(lm.model, calibration_tokens(lm.tokenizer, args.length, skip=SEARCH_TOKENS), config)
     print(fid, flush=True)
     pk = passkey(lm, args.passkey_lengths, args.depths, config)
+    from mlx_loom.scheduler.model import describe_backend
+
     meta = {"model": lm.name, "length": args.length, "config": str(Path(path).name), "machine": machine(),
+            "backend": describe_backend(),
             "text": f"pydoc_data.topics tokens {SEARCH_TOKENS}..{SEARCH_TOKENS + args.length}",
             "seconds": time.perf_counter() - t0}
     js, md = write_results(args.name, {"meta": meta, "fidelity": fid, "passkey": pk}, _markdown(fid, pk, meta))
