@@ -76,6 +76,7 @@ class RequestResult:
     itls: list[float] = field(default_factory=list)
     text: str = ""
     error: str | None = None
+    index: int | None = None  # which prompt of its run (send_indexed)
 
     @property
     def e2e(self) -> float:
@@ -96,6 +97,14 @@ def payload(target: Target, messages: list[dict], max_tokens: int) -> dict:
         body["stream_options"] = {"include_usage": True}
     body.update(target.extra_body)
     return body
+
+
+async def send_indexed(client: httpx.AsyncClient, target: Target, index: int, run: int,
+                       max_tokens: int) -> RequestResult:
+    """The index-th request of a run (benchmarks/_common.chat_messages), its index kept."""
+    res = await send(client, target, chat_messages(index, run), max_tokens)
+    res.index = index
+    return res
 
 
 async def send(client: httpx.AsyncClient, target: Target, messages: list[dict], max_tokens: int,
@@ -249,6 +258,8 @@ def summarize(results: list[RequestResult], started: float, *, mode: str, level:
         "mean_output_tokens": out_tokens / len(ok) if ok else None,
         "mean_prompt_tokens": statistics.fmean(pt) if (pt := [r.prompt_tokens for r in ok
                                                                if r.prompt_tokens is not None]) else None,
+        "prompt_tokens_by_request": {r.index: r.prompt_tokens for r in ok
+                                     if r.index is not None and r.prompt_tokens is not None},
         "requests_at_max_tokens": sum(r.finish_reason == "length" for r in ok),
         "usage_reported": sum(r.usage_tokens is not None for r in ok),
         "ttft_ms": _stats([r.ttft for r in ok if r.ttft is not None]),
@@ -283,7 +294,7 @@ async def run_closed(target: Target, n: int, num_requests: int, max_tokens: int,
                 state["next"] += 1
                 state["in_flight"] += 1
                 try:
-                    results.append(await send(client, target, chat_messages(i, run), max_tokens))
+                    results.append(await send_indexed(client, target, i, run, max_tokens))
                 finally:
                     state["in_flight"] -= 1
 
@@ -317,7 +328,7 @@ async def run_open(target: Target, rate: float, num_requests: int, max_tokens: i
             if t_next - started > time_limit_s:
                 break
             await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
-            tasks.append(asyncio.create_task(send(client, target, chat_messages(i, run), max_tokens)))
+            tasks.append(asyncio.create_task(send_indexed(client, target, i, run, max_tokens)))
             t_next += rng.expovariate(rate)
         remaining = max(1.0, started + time_limit_s + 60.0 - time.perf_counter())
         done, pending = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())

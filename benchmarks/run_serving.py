@@ -339,8 +339,9 @@ def report(records: list[dict], args) -> str:
         lines.append("| " + " | ".join(row) + " |")
     probe = ", ".join(f"{r['name']} {r['probe'].get('paris_prompt_tokens')}" for r in ok)
     lines += ["", "Mean prompt tokens per request (the servers' own usage counts; the same prompts must count "
-              "alike on every server, else the run fails; '-': the server's streams carry no usage, its "
-              f"count of the probe prompt is checked instead). Probe prompt tokens: {probe}.", "",
+              "alike on every server, request by request, else the run fails; means differ where a server "
+              "failed some requests; '-': the server's streams carry no usage, its count of the probe prompt "
+              f"is checked instead). Probe prompt tokens: {probe}.", "",
               "| N | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
     for n in args.concurrency:
         lines.append(f"| {n} | " + " | ".join(_f(by.get((s, n), {}).get("mean_prompt_tokens"), ".2f")
@@ -381,20 +382,27 @@ def same_work(records: list[dict]) -> list[str]:
     """Mismatches in prompt tokens between servers (empty: every server got the same prompts).
     The same prompts through the same GGUF's template and tokenizer must count alike. The probe
     (non-streaming where a server's streams carry no usage) must be counted by every server; the
-    levels are compared between the servers that report usage in their streams."""
+    levels are compared request by request (the same prompt index of the same level) between the
+    servers that report usage in their streams; requests that failed on a server are left out."""
     ok = [r for r in records if r.get("runs")]
     problems = []
     probe = {r["name"]: r["probe"].get("paris_prompt_tokens") for r in ok}
     if len(set(probe.values())) > 1 or None in probe.values():
         problems.append(f"probe prompt tokens differ or are unknown: {probe}")
-    levels = {}
+    levels: dict = {}
     for r in ok:
         for run in r["runs"]:
-            levels.setdefault(run.get("concurrency", run.get("request_rate")), {})[r["name"]] = run["mean_prompt_tokens"]
+            counts = run.get("prompt_tokens_by_request") or {}
+            levels.setdefault(run.get("concurrency", run.get("request_rate")), {})[r["name"]] = counts
     for level, by in levels.items():
-        known = {k: v for k, v in by.items() if v is not None}
-        if len({round(v, 2) for v in known.values()}) > 1:
-            problems.append(f"N={level}: mean prompt tokens differ: { {k: round(v, 2) for k, v in known.items()} }")
+        per_request: dict = {}
+        for name, counts in by.items():
+            for index, n in counts.items():
+                per_request.setdefault(index, {})[name] = n
+        differ = {i: c for i, c in per_request.items() if len(set(c.values())) > 1}
+        if differ:
+            i, c = next(iter(differ.items()))
+            problems.append(f"N={level}: {len(differ)} requests counted differently, e.g. request {i}: {c}")
     return problems
 
 
