@@ -154,6 +154,7 @@ def report(rows: list[dict], args) -> str:
     loom_systems = [s for s in systems if s.startswith("mlx-loom")]
     head = ["N"] + [f"{s} tok/s" for s in systems] + [f"mlx-loom / {s}" for s in ratio_to] + \
         [f"{s} peak RSS MB" for s in systems if s != "llama.cpp"] + \
+        [f"{s} prompt tokens / request" for s in systems] + \
         [f"{s} prompt tokens from cache" for s in loom_systems]
     lines = [
         "# bench_engine: offline throughput, mlx-loom EngineCore vs mlx-lm BatchGenerator and llama.cpp",
@@ -182,6 +183,7 @@ def report(rows: list[dict], args) -> str:
         cells += [f"{loom['tok_per_s'] / by[(s, n)]['tok_per_s']:.2f}x" if loom and (s, n) in by else "-"
                   for s in ratio_to]
         cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if (s, n) in by else "-" for s in systems if s != "llama.cpp"]
+        cells += [f"{by[(s, n)]['prompt_tokens_per_run'] / n:.1f}" if (s, n) in by else "-" for s in systems]
         cells += [_cached(by.get((s, n))) for s in loom_systems]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -206,9 +208,16 @@ def main() -> None:
     ap.add_argument("--llama-prompt-tokens", type=int, default=55, help="prompt length for llama-batched-bench "
                     "when no mlx-loom row of the same N ran first (else the mean length of our prompts)")
     ap.add_argument("--out", default="bench_engine")
+    ap.add_argument("--report-from", default=None, metavar="JSON",
+                    help="only rewrite the Markdown report of a results JSON this script wrote")
     args = ap.parse_args()
     if args.system:
         return child(args)
+    if args.report_from:
+        data = json.loads(Path(args.report_from).read_text())
+        md = report(data["rows"], argparse.Namespace(**data["args"]))
+        Path(args.report_from).with_suffix(".md").write_text(md)
+        return print(md)
     rows: list[dict] = []
     for n in args.batch:
         for s in args.systems:
