@@ -77,7 +77,8 @@ def measure_n(loaded, n: int, args) -> dict:
     row = {"batch": n, "unconstrained_tok_s": free_tps, "constrained_tok_s": json_tps,
            "ratio": json_tps / free_tps, "times_s": times,
            "grammar_us_per_token_row": median(grammar_s) / tokens * 1e6,
-           "grammar_share": median(grammar_s) / median(times["constrained"])}
+           "grammar_share": median(grammar_s) / median(times["constrained"]),
+           "prompt_tokens_per_request": sum(len(p) for prompts in runs[2:] for p in prompts) / (len(runs) - 2) / n}
     print(f"N={n:<4d} free {free_tps:7.1f} tok/s  json {json_tps:7.1f} tok/s  ratio {row['ratio']:.2f}  "
           f"grammar {row['grammar_us_per_token_row']:.0f} us/token/row", flush=True)
     return row
@@ -107,12 +108,14 @@ def report(rows: list[dict], comp: dict, args) -> str:
         "Prefix caching off; new prompts for every run.",
         f"Backend: {args.backend}",
         "",
-        "| N | unconstrained tok/s | constrained tok/s | ratio | grammar us / token / row | grammar share of step time |",
-        "|---|---|---|---|---|---|",
+        "| N | unconstrained tok/s | constrained tok/s | ratio | grammar us / token / row | grammar share of step time "
+        "| prompt tokens / request |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['unconstrained_tok_s']:.1f} | {r['constrained_tok_s']:.1f} | "
-                     f"{r['ratio']:.2f}x | {r['grammar_us_per_token_row']:.0f} | {r['grammar_share'] * 100:.1f}% |")
+                     f"{r['ratio']:.2f}x | {r['grammar_us_per_token_row']:.0f} | {r['grammar_share'] * 100:.1f}% | "
+                     f"{r['prompt_tokens_per_request']:.1f} |")
     lines += ["", f"Compile ({comp['schemas']} corpus schemas, cold cache): median {comp['compile_ms_median']:.2f} ms, "
               f"max {comp['compile_ms_max']:.2f} ms; tokenizer view built once per model in "
               f"{comp['tokenizer_view_build_ms']:.0f} ms."]
