@@ -106,6 +106,16 @@ def test_a_shape_matches_reference(shape, sink, local):
     assert _rel(out, ref.a_shape_reference(q, k, v, off, scale, sink, -(-local // 64))) <= 1e-5
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_shape_sinks_never_index_past_the_keys(shape):
+    # more sinks than keys once gathered rows past the array: garbage that was NaN now and then
+    q, k, v = _qkv(np.random.default_rng(4), *shape, extra=0)
+    t = _tiles(q, k, v, shape[3])
+    index = sp.a_shape_index(t, shape[2] + shape[3] + 50, 64)
+    assert int(index.columns.max()) < t.k.shape[1] * 64
+    assert index.columns.shape[1] == shape[2] + shape[3]
+
+
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[2] + s[3] > 300])
 def test_online_kernels_match_reference_with_their_estimated_index(shape):
     q, k, v = _qkv(np.random.default_rng(3), *shape)

@@ -123,7 +123,9 @@ def _column_scores(t: Tiles, index: TileIndex) -> tuple[mx.array, mx.array]:
     Hs, NQ, _, D = t.q.shape
     HKV, NK = t.k.shape[:2]
     cols = index.columns  # [Hs, NC]
-    flat = t.kv[:, None] * (NK * TILE) + cols  # rows of [HKV*NK*64, D]
+    # clipped so a column past the keys (a sink count above L) gathers a real row, never memory
+    # past the array (garbage NaN * 0 weight is NaN); `ok` masks it by its unclipped tile
+    flat = t.kv[:, None] * (NK * TILE) + mx.clip(cols, 0, NK * TILE - 1)  # rows of [HKV*NK*64, D]
     kc = t.k.reshape(HKV * NK * TILE, D)[flat]  # [Hs, NC, D]
     vc = t.v.reshape(HKV * NK * TILE, D)[flat]
     sc = (t.q.reshape(Hs, NQ * TILE, D) @ kc.swapaxes(-1, -2)).reshape(Hs, NQ, TILE, -1)
@@ -144,6 +146,7 @@ def diagonal_index(t: Tiles, tile_diags: mx.array, columns: mx.array | None = No
 def a_shape_index(t: Tiles, n_sink: int, n_local: int) -> TileIndex:
     Hs = t.q.shape[0]
     local = max(1, num_tiles(n_local))
+    n_sink = min(n_sink, t.k.shape[1] * TILE - t.shift)  # never more sinks than keys
     diags = mx.broadcast_to(mx.arange(local, dtype=mx.int32), (Hs, local))
     sink = mx.broadcast_to(mx.arange(n_sink, dtype=mx.int32) + t.shift, (Hs, n_sink)) if n_sink else None
     return diagonal_index(t, diags, sink)
