@@ -243,3 +243,13 @@ def test_logprobs_match_log_softmax_and_top_sorted(v):
         best = np.argsort(-ref)[: len(lps)]
         assert [t for t, _ in got.top_logprobs] == best.tolist()
         np.testing.assert_allclose(lps, ref[best], atol=1e-4)
+
+
+@pytest.mark.parametrize("v", [V_SMALL, V_BIG])
+@pytest.mark.parametrize("extra", [{}, {"top_k": 5}, {"min_p": 0.5}])
+def test_top_p_below_float32_keeps_the_top_token(v, extra):
+    """top_p = 1e-50 (accepted: > 0) is 0 in float32; the nucleus is then the top token alone,
+    never an empty set that indexed past the candidates (a crash in the server)."""
+    x = _logits(3, v, seed=9)
+    rows = [_row(seed=s, temperature=1.0, top_p=1e-50, **extra) for s in range(3)]
+    assert _ids(x, rows) == [int(i) for i in x.argmax(axis=-1)]

@@ -357,7 +357,9 @@ def _draw_truncated(x: mx.array, g: _GroupParams, m: int) -> tuple[mx.array, mx.
         z = mx.where(g.has_k, z, z_row)
     target = g.top_p * z  # [S]; inf when top_p is off
     before = mx.concatenate([mx.zeros_like(c[:, :1]), c[:, :-1]], axis=-1)  # [S, M] exclusive
-    p = p * (before < target[:, None])  # top_p: keep until the mass before reaches target
+    # top_p: keep until the mass before reaches target; the top token always stays, even where a tiny
+    # top_p (below float32's smallest, e.g. 1e-50) makes the target 0.
+    p = p * ((before < target[:, None]) | (mx.arange(m)[None, :] == 0))
     if g.any_min_p:
         p = p * (p >= g.min_p[:, None])
     fits = g.has_k | (c[:, -1] >= target) if m < vocab else mx.ones(g.has_k.shape, dtype=mx.bool_)
@@ -381,8 +383,9 @@ def _inverse_cdf(p: mx.array, u: mx.array) -> mx.array:
     """Index [S] where the cumsum of unnormalized p [S, N] first exceeds u * total.
 
     u <= 1 - 2**-24 makes u * total < total in float32, so the index is < N and has p > 0:
-    a zeroed (excluded) token is never picked.
+    a zeroed (excluded) token is never picked. Clamped to N - 1 all the same, so that no row (say,
+    one whose every p is 0) can ever index past its candidates.
     """
     c = mx.cumsum(p, axis=-1)  # [S, N]
     t = u * c[:, -1]  # [S]
-    return mx.sum(c <= t[:, None], axis=-1)
+    return mx.minimum(mx.sum(c <= t[:, None], axis=-1), p.shape[-1] - 1)

@@ -44,7 +44,8 @@ def processed_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
             ps[:, k:] = 0.0
         c = np.cumsum(ps, axis=-1)
         before = c - ps
-        ps = ps * (before < params.top_p * c[:, -1:]) if params.top_p < 1.0 else ps
+        if params.top_p < 1.0:  # the top token always stays (as in the sampler)
+            ps = ps * ((before < params.top_p * c[:, -1:]) | (np.arange(vocab) == 0))
         p = np.zeros_like(p)
         np.put_along_axis(p, order, ps, axis=-1)
     if params.min_p > 0.0:
