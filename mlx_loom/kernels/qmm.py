@@ -111,3 +111,34 @@ def embedding_logits(embedding, h: mx.array) -> mx.array:
     if not isinstance(embedding, nn.QuantizedEmbedding) or not _is_affine(embedding):
         return embedding.as_linear(h)
     return affine_qmm(h, embedding.weight, embedding.scales, embedding.biases, embedding.group_size, embedding.bits)
+
+
+class NativeQuantizedLinear(nn.QuantizedLinear):
+    """An affine nn.QuantizedLinear whose matmul is affine_qmm (the native kernel on the CPU)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return linear(self, x)
+
+
+class NativeQuantizedEmbedding(nn.QuantizedEmbedding):
+    """An affine nn.QuantizedEmbedding whose tied-head matmul is affine_qmm."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return embedding_logits(self, x)
+
+
+def route_quantized_modules(model: nn.Module) -> int:
+    """Make every affine quantized Linear / Embedding of `model` one of the classes above, so the
+    model's own code runs the native kernels. The instances keep their parameters and names (a
+    class switch, not a copy: loaders, draft builders and state dicts see the same modules).
+    Returns how many modules were switched."""
+    switched = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear and _is_affine(module):
+            module.__class__ = NativeQuantizedLinear
+        elif type(module) is nn.QuantizedEmbedding and _is_affine(module):
+            module.__class__ = NativeQuantizedEmbedding
+        else:
+            continue
+        switched += 1
+    return switched
