@@ -1,4 +1,5 @@
-"""Load a llama-family model as an mlx-lm module: from a GGUF file or an mlx-lm directory.
+"""Load a model as an mlx-lm module: from a GGUF file (llama) or an mlx-lm directory (any architecture
+whose state is a KV cache; mlx_loom/scheduler/model_layout.py says which).
 
 GGUF Q4_0/Q4_1/Q8_0 blocks arrive from `mx.load` already in MLX's affine layout
 (weight uint32 + scales + biases, group size 32), so they drop into `nn.QuantizedLinear`
@@ -23,6 +24,7 @@ from mlx_lm.models import llama
 
 from mlx_loom.kernels import qmm
 from mlx_loom.scheduler import blas
+from mlx_loom.scheduler.model_layout import kv_layout
 from mlx_loom.scheduler.tokenizer import TextTokenizer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -209,16 +211,17 @@ def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
 
 
 def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
-    attn = model.layers[0].self_attn
+    qmm.route_quantized_modules(model)  # the model's own code then runs the native kernels where they apply
+    layout, _ = kv_layout(model)  # refuses models whose state is not a KV cache
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
-        num_layers=len(model.layers),
-        num_heads=attn.n_heads,
-        num_kv_heads=attn.n_kv_heads,
-        head_dim=attn.head_dim,
-        vocab_size=args.vocab_size,
+        num_layers=len(layout),
+        num_heads=int(getattr(args, "num_attention_heads", 0) or layout[0].kv_heads),
+        num_kv_heads=layout[0].kv_heads,
+        head_dim=layout[0].k_dim,
+        vocab_size=int(getattr(args, "vocab_size", 0) or tokenizer.vocab_size),
         max_model_len=int(getattr(args, "max_position_embeddings", None) or 4096),
         dtype=dtype,
     )
@@ -235,7 +238,7 @@ def _load_mlx_dir(path: str, dequantize: bool) -> LoadedModel:
         model = dequantize_model(model)
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())
-    dtype = model.model.norm.weight.dtype  # norms stay float in every mlx-lm quantization
+    _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
     return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), Path(path).name, model.args, dtype)
 
 

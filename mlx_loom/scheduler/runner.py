@@ -6,8 +6,10 @@ attention is per group: the decode rows attend together ([B, H, 1, D] over their
 each prefill chunk attends on its own ([1, H, LQ, D], causal over its prefix pages).
 The runner executes what the scheduler decided; it never allocates or frees blocks.
 
-It reuses the submodules of an mlx-lm llama-family model (embed_tokens, layers[i].self_attn
-.{q,k,v,o}_proj and .rope, the norms, mlp) through their public attributes.
+The flattened path above reuses the submodules of mlx-lm's llama model (embed_tokens,
+layers[i].self_attn.{q,k,v,o}_proj and .rope, the norms, mlp) and is taken only when the
+structural check (mlx_loom/scheduler/model_layout.py) says the model is exactly that; every other
+model runs its own code over the same pools (mlx_loom/scheduler/generic_forward.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from mlx_loom.kernels.qmm import embedding_logits, linear
 from mlx_loom.kernels.paged_attention import paged_attention, write_kv
 from mlx_loom.kernels.sparse_patterns import SparsePatternConfig, should_use_sparse
 from mlx_loom.kernels.sparse_prefill import sparse_prefill_attention
+from mlx_loom.scheduler.generic_forward import GenericForward
+from mlx_loom.scheduler.model_layout import flattened_llama_reason, kv_layout
+from mlx_loom.scheduler.paged_cache import KVPools
 from mlx_loom.scheduler.scheduler import ScheduledRow
 
 
@@ -142,7 +147,7 @@ class ModelRunner:
     """Owns the per-layer KV pools and runs the paged forward (engine thread only)."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype,
-                 sparse: SparsePatternConfig | None = None) -> None:
+                 sparse: SparsePatternConfig | None = None, force_generic: bool = False) -> None:
         self.model = model
         self.sparse = sparse
         """Per-head sparse prefill patterns (MInference); long prefill chunks use them when the cost
@@ -150,26 +155,44 @@ class ModelRunner:
         self.sparse_chunks = 0
         self.sparse_tokens = 0
         self.block_size = block_size
-        layers = model.model.layers
-        attn = layers[0].self_attn
-        self.num_kv_heads = attn.n_kv_heads
-        self.head_dim = attn.head_dim
-        shape = (self.num_kv_heads, num_blocks, block_size, self.head_dim)  # see mlx_loom.kernels.reference
-        self.k_pools = [mx.zeros(shape, dtype=dtype) for _ in layers]
-        self.v_pools = [mx.zeros(shape, dtype=dtype) for _ in layers]
-        mx.eval(self.k_pools, self.v_pools)
-        self.fused_layers = _fused_layers(model) if fused.native_decode_enabled() else None
+        layout, _ = kv_layout(model)
+        self.pools = KVPools(layout, num_blocks, block_size, dtype)
+        self.generic_reason = "forced" if force_generic else flattened_llama_reason(model)
+        """None: the flattened llama path (and the fused decode layer) applies; else why the model runs
+        its own code (GenericForward)."""
+        self.generic = GenericForward(model, self.pools) if self.generic_reason else None
+        if self.generic is not None and sparse is not None:
+            raise ValueError(f"sparse prefill patterns run on llama-shaped models only ({self.generic_reason})")
+        if self.generic is None:
+            self.num_kv_heads, self.head_dim = layout[0].kv_heads, layout[0].k_dim
+        self.fused_layers = (_fused_layers(model) if self.generic is None and fused.native_decode_enabled()
+                             else None)
+
+    @property
+    def path(self) -> str:
+        """Which forward runs: 'llama-flattened' (+ 'fused decode') or 'generic'."""
+        if self.generic is not None:
+            return "generic (model's own code" + (", one row per call)" if self.generic.rows_per_call == 1 else ")")
+        return "llama-flattened" + (" + fused native decode" if self.fused_layers else "")
+
+    @property
+    def k_pools(self) -> list[mx.array]:
+        return self.pools.k
+
+    @property
+    def v_pools(self) -> list[mx.array]:
+        return self.pools.v
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: mx.Dtype) -> int:
-        layers = model.model.layers
-        attn = layers[0].self_attn
-        return 2 * len(layers) * block_size * attn.n_kv_heads * attn.head_dim * dtype.size
+        return KVPools.bytes_per_block(kv_layout(model)[0], block_size, dtype)
 
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
         """Run one step; returns (logits [S, V] float32, the sampling rows' indices in order).
 
         Each sampling row contributes num_draft + 1 logits rows (1 unless speculative)."""
+        if self.generic is not None:
+            return self.generic(rows)
         if self.fused_layers is not None and all(len(r.token_ids) == 1 and not r.num_draft for r in rows):
             return self._execute_decode(rows)
         batch = build_step_batch(rows, self.block_size)

@@ -1,0 +1,95 @@
+"""The model-generic step: the model's own mlx-lm code over the paged pools.
+
+Rows are grouped by query length (all decode rows in one call, rows with k drafts in another,
+each prefill chunk length in its own), and each group is one call of the mlx-lm model with one
+`PagedLayerCache` per cache entry. Rows in a call sit at different positions (per-row offsets),
+so decode rows of any lengths batch together.
+
+Only the positions that are sampled need logits. When the model's output is provably its body
+(`model.model`) followed by a plain head (`lm_head` or the tied embedding), checked once on a
+probe input, the head runs on those positions only; otherwise the whole model runs (softcapping,
+logit scales and other heads stay the model's own).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_loom.scheduler.paged_cache import KVPools, PagedLayerCache, paged_batch
+from mlx_loom.scheduler.scheduler import ScheduledRow
+
+Head = Callable[[mx.array], mx.array]
+
+
+def plain_head(model: nn.Module) -> Head | None:
+    """The head h -> logits when model(x) == head(model.model(x)) on a probe; None otherwise."""
+    body = getattr(model, "model", None)
+    if body is None:
+        return None
+    if "lm_head" in model:
+        head = model.lm_head
+    elif hasattr(getattr(body, "embed_tokens", None), "as_linear"):
+        head = body.embed_tokens.as_linear
+    else:
+        return None
+    probe = mx.array([[1, 2, 3]], dtype=mx.int32)
+    try:
+        same = mx.array_equal(model(probe), head(body(probe)))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return head if bool(same) else None
+
+
+class GenericForward:
+    """One step as calls of the model's own code, grouped by query length (engine thread only)."""
+
+    def __init__(self, model: nn.Module, pools: KVPools) -> None:
+        self.model = model
+        self.pools = pools
+        self.head = plain_head(model)
+        self.rows_per_call: int | None = None
+        """None: a group is one call. 1: one call per row, for models whose own attention code does not
+        batch rows at different positions (the self-check finds them: gemma2 broadcasts a [B, 1, N, L]
+        mask against 5-D grouped scores)."""
+
+    def __call__(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
+        """(logits [S, V] float32, sampling rows in index order): num_draft + 1 logits rows each."""
+        groups: dict[object, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(i if self.rows_per_call == 1 else len(row.token_ids), []).append(i)
+        picked: dict[int, mx.array] = {}
+        for n, index in enumerate(groups.values()):
+            if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
+                mx.eval(list(picked.values()), self.pools.k, self.pools.v)
+            picked.update(self._call(rows, index))
+        sample_rows = tuple(sorted(picked))
+        if not sample_rows:
+            return mx.zeros((0, 0), dtype=mx.float32), ()
+        return mx.concatenate([picked[i] for i in sample_rows]).astype(mx.float32), sample_rows
+
+    def _call(self, rows: Sequence[ScheduledRow], index: list[int]) -> dict[int, mx.array]:
+        group = [rows[i] for i in index]
+        batch = paged_batch(group, self.pools.block_size)
+        caches = [PagedLayerCache(self.pools, j, batch) for j in range(len(self.pools.layers))]
+        tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
+        L = batch.q_len
+        wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
+                  for b, i in enumerate(index) if rows[i].sample}
+        if not wanted:  # mid-prompt chunks: the KV writes hang off the pools, evaluated by the caller
+            self.model.model(tokens, cache=caches) if self.head is not None else self.model(tokens, cache=caches)
+            return {}
+        flat = mx.array([p for positions in wanted.values() for p in positions], dtype=mx.int32)
+        if self.head is not None:
+            h = self.model.model(tokens, cache=caches)  # [B, L, DM]
+            logits = self.head(h.reshape(-1, h.shape[-1])[flat])  # [S, V]
+        else:
+            out = self.model(tokens, cache=caches)  # [B, L, V]
+            logits = out.reshape(-1, out.shape[-1])[flat]
+        out, at = {}, 0
+        for i, positions in wanted.items():
+            out[i] = logits[at : at + len(positions)]
+            at += len(positions)
+        return out
