@@ -21,6 +21,7 @@ from mlx_loom.scheduler.request import Request
 from mlx_loom.scheduler.runner import ModelRunner
 from mlx_loom.scheduler.sampler import SampledToken, SamplingRow, sample
 from mlx_loom.scheduler.scheduler import Scheduler, SchedulerOutput
+from mlx_loom.scheduler.self_check import check_or_unbatch
 from mlx_loom.scheduler.structured import StructuredOutput
 
 log = logging.getLogger("mlx_loom.engine")
@@ -38,10 +39,19 @@ class EngineCore:
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
                                   sparse=_sparse_config(cfg.sparse_prefill, loaded))
+        check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
+        log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
+                 self.runner.path, check.max_error, check.positions, check.tolerance)
+        backend_text = f"{backend_text}; forward: {self.runner.path}"
         self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
         self.spec = None
         if cfg.spec.method is not None:
+            from mlx_loom.scheduler.spec.draft_model import DRAFT_KINDS
             from mlx_loom.scheduler.spec.speculator import build_speculator
+
+            if self.runner.generic is not None and {cfg.spec.method, cfg.spec.level2} & set(DRAFT_KINDS):
+                raise ValueError(f"speculative self-drafts ({', '.join(DRAFT_KINDS)}) are built from llama layers; "
+                                 f"this model runs its own code ({self.runner.generic_reason}): use a draft model")
 
             self.spec = build_speculator(cfg.spec, loaded, self.runner, num_blocks, cfg.cache.block_size, max_len)
             log.info("speculative decoding: %s, k=%d, level 2 %s, mode %s (costs %s)", cfg.spec.method,
