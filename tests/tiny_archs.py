@@ -1,0 +1,198 @@
+"""Tiny random-weight mlx-lm checkpoints for many architectures, loadable offline by `mlx_lm.load`.
+
+`ARCHS` maps a case name to the config.json fields that differ from a shared tiny base (hidden 64,
+4 heads, 2 kv heads, head_dim 16, vocab 320); each entry names its `model_type`, which may differ
+from the case name (e.g. "gemma3_text_untied"). `make_tiny_arch_dir` builds the mlx-lm Model, gives
+it non-degenerate random weights and writes config.json, model.safetensors and the byte-level
+tokenizer of tiny_model.py. Layers that alternate sliding and full attention use a window of 8, so
+windows matter at ~40 tokens. `HYBRIDS` names the cases whose cache is not only KV (recurrent or
+conv state next to attention).
+
+Weights: matrices N(0, 1/fan_in) times 2 and q/k norms doubled, so attention is not flat and each
+sublayer outweighs its residual input; embeddings N(0, 1) under an own lm_head but N(0, 1/hidden)
+when tied, else greedy decoding echoes the current token; norm weights and biases get noise. With
+these, greedy decoding of 24 tokens gives well over 4 distinct tokens for every case and seed tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, quantize_model
+
+from tiny_model import SPECIAL_TOKENS, _byte_tokenizer, _tokenizer_config
+
+SLIDING_WINDOW = 8
+_NOISE = 0.1  # relative noise on norm weights, absolute noise on biases
+_GAIN = 2.0  # on N(0, 1/fan_in) matrices: sublayers outweigh the residual input, attention is not flat
+_QK_NORM_GAIN = 2.0  # the same sharpening where q and k are normalised
+_QK_NORMS = frozenset({"q_norm", "k_norm", "q_layernorm", "k_layernorm"})
+
+_BASE: dict = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 320,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+    "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
+    "bos_token_id": SPECIAL_TOKENS.index("<|im_start|>"),
+    "pad_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
+}
+_MOE: dict = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+_GRANITE: dict = {
+    "logits_scaling": 2.0, "attention_multiplier": 0.125, "embedding_multiplier": 2.0,
+    "residual_multiplier": 0.8, "attention_bias": False, "mlp_bias": False,
+}
+_GEMMA3: dict = {  # layers 2 and 5 global, the rest slide
+    "model_type": "gemma3_text", "num_hidden_layers": 6, "sliding_window": SLIDING_WINDOW, "sliding_window_pattern": 3,
+    "query_pre_attn_scalar": 16, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+}
+_MLA: dict = {
+    "num_hidden_layers": 3, "num_key_value_heads": 4, "first_k_dense_replace": 1, "n_routed_experts": 4,
+    "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32, "kv_lora_rank": 32,
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "tie_word_embeddings": False,
+}
+
+ARCHS: dict[str, dict] = {
+    "llama": {"model_type": "llama"},
+    "mistral": {"model_type": "mistral", "sliding_window": None, "tie_word_embeddings": False},
+    "qwen2": {"model_type": "qwen2"},
+    "qwen3": {"model_type": "qwen3"},
+    "qwen2_moe": {"model_type": "qwen2_moe", **_MOE, "shared_expert_intermediate_size": 64,
+                  "tie_word_embeddings": False},
+    "qwen3_moe": {"model_type": "qwen3_moe", **_MOE, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "norm_topk_prob": True, "tie_word_embeddings": False},
+    "gemma": {"model_type": "gemma"},
+    "gemma2": {"model_type": "gemma2", "num_hidden_layers": 4, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16, "sliding_window": SLIDING_WINDOW},
+    "gemma3_text": {**_GEMMA3},  # tied: no lm_head.weight saved, so its sanitize drops the head
+    "gemma3_text_untied": {**_GEMMA3, "tie_word_embeddings": False},
+    "phi3": {"model_type": "phi3", "tie_word_embeddings": False},
+    "olmo2": {"model_type": "olmo2", "tie_word_embeddings": False},
+    "olmoe": {"model_type": "olmoe", "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+              "norm_topk_prob": False, "tie_word_embeddings": False},
+    "granite": {"model_type": "granite", **_GRANITE},
+    "granitemoe": {"model_type": "granitemoe", **_GRANITE, "num_local_experts": 4, "num_experts_per_tok": 2,
+                   "intermediate_size": 64},  # its quant_predicate packs "*mlp.down_proj" (experts too) at group 64
+    "glm4": {"model_type": "glm4", "attention_bias": True, "partial_rotary_factor": 0.5,
+             "tie_word_embeddings": False},
+    "cohere": {"model_type": "cohere", "layer_norm_eps": 1e-5, "logit_scale": 0.5, "use_qk_norm": False},
+    "starcoder2": {"model_type": "starcoder2", "norm_epsilon": 1e-5},
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+                "tie_word_embeddings": False},
+    "deepseek_v2": {"model_type": "deepseek_v2", **_MLA, "q_lora_rank": None, "topk_method": "greedy",
+                    "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                     "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
+    "deepseek_v3": {"model_type": "deepseek_v3", **_MLA, "q_lora_rank": 32, "topk_method": "noaux_tc",
+                    "scoring_func": "sigmoid", "norm_topk_prob": True, "n_group": 1, "topk_group": 1,
+                    "routed_scaling_factor": 2.5},
+    "gpt_oss": {"model_type": "gpt_oss", "num_hidden_layers": 4, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "intermediate_size": 32, "sliding_window": SLIDING_WINDOW,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+                "layer_types": ["sliding_attention", "full_attention"] * 2, "tie_word_embeddings": False},
+    "exaone4": {"model_type": "exaone4", "num_hidden_layers": 4, "sliding_window": SLIDING_WINDOW,
+                "sliding_window_pattern": "LLLG", "rope_scaling": None,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "qwen3_next": {"model_type": "qwen3_next", "num_hidden_layers": 4, "full_attention_interval": 2,
+                   "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                   "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, **_MOE, "decoder_sparse_step": 1,
+                   "mlp_only_layers": [], "shared_expert_intermediate_size": 32, "partial_rotary_factor": 0.25,
+                   "norm_topk_prob": True, "tie_word_embeddings": False},
+    "lfm2": {"model_type": "lfm2", "num_hidden_layers": 4, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
+             "block_dim": 64, "block_ff_dim": 128, "block_multiple_of": 32, "block_ffn_dim_multiplier": 1.0,
+             "block_auto_adjust_ff_dim": False, "layer_types": ["conv", "conv", "full_attention", "conv"]},
+}
+
+HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2"})
+
+
+def arch_config(case: str) -> dict:
+    """The full config.json dict of a case: the tiny base with the case's overrides."""
+    return {**_BASE, **ARCHS[case]}
+
+
+def _noise(shape: tuple[int, ...]) -> mx.array:
+    return mx.random.uniform(-1.0, 1.0, shape)
+
+
+def _init_norm(path: str, key: str, w: mx.array) -> mx.array:
+    if key == "bias":
+        return _NOISE * _noise(w.shape)
+    base = w if mx.any(w != 0).item() else mx.ones_like(w)  # zero-initialised placeholders (cohere) mean 1
+    if path.rsplit(".", 1)[-1] in _QK_NORMS:
+        base = _QK_NORM_GAIN * base
+    return base * (1.0 + _NOISE * _noise(w.shape))
+
+
+def _init_array(path: str, module: nn.Module, key: str, w: mx.array, tied: bool) -> mx.array:
+    """A random value for one parameter: O(1) activations, sharp enough attention, every norm/bias relevant."""
+    if "Norm" in type(module).__name__:  # RMSNorm, LayerNorm, gemma (1 + w) norms, cohere LayerNorm2D
+        return _init_norm(path, key, w)
+    if key == "bias":
+        return w + _NOISE * _noise(w.shape)
+    if isinstance(module, nn.Embedding):  # a tied head must not just echo the current token
+        return mx.random.normal(w.shape) / (math.sqrt(w.shape[-1]) if tied else 1.0)
+    if isinstance(module, nn.Conv1d):  # fan-in spans kernel and channels per group
+        return mx.random.normal(w.shape) / math.sqrt(math.prod(w.shape[1:]))
+    if w.ndim >= 2:  # Linear, SwitchLinear, MultiLinear, MoE gates
+        return _GAIN * mx.random.normal(w.shape) / math.sqrt(w.shape[-1])
+    return w + 2 * _NOISE * mx.random.normal(w.shape)  # sinks, dt_bias, A_log, router score biases
+
+
+def _randomize(model: nn.Module) -> None:
+    tied = "lm_head" not in model
+    for path, module in model.named_modules():
+        for key, value in list(module.items()):
+            if isinstance(value, mx.array) and not key.startswith("_"):
+                module[key] = _init_array(path, module, key, value, tied)
+
+
+def _build_model(config: dict, seed: int) -> nn.Module:
+    """The mlx-lm model as `load` leaves it (sanitize decides tying), with random weights."""
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    if config.get("tie_word_embeddings"):
+        weights.pop("lm_head.weight", None)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)  # e.g. gemma3_text drops its lm_head when the weights lack one
+    model.load_weights(list(weights.items()))
+    _randomize(model)
+    return model
+
+
+def _quantize(model: nn.Module, config: dict, bits: int) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints bits per weight
+        _, config = quantize_model(model, config, group_size=32, bits=bits)
+    return config
+
+
+def make_tiny_arch_dir(path: str | Path, case: str, *, seed: int = 0, bits: int | None = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files of one ARCHS case; returns the directory."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = arch_config(case)
+    model = _build_model(config, seed)
+    if bits is not None:
+        config = _quantize(model, config, bits)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _byte_tokenizer().save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
+    return out
