@@ -43,6 +43,7 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _NAME_RE = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|scales|biases)$")
 
 
@@ -74,7 +75,7 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | None = None, *, dequantize: bool | None = None) -> LoadedModel:
-    """GGUF file or mlx-lm directory. dequantize=None: float32 on the CPU, except GGUF weights when the
+    """GGUF file, mlx-lm or Hugging Face-format directory, or hub id (org/name) in the HF cache. dequantize=None: float32 on the CPU, except GGUF weights when the
     native quantized matmul (mlx_loom/kernels/qmm.py) is available; quantized as stored on a GPU."""
     path = path or default_model_path()
     on_cpu = mx.default_device() == mx.cpu
@@ -86,7 +87,11 @@ def load_model(path: str | None = None, *, dequantize: bool | None = None) -> Lo
         if dequantize is None:
             dequantize = on_cpu and not qmm.native_available()
         return _load_gguf(path, dequantize)
-    raise ValueError(f"{path!r} is neither a .gguf file nor an mlx-lm model directory")
+    if _HUB_ID.match(path):
+        # mlx-lm resolves it through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only)
+        return _load_mlx_dir(path, on_cpu if dequantize is None else dequantize)
+    raise ValueError(f"{path!r} is neither a .gguf file, a model directory (mlx-lm or Hugging Face format) "
+                     "nor a Hugging Face hub id (org/name)")
 
 
 # -- GGUF --
@@ -239,7 +244,8 @@ def _load_mlx_dir(path: str, dequantize: bool) -> LoadedModel:
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())
     _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
-    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), Path(path).name, model.args, dtype)
+    name = Path(path).name if Path(path).is_dir() else path  # a hub id is served under its full id
+    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), name, model.args, dtype)
 
 
 # -- backend report --
