@@ -182,11 +182,13 @@ def _quantize(model: nn.Module, config: dict, bits: int) -> dict:
     return config
 
 
-def make_tiny_arch_dir(path: str | Path, case: str, *, seed: int = 0, bits: int | None = None) -> Path:
-    """Write config.json, model.safetensors and the tokenizer files of one ARCHS case; returns the directory."""
+def make_tiny_arch_dir(path: str | Path, case: str, *, seed: int = 0, bits: int | None = None,
+                       overrides: dict | None = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files of one ARCHS case; returns the directory.
+    `overrides` replaces config fields (benchmarks/bench_engine.py sizes a qwen3 like the default model)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    config = arch_config(case)
+    config = {**arch_config(case), **(overrides or {})}
     model = _build_model(config, seed)
     if bits is not None:
         config = _quantize(model, config, bits)
