@@ -81,7 +81,7 @@ def test_architecture_matches_mlx_lm(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen3", "gemma3_text"])
-@pytest.mark.parametrize("dequantize", [None, False], ids=["default", "native-4bit"])
+@pytest.mark.parametrize("dequantize", [None, True], ids=["default", "dequantized"])  # default: native kernels
 def test_4bit_architecture_matches_mlx_lm(case, dequantize, tmp_path):
     loaded = load_model(str(make_tiny_arch_dir(tmp_path / case, case, bits=4)), dequantize=dequantize)
     _conformance(loaded, f"{case} 4-bit")

@@ -75,13 +75,14 @@ def default_model_path() -> str:
 
 
 def load_model(path: str | None = None, *, dequantize: bool | None = None) -> LoadedModel:
-    """GGUF file, mlx-lm or Hugging Face-format directory, or hub id (org/name) in the HF cache. dequantize=None: float32 on the CPU, except GGUF weights when the
-    native quantized matmul (mlx_loom/kernels/qmm.py) is available; quantized as stored on a GPU."""
+    """GGUF file, mlx-lm or Hugging Face-format directory, or hub id (org/name) in the HF cache.
+    dequantize=None: on the CPU, quantized weights stay packed where the native quantized matmul
+    (mlx_loom/kernels/qmm.py) runs them and are dequantized to float32 otherwise (MLX's CPU quantized
+    matmul is far slower than a float32 BLAS GEMM); quantized as stored on a GPU."""
     path = path or default_model_path()
     on_cpu = mx.default_device() == mx.cpu
     if Path(path).is_dir():
-        # MLX's CPU quantized matmul is far slower than a float32 BLAS GEMM.
-        return _load_mlx_dir(path, on_cpu if dequantize is None else dequantize)
+        return _load_mlx_dir(path, dequantize)
     if path.endswith(".gguf"):
         # GGUF weights stay 4/8-bit on the CPU when the native kernels (float32 scales) are built.
         if dequantize is None:
@@ -89,7 +90,7 @@ def load_model(path: str | None = None, *, dequantize: bool | None = None) -> Lo
         return _load_gguf(path, dequantize)
     if _HUB_ID.match(path):
         # mlx-lm resolves it through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only)
-        return _load_mlx_dir(path, on_cpu if dequantize is None else dequantize)
+        return _load_mlx_dir(path, dequantize)
     raise ValueError(f"{path!r} is neither a .gguf file, a model directory (mlx-lm or Hugging Face format) "
                      "nor a Hugging Face hub id (org/name)")
 
@@ -234,14 +235,27 @@ def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dt
 
 # -- mlx-lm directory --
 
-def _load_mlx_dir(path: str, dequantize: bool) -> LoadedModel:
-    """mlx-lm's own loader; quantized dirs are dequantized (and cast to fp32) when asked."""
+def _native_quantized(model: nn.Module) -> bool:
+    """Every quantized layer is one the native CPU kernels run (affine, 4/8-bit, group 32/64/128)."""
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    return bool(quantized) and all(getattr(m, "mode", "affine") == "affine" and m.bits in (4, 8)
+                                   and m.group_size in (32, 64, 128) for m in quantized)
+
+
+def _load_mlx_dir(path: str, dequantize: bool | None) -> LoadedModel:
+    """mlx-lm's own loader. On the CPU (dequantize=None): quantized weights stay packed when the native
+    kernels run every quantized layer (scales cast to float32, which those kernels take), else
+    everything is dequantized to float32 (MLX's CPU quantized matmul is slow); on a GPU as stored."""
     from mlx_lm.utils import dequantize_model, load
 
     model, hf_tokenizer = load(path)
+    on_cpu = mx.default_device() == mx.cpu
+    if dequantize is None:
+        dequantize = on_cpu and not (qmm.native_available() and _native_quantized(model))
     if dequantize:
         model = dequantize_model(model)
-        model.set_dtype(mx.float32)
+    if on_cpu:
+        model.set_dtype(mx.float32)  # floating parameters only: packed weights stay uint32
         mx.eval(model.parameters())
     _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
     name = Path(path).name if Path(path).is_dir() else path  # a hub id is served under its full id
