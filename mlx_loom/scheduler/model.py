@@ -20,36 +20,21 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
 
 from mlx_loom.kernels import qmm
-from mlx_loom.scheduler import blas
+from mlx_loom.scheduler import blas, gguf_arch
 from mlx_loom.scheduler.model_layout import kv_layout
 from mlx_loom.scheduler.tokenizer import TextTokenizer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_GROUP_SIZE = 32  # every GGUF block format MLX reads (Q4_0, Q4_1, Q8_0) has 32-value blocks
 
-# GGUF tensor name -> mlx-lm llama name ("{}" = layer index).
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_NAME_RE = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|scales|biases)$")
 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module = field(repr=False)  # an mlx-lm llama-family Model
+    model: nn.Module = field(repr=False)  # an mlx-lm Model
     tokenizer: TextTokenizer = field(repr=False)
     name: str
     num_layers: int
@@ -97,43 +82,6 @@ def load_model(path: str | None = None, *, dequantize: bool | None = None) -> Lo
 
 # -- GGUF --
 
-def _meta(metadata: dict, key: str, default: Any = None) -> Any:
-    value = metadata.get(key, default)
-    return value.item() if hasattr(value, "item") else value
-
-
-def _llama_args(metadata: dict, tied: bool) -> llama.ModelArgs:
-    arch = _meta(metadata, "general.architecture", "llama")
-    if arch != "llama":
-        raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    m = lambda key, default=None: _meta(metadata, f"llama.{key}", default)  # noqa: E731
-    hidden, heads = int(m("embedding_length")), int(m("attention.head_count"))
-    return llama.ModelArgs(
-        model_type="llama",
-        hidden_size=hidden,
-        num_hidden_layers=int(m("block_count")),
-        intermediate_size=int(m("feed_forward_length")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(m("attention.head_count_kv", heads)),
-        head_dim=int(m("attention.key_length", hidden // heads)),
-        rms_norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
-        vocab_size=len(metadata["tokenizer.ggml.tokens"]),
-        rope_theta=float(m("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(m("context_length", 4096)),
-        tie_word_embeddings=tied,
-    )
-
-
-def _mlx_name(gguf_name: str) -> str:
-    match = _NAME_RE.match(gguf_name)
-    layer, base, kind = match.groups() if match else (None, None, None)
-    table = _LAYER_NAMES if layer is not None else _GLOBAL_NAMES
-    if base not in table:
-        raise NotImplementedError(f"unexpected GGUF tensor {gguf_name!r}")
-    prefix = f"model.layers.{layer}." if layer is not None else ""
-    return f"{prefix}{table[base]}.{kind}"
-
-
 def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     """Undo llama.cpp's q/k row permutation (its convert script interleaves each head's two
     rotary halves for GGML's pairwise RoPE; mlx-lm's RoPE wants them split, as in HF).
@@ -146,13 +94,13 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _convert_gguf_weights(weights: dict[str, mx.array], args: llama.ModelArgs) -> dict[str, mx.array]:
+def _convert_gguf_weights(weights: dict[str, mx.array], args: Any, permute_qk: bool) -> dict[str, mx.array]:
     out = {}
     for name, w in weights.items():
-        mlx_name = _mlx_name(name)
-        if ".self_attn.q_proj." in mlx_name:
+        mlx_name = gguf_arch.mlx_name(name)
+        if permute_qk and ".self_attn.q_proj." in mlx_name:
             w = _unpermute_rows(w, args.num_attention_heads)
-        elif ".self_attn.k_proj." in mlx_name:
+        elif permute_qk and ".self_attn.k_proj." in mlx_name:
             w = _unpermute_rows(w, args.num_key_value_heads)
         out[mlx_name] = w
     return out
@@ -195,14 +143,13 @@ def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: m
 
 def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
     weights, metadata = mx.load(path, return_metadata=True)
-    args = _llama_args(metadata, tied="output.weight" not in weights)
-    weights = _convert_gguf_weights(weights, args)
+    model, args, arch = gguf_arch.build_model(metadata, tied="output.weight" not in weights)
+    weights = _convert_gguf_weights(weights, args, arch.permute_qk)
     bits = _quant_bits(weights)
     # float16 only on a GPU: MLX's CPU quantized matmul is ~45x slower with fp16 scales and
     # activations than with fp32 ones (fp16 arithmetic is emulated there).
     on_cpu = mx.default_device() == mx.cpu
     dtype = mx.float32 if dequantize or on_cpu else mx.float16
-    model = llama.Model(args)
     if dequantize:
         weights = _dequantize_all(weights, bits, dtype)
     else:  # packed uint32 stays; scales, biases and plain float tensors take `dtype`

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 # GGUF token types (llama.cpp `llama_token_type`).
 _CONTROL = 3
@@ -175,11 +175,23 @@ def _ends_something(name: str) -> bool:
     return any(m in name for m in _END_MARKERS) and "start" not in name
 
 
+# llama.cpp's pre-tokenizer names -> the split regex of that family's Hugging Face tokenizer.json.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_REGEX = {
+    "qwen2": _WORDS + r"\p{N}" + _REST,
+    "llama-bpe": _WORDS + r"\p{N}{1,3}" + _REST,
+}
+
+
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     """llama.cpp's `tokenizer.ggml.pre` names the pre-tokenizer regex family."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # SmolLM/StarCoder: every digit its own pre-token
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _SPLIT_REGEX:  # the families' own regex, then bytes (as their tokenizer.json does)
+        split = pre_tokenizers.Split(Regex(_SPLIT_REGEX[pre]), behavior="isolated", invert=False)
+        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     # GPT-2 regex: exact for "gpt-2"/"default"; an approximation for other families.
     return byte_level
 
