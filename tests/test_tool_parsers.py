@@ -70,3 +70,55 @@ def test_hermes_without_calls_is_plain_text():
     text = "The weather <is> fine < tool_call > ok"
     content, calls, _ = run(HermesParser(NAMES), text, 1)
     assert content == text and calls == []
+
+
+# ---- Llama 3.1+ JSON calls ----
+
+from mlx_loom.server.tool_parsers import Delta, Llama3JsonParser  # noqa: E402
+from mlx_loom.server.tools import tool_call_format  # noqa: E402
+
+LLAMA3_NAMES = frozenset({"get_weather", "get_time"})
+
+
+def _llama3(chunks: list[str]):
+    p = Llama3JsonParser(LLAMA3_NAMES)
+    deltas = [d for c in chunks for d in p.feed(c)] + p.finish()
+    return merge(deltas)
+
+
+def _pieces(text: str, n: int = 3) -> list[str]:
+    return [text[i:i + n] for i in range(0, len(text), n)]
+
+
+@pytest.mark.parametrize("prefix", ["", "<|python_tag|>", "  "])
+def test_llama3_json_calls_streamed_in_pieces(prefix):
+    text = prefix + '{"name": "get_weather", "parameters": {"city": "Paris; FR"}}; {"name": "get_time", "parameters": {}}'
+    content, calls = _llama3(_pieces(text))
+    assert content == ""
+    assert [(c.name, json.loads("".join(c.arguments))) for c in calls] == [
+        ("get_weather", {"city": "Paris; FR"}), ("get_time", {})]
+    assert len({c.id for c in calls}) == 2
+
+
+@pytest.mark.parametrize("text", ["The weather is fine.", '{"name": "unknown", "parameters": {}}',
+                                  '{"name": "get_weather", "parameters": {"city": "Pa', "<b>hi</b>", "<|python_tag|>"])
+def test_llama3_text_and_non_calls_come_back_as_content(text):
+    content, calls = _llama3(_pieces(text, 2))
+    assert calls == [] and content == text
+
+
+def test_llama3_text_streams_before_the_end():
+    p = Llama3JsonParser(LLAMA3_NAMES)
+    assert p.feed("Hel") == [Delta(content="Hel")] and p.feed("lo") == [Delta(content="lo")]
+
+
+class _Tok:
+    def __init__(self, template):
+        self.chat_template = template
+
+
+def test_call_format_follows_the_models_template():
+    llama3 = "{% if message.role == 'ipython' %}...<|python_tag|>{{ tool_call | tojson }}{% endif %}"
+    assert tool_call_format(_Tok(llama3)) == "llama3_json"
+    assert tool_call_format(_Tok("{% for tool in tools %}<tool_call>{% endfor %}")) == "hermes"
+    assert tool_call_format(_Tok(None)) == "hermes"

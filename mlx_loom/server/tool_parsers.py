@@ -6,9 +6,12 @@ text through the same parser and merges the deltas, so both return the same call
 - ArgumentsParser (named function, constrained): the output is the arguments object itself.
 - CallListParser ("required", constrained): `[{"name": "f", "arguments": {...}}, ...]` in the
   grammar's fixed layout; each call's name is sent once complete, its arguments as they grow.
-- HermesParser ("auto"): free text with `<tool_call>{...}</tool_call>` blocks; text outside
-  blocks is content, a block is held until it closes and becomes a call if it parses as one of
-  the declared functions (else it is returned as content, never dropped).
+- HermesParser ("auto", Hermes / Qwen templates and ours): free text with `<tool_call>{...}</tool_call>`
+  blocks; text outside blocks is content, a block is held until it closes and becomes a call if it
+  parses as one of the declared functions (else it is returned as content, never dropped).
+- Llama3JsonParser ("auto", Llama 3.1+ templates): the reply is either text or, after an optional
+  `<|python_tag|>`, `{"name": ..., "parameters": {...}}` objects separated by ";". A reply that starts
+  like a call is held to the end and returned as content if it is not one.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def make_parser(plan: ToolPlan) -> ToolParser:
         return ArgumentsParser(plan.named or "")
     if plan.mode == "required":
         return CallListParser()
+    if plan.call_format == "llama3_json":
+        return Llama3JsonParser(plan.names)
     return HermesParser(plan.names)
 
 
@@ -219,6 +224,10 @@ def _parse_calls(body: str, names: frozenset[str]) -> list[tuple[str, str]] | No
         doc = json.loads(body)
     except ValueError:
         return None
+    return _calls_of(doc, names)
+
+
+def _calls_of(doc: object, names: frozenset[str]) -> list[tuple[str, str]] | None:
     items = doc if isinstance(doc, list) else [doc]
     calls = []
     for item in items:
@@ -234,6 +243,55 @@ def _parse_calls(body: str, names: frozenset[str]) -> list[tuple[str, str]] | No
             return None
         calls.append((item["name"], json.dumps(args, ensure_ascii=False)))
     return calls or None
+
+
+PYTHON_TAG = "<|python_tag|>"
+
+
+class Llama3JsonParser:
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+        self.buf = ""
+        self.mode: str | None = None  # None: undecided, "content" or "call"
+
+    def feed(self, text: str) -> list[Delta]:
+        if self.mode == "content":
+            return [Delta(content=text)] if text else []
+        self.buf += text
+        head = self.buf.lstrip()
+        if self.mode == "call" or PYTHON_TAG.startswith(head):  # nothing yet, or maybe the tag
+            return []
+        if head.startswith("{") or head.startswith(PYTHON_TAG):
+            self.mode = "call"
+            return []
+        self.mode, out, self.buf = "content", self.buf, ""
+        return [Delta(content=out)]
+
+    def finish(self) -> list[Delta]:
+        rest, self.buf = self.buf, ""
+        calls = _llama3_calls(rest, self.names) if self.mode != "content" else None
+        if not calls:
+            return [Delta(content=rest)] if rest else []
+        return [Delta(calls=tuple(_start(i, name, args) for i, (name, args) in enumerate(calls)))]
+
+
+def _llama3_calls(text: str, names: frozenset[str]) -> list[tuple[str, str]] | None:
+    """Every object of `[<|python_tag|>]{...}; {...}` as a call of a declared function, else None."""
+    body = text.strip().removeprefix(PYTHON_TAG)
+    decoder, pos, calls = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
+            pos += 1
+        if pos == len(body):
+            return calls or None
+        try:
+            doc, pos = decoder.raw_decode(body, pos)
+        except ValueError:
+            return None
+        found = _calls_of(doc, names) if isinstance(doc, dict) else None
+        if found is None:
+            return None
+        calls.extend(found)
 
 
 # ---- merging (non-streaming responses) ----

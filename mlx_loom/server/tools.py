@@ -44,6 +44,8 @@ class ToolPlan:
     functions: tuple[FunctionSpec, ...]
     named: str | None = None
     parallel: bool = True
+    call_format: str = "hermes"
+    """How the model writes calls in "auto" mode: "hermes" (<tool_call> blocks) or "llama3_json"."""
 
     @property
     def names(self) -> frozenset[str]:
@@ -137,6 +139,16 @@ def _check_unique(functions: tuple[FunctionSpec, ...]) -> None:
 
 
 # ---- prompt side ----
+
+def tool_call_format(tokenizer) -> str:
+    """The call format the model's own chat template teaches: Llama 3.1+ templates (ipython role,
+    <|python_tag|>) ask for bare JSON calls; Hermes / Qwen templates and ours for <tool_call> blocks."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and "<tool_call>" not in template and (
+            "<|python_tag|>" in template or "ipython" in template):
+        return "llama3_json"
+    return "hermes"
+
 
 def template_knows_tools(tokenizer) -> bool:
     template = getattr(tokenizer, "chat_template", None)

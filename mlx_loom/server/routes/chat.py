@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import aclosing
+from dataclasses import replace
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
@@ -22,7 +23,7 @@ from mlx_loom.server.sse import DONE, EventStream, event, unless_disconnected
 from mlx_loom.server.state import get_state
 from mlx_loom.server.structured import compile_grammar, grammar_spec
 from mlx_loom.server.tool_parsers import Delta, ToolParser, make_parser, merge
-from mlx_loom.server.tools import tool_plan
+from mlx_loom.server.tools import tool_call_format, tool_plan
 
 router = APIRouter()
 
@@ -36,6 +37,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     model = state.check_model(body.model)
     stops = stop_strings(body.stop)
     plan = tool_plan(body)
+    if plan is not None:
+        plan = replace(plan, call_format=tool_call_format(info.tokenizer))
     spec = plan.grammar_spec() if plan is not None else grammar_spec(body.response_format)
     limits = limits_of(info)
     prompt = await render_chat(info.tokenizer, body.messages, plan)
