@@ -43,3 +43,23 @@ def test_hub_id_resolves_through_the_offline_cache(tmp_path):
     missing = subprocess.run([sys.executable, "-c", code.replace("tiny-qwen3", "not-cached")], env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0  # offline and not cached: an error, never a download
+
+
+def test_a_qwen3_directory_serves_chat_over_http(tmp_path):
+    import httpx
+
+    from mlx_loom.server.app import create_app
+    from mlx_loom.server.settings import Settings
+    from server_fixtures import serve_in_thread, wait_ready
+
+    path = make_tiny_arch_dir(tmp_path / "Qwen3-tiny", "qwen3")
+    with serve_in_thread(create_app(Settings(model=str(path)))) as base:
+        wait_ready(base, timeout=60)
+        stats = httpx.get(base + "/v1/engine/stats").json()
+        assert "generic" in stats["backend"]
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        with httpx.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 3
