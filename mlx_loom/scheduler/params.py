@@ -54,7 +54,8 @@ class SamplingParams:
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
-        _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]")
+        # symmetric in log space: a factor beyond 10 either way bans or forces tokens (1e-300 is 0 in float32)
+        _check(0.1 <= self.repetition_penalty <= 10.0, "repetition_penalty", "must be in [0.1, 10]")
         _check(0 <= self.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]")
         for tok, bias in self.logit_bias:
             _check(-100.0 <= bias <= 100.0, "logit_bias", f"bias for token {tok} must be in [-100, 100]")

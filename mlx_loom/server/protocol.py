@@ -7,9 +7,12 @@ Value ranges mirror mlx_loom.scheduler.params.SamplingParams (the engine's own c
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
+
+from mlx_loom.server.errors import bad_request
 
 INT64 = 2**63
 
@@ -99,7 +102,34 @@ class ChatMessage(_Open):
     """Tool turns: which call this content answers."""
 
 
+def _lone_surrogate(value: object, path: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate (JSON allows "\\ud800"; no
+    tokenizer or UTF-8 encoder does), or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return f"{path}.{key}".lstrip(".")
+        found = _lone_surrogate(item, f"{path}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class _SamplingRequest(_Open):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: object) -> object:
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise bad_request(f"{where or 'body'}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                              "escape), which is not text; send valid Unicode", where or None)
+        return data
+
     model: str | None = None
     """The served model name (see GET /v1/models); omitted means the one served model."""
     n: int | None = Field(None, ge=1, le=128)
@@ -113,7 +143,7 @@ class _SamplingRequest(_Open):
     """Same seed, same text; choice i of n uses seed + i."""
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=0.1, le=10.0)
     logit_bias: dict[str, float] | None = None
     """Token id (as a string) -> bias in [-100, 100] added to its logit."""
     stop: str | list[str] | None = None
