@@ -221,3 +221,36 @@ def test_sampling_distribution_is_the_targets(monkeypatch):
         counts = np.bincount([got[f"s{i}"].tokens[j] for i in range(n)], minlength=V) / n
         tv = 0.5 * np.abs(counts - exact[j]).sum()
         assert tv <= 0.03, (j, tv, counts, exact[j])
+
+
+def test_rows_with_fewer_slots_draft_only_what_fits(default_model):
+    """Regression (IndexError in build_step_batch): one propose call with k = the largest row's budget
+    drafted every row to k, writing KV past the slots of rows allocated for fewer tokens."""
+    from mlx_loom.scheduler.spec.drafter import DraftItem, ModelDrafter, NgramLevel
+
+    block = 4
+    drafter = ModelDrafter(default_model.model, 64, block, default_model.dtype, sub=NgramLevel())
+    seq = [1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6, 7]  # n-gram proposals accepted or not, both rows
+    items = []
+    for i, limit in enumerate((6, 1, 2)):
+        blocks = -(-(len(seq) + limit) // block)  # what Speculator.extend allocates: 1 + limit slots
+        items.append(DraftItem(f"r{i}", seq, tuple(range(i * 16, i * 16 + blocks)), SamplingParams(temperature=0),
+                               np.random.default_rng(i), max_draft=limit))
+    drafts = drafter.propose(items, 6)
+    assert [len(drafts[f"r{i}"].tokens) for i in range(3)] == [6, 1, 2]
+
+
+def test_many_rows_at_high_acceptance_near_their_max_tokens(default_model, prompts):
+    """N=8, rows ending at different max_tokens (different draft budgets in one step), n-gram
+    sub-proposals on repetitive prompts: the tokens are the plain engine's."""
+    texts = ["Repeat after me: one two three, one two three, one two three.",
+             "Repeat after me: red green blue, red green blue, red green blue."]
+    reps = [chat_ids(default_model.tokenizer, t) for t in texts]
+    reqs = [(f"h{i}", reps[i % 2] if i % 3 else prompts[i], SamplingParams(temperature=0, max_tokens=3 + 2 * i))
+            for i in range(8)]
+    plain_tokens = {rid: r.tokens for rid, r in run(_core(default_model), reqs).items()}
+    core = _core(default_model, SpecConfig(method="mxfp4", k=6, level2="ngram", mode="always"))
+    got = run(core, reqs)
+    assert {rid: r.tokens for rid, r in got.items()} == plain_tokens
+    assert all(r.error is None for r in got.values())
+    assert core.stats().spec_accepted[0] > 0

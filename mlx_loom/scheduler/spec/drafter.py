@@ -39,6 +39,8 @@ class DraftItem:
     params: SamplingParams
     rng: np.random.Generator
     num_preemptions: int = 0
+    max_draft: int | None = None
+    """At most this many tokens for this row (its KV slots end there); None: the call's k."""
 
 
 @dataclass
@@ -74,7 +76,7 @@ class NgramLevel:
         self.stats = LevelStats()
 
     def propose(self, items: Sequence[DraftItem], k: int) -> dict[str, Draft]:
-        return {it.request_id: Draft(self.ngram.propose(it.tokens, k), None) for it in items}
+        return {it.request_id: Draft(self.ngram.propose(it.tokens, _limit(it, k)), None) for it in items}
 
     def settle(self, request_id: str, valid_len: int) -> None:
         pass
@@ -88,6 +90,7 @@ class _Row:
     item: DraftItem
     seq: list[int]  # known tokens + drafted so far
     start: int  # len(item.tokens): where drafted tokens begin
+    limit: int  # tokens to draft: the row's KV slots hold no more
     q: list[np.ndarray] = field(default_factory=list)
 
     @property
@@ -122,20 +125,22 @@ class ModelDrafter:
         return end if pre == item.num_preemptions else 0
 
     def propose(self, items: Sequence[DraftItem], k: int) -> dict[str, Draft]:
-        rows = [_Row(it, list(it.tokens), len(it.tokens)) for it in items]
+        rows = [_Row(it, list(it.tokens), len(it.tokens), _limit(it, k)) for it in items]
         kv = {it.request_id: self.kv_end(it) for it in items}
         while True:
-            active = [r for r in rows if len(r.drafted) < k]
+            # A row drafting past its limit would write KV past the slots allocated for it.
+            active = [r for r in rows if len(r.drafted) < r.limit]
             if not active:
                 break
-            self._forward(active, kv, k)
+            self._forward(active, kv)
         for r in rows:
             self._kv_end[r.item.request_id] = (r.item.num_preemptions, kv[r.item.request_id])
-        return {r.item.request_id: Draft(r.drafted[:k], np.stack(r.q[:k]) if r.q else None) for r in rows}
+        return {r.item.request_id: Draft(r.drafted[: r.limit], np.stack(r.q[: r.limit]) if r.q else None)
+                for r in rows}
 
-    def _forward(self, rows: list[_Row], kv: dict[str, int], k: int) -> None:
+    def _forward(self, rows: list[_Row], kv: dict[str, int]) -> None:
         """One draft forward over rows: each emits >= 1 token (more when sub-proposals are accepted)."""
-        subs = self._sub_proposals(rows, k)
+        subs = self._sub_proposals(rows)
         sched = []
         for r in rows:
             rid = r.item.request_id
@@ -155,15 +160,15 @@ class ModelDrafter:
             if self.sub is not None:
                 self.sub.settle(r.item.request_id, len(r.seq) - 1)
 
-    def _sub_proposals(self, rows: list[_Row], k: int) -> dict[str, Draft]:
+    def _sub_proposals(self, rows: list[_Row]) -> dict[str, Draft]:
         """The sub-level's proposals per row: at most what is still missing, minus the draft's own token."""
         out = {r.item.request_id: Draft([], None) for r in rows}
         if self.sub is None:
             return out
         for r in rows:
-            want = k - len(r.drafted) - 1
+            want = r.limit - len(r.drafted) - 1
             if want > 0:
-                item = replace(r.item, tokens=r.seq)
+                item = replace(r.item, tokens=r.seq, max_draft=want)
                 out.update(self.sub.propose([item], want))
         return out
 
@@ -181,3 +186,7 @@ class ModelDrafter:
         self.stats.proposed += len(sub.tokens)
         self.stats.accepted += len(tokens) - 1
         r.seq.extend(int(t) for t in tokens)
+
+
+def _limit(item: DraftItem, k: int) -> int:
+    return k if item.max_draft is None else min(k, item.max_draft)

@@ -70,7 +70,7 @@ class Speculator:
                 continue  # no room: this row decodes plainly
             rows[i] = replace(rows[i], block_ids=block_ids)
             items.append((i, kk, DraftItem(req.request_id, req.all_token_ids, block_ids, req.params,
-                                           _rng(req, _DRAFT_STREAM), req.num_preemptions)))
+                                           _rng(req, _DRAFT_STREAM), req.num_preemptions, max_draft=kk)))
         if not items:
             return out
         drafts = self.drafter.propose([it for _, _, it in items], max(kk for _, kk, _ in items))
