@@ -17,11 +17,15 @@ from mlx_loom.scheduler.engine_info import EngineInfo
 from mlx_loom.scheduler.messages import AbortRequest, AddRequest, EngineStats, RequestOutput
 from mlx_loom.scheduler.params import SamplingParams
 
-__all__ = ["EngineClient", "EngineInfo", "RequestRejected", "EngineDeadError"]
+__all__ = ["EngineClient", "EngineInfo", "RequestRejected", "RequestFailed", "EngineDeadError"]
 
 
 class RequestRejected(ValueError):
     """The engine refused the request at admission (the message says what to change)."""
+
+
+class RequestFailed(RuntimeError):
+    """A step running this request failed inside the engine (a bug); the engine serves on."""
 
 
 class EngineDeadError(RuntimeError):
@@ -76,15 +80,11 @@ class EngineClient:
         self._thread.submit(AddRequest(rid, tuple(prompt_token_ids), params))
         finished = False
         try:
-            first = True
             while not finished:
                 out: RequestOutput = await q.get()
                 finished = out.finished
                 if out.finish_reason == "error":
-                    if first and not out.new_token_ids and self.dead_reason is None:
-                        raise RequestRejected(out.error or "request rejected")
-                    raise EngineDeadError(out.error or "engine failed")
-                first = False
+                    raise _error(out)
                 yield out
         finally:
             self._queues.pop(rid, None)
@@ -114,6 +114,15 @@ class EngineClient:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+
+
+def _error(out: RequestOutput) -> Exception:
+    """The exception for an error output: by whom it was caused."""
+    if out.blame == "engine":
+        return RequestFailed(out.error or "engine step failed")
+    if out.blame == "request":
+        return RequestRejected(out.error or "request rejected")
+    return EngineDeadError(out.error or "engine failed")
 
 
 def _settle(fut: asyncio.Future, result: EngineInfo | BaseException) -> None:

@@ -86,7 +86,7 @@ class EngineThread(threading.Thread):
         while True:
             if isinstance(msg, _Stop):
                 return False
-            out = self.core.abort(msg.request_id) if isinstance(msg, AbortRequest) else self.core.add(msg)
+            out = self._apply(msg)
             if out is not None:
                 outputs.append(out)
             try:
@@ -97,6 +97,17 @@ class EngineThread(threading.Thread):
         if outputs:
             self._emit(outputs)
         return True
+
+    def _apply(self, msg: AddRequest | AbortRequest) -> RequestOutput | None:
+        """Add or abort; an unexpected exception fails that one request, not the engine."""
+        try:
+            return self.core.abort(msg.request_id) if isinstance(msg, AbortRequest) else self.core.add(msg)
+        except Exception as exc:
+            log.exception("%s of %s failed", type(msg).__name__, msg.request_id)
+            if isinstance(msg, AbortRequest):
+                return None
+            return RequestOutput(msg.request_id, (), finish_reason="error", blame="engine",
+                                 error=f"the engine failed to queue this request ({type(exc).__name__}: {exc})")
 
     def _fail_inbox(self, message: str) -> list[RequestOutput]:
         """Requests still queued never reached the scheduler: fail them too."""

@@ -62,6 +62,7 @@ class EngineCore:
         self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend,
                                backend_text)
         self.steps = 0
+        self._updating = False  # set once a step starts changing request state
         self._emitted: dict[str, int] = {}  # request id -> output tokens already reported
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
         log.info("KV pool: %d blocks x %d tokens (%.0f MB)", num_blocks, cfg.cache.block_size,
@@ -77,7 +78,7 @@ class EngineCore:
         except ValueError as exc:
             self.structured.remove(req.request_id)
             return RequestOutput(msg.request_id, (), finish_reason="error", error=str(exc),
-                                 num_prompt_tokens=len(msg.prompt_token_ids))
+                                 num_prompt_tokens=len(msg.prompt_token_ids), blame="request")
         self._emitted[req.request_id] = 0
         return None
 
@@ -90,10 +91,52 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one batched forward, sample, update; the deltas of this step."""
+        """Schedule, run one batched forward, sample, update; the deltas of this step.
+
+        An exception past scheduling fails only the requests that cause it: the step's rows are
+        retried one by one (while no request state changed yet), and a row that fails alone gets
+        an error output; the engine serves on."""
         out = self.scheduler.schedule()
         if not out.rows:
             return []
+        return self._guarded(out, retry_alone=len(out.rows) > 1)
+
+    def _guarded(self, out: SchedulerOutput, retry_alone: bool) -> list[RequestOutput]:
+        before = [(p, list(p.k), list(p.v)) for p in self._pools()]
+        prompt_lens = {r.request_id: self.scheduler.requests[r.request_id].num_prompt_tokens for r in out.rows}
+        self._updating = False
+        try:
+            return self._step(out)
+        except Exception as exc:
+            _settle_pools(before)
+            if retry_alone and not self._updating:
+                log.warning("step %d failed (%s: %s); retrying its %d rows one by one", self.steps,
+                            type(exc).__name__, exc, len(out.rows))
+                return [o for row in out.rows for o in self._guarded(self._alone(out, row), False)]
+            log.exception("step %d failed; failing its %d request(s)", self.steps, len(prompt_lens))
+            message = f"the engine failed while running this request ({type(exc).__name__}: {exc})"
+            # Every request of the step gets its error, also one that finished before the failure
+            # (its final output was never returned).
+            return [self._fail(rid, message, "engine") or RequestOutput(
+                rid, (), finish_reason="error", error=message, num_prompt_tokens=n, blame="engine")
+                for rid, n in prompt_lens.items()]
+
+    def _alone(self, out: SchedulerOutput, row) -> SchedulerOutput:
+        """The step of one of out's rows; its draft KV is rebuilt (the failed step may have moved it)."""
+        if self.spec is not None:
+            self.spec.drafter.forget(row.request_id)
+        return replace(out, rows=(row,), num_batched_tokens=len(row.token_ids))
+
+    def _pools(self) -> list:
+        """The KV pools a step writes: the target's and each draft model's."""
+        pools, level = [self.runner.pools], getattr(self.spec, "drafter", None)
+        while level is not None:
+            if hasattr(level, "runner"):
+                pools.append(level.runner.pools)
+            level = getattr(level, "sub", None)
+        return pools
+
+    def _step(self, out: SchedulerOutput) -> list[RequestOutput]:
         if self.spec is not None:
             out = self.spec.extend(out, self.scheduler)
         sampled = self._run(out)
@@ -105,11 +148,13 @@ class EngineCore:
                         TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs))
         tokens = {rid: [t.token_id for t in toks] for rid, toks in sampled.items()}
         reqs = self.scheduler.requests
+        self._updating = True  # from here on request state changes: a retry would repeat it
         advance = self.structured.advance(tokens, lambda rid, t: reqs[rid].is_stop_token(t))
         changed = self.scheduler.update_from_output(out, advance.kept(tokens), advance.stop_after)
         outputs = [self._output(req) for req in changed]
         for rid, message in advance.errors.items():
-            outputs.extend(self._fail(rid, message))
+            failed = self._fail(rid, message, "request")
+            outputs.extend([failed] if failed is not None else [])
         for req in changed:
             if req.is_finished:
                 self._forget(req.request_id)
@@ -120,13 +165,16 @@ class EngineCore:
         if self.spec is not None:
             self.spec.forget(request_id)
 
-    def _fail(self, request_id: str, message: str) -> list[RequestOutput]:
+    def _fail(self, request_id: str, message: str, blame: str) -> RequestOutput | None:
+        """End a request with an error (None if it is no longer in the scheduler)."""
         req = self.scheduler.abort_request(request_id)
         self._forget(request_id)
+        self._emitted.pop(request_id, None)
+        self._pending_logprobs.pop(request_id, None)
         if req is None:
-            return []
-        return [RequestOutput(request_id, (), finish_reason="error", error=message,
-                              num_prompt_tokens=req.num_prompt_tokens)]
+            return None
+        return RequestOutput(request_id, (), finish_reason="error", error=message,
+                             num_prompt_tokens=req.num_prompt_tokens, blame=blame)
 
     def _run(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
         logits, sample_rows = self.runner.execute(out.rows)  # [S', V]
@@ -211,6 +259,17 @@ class EngineCore:
         s = self.spec.stats()
         return dict(spec_enabled=True, spec_num_drafts=s.num_drafts, spec_proposed=s.proposed,
                     spec_accepted=s.accepted)
+
+
+def _settle_pools(before: list) -> None:
+    """After a failed step: keep the KV it wrote if it evaluates, else put back the arrays from
+    before it (an array whose evaluation raises would fail every later step). Blocks reach the
+    prefix cache only after their KV evaluated, so a rollback never strands a cached block."""
+    try:
+        mx.eval([a for p, _, _ in before for a in (*p.k, *p.v)])
+    except Exception:
+        for p, k, v in before:
+            p.k[:], p.v[:] = k, v
 
 
 def _sparse_config(setting: str, loaded: LoadedModel):

@@ -44,6 +44,9 @@ class RequestOutput:
     """Prompt tokens served from the prefix cache."""
     error: str | None = None
     """Set with finish_reason "error": what went wrong and what to change."""
+    blame: str | None = None
+    """With an error: "request" (it cannot run as sent), "engine" (a step failed while running it;
+    the engine serves on), None (the engine is gone)."""
     spec_proposed: int = 0
     """Speculative decoding, cumulative for the request: draft tokens the target verified."""
     spec_accepted: int = 0

@@ -9,7 +9,7 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Sequence
 
-from mlx_loom.scheduler.client import EngineDeadError, RequestRejected
+from mlx_loom.scheduler.client import EngineDeadError, RequestFailed, RequestRejected
 from mlx_loom.schemas.grammar import CompiledGrammar
 from mlx_loom.server.errors import ApiError, bad_request
 from mlx_loom.server.logprobs import TokenText
@@ -91,6 +91,8 @@ def as_api_error(exc: Exception) -> ApiError | None:
         return bad_request(str(exc), code="request_rejected")
     if isinstance(exc, EngineDeadError):
         return ApiError(503, str(exc), code="engine_unavailable")
+    if isinstance(exc, RequestFailed):  # logged by the engine; the server keeps serving
+        return ApiError(500, str(exc), code="engine_step_failed")
     return None
 
 
@@ -108,7 +110,7 @@ def engine_errors() -> Iterator[None]:
     """Map engine failures to 400/503 for the non-streaming routes."""
     try:
         yield
-    except (RequestRejected, EngineDeadError) as exc:
+    except (RequestRejected, RequestFailed, EngineDeadError) as exc:
         raise as_api_error(exc) from None
 
 
