@@ -220,3 +220,52 @@ def test_speculative_tokens_after_a_stop_token_are_dropped():
     changed = s.update_from_output(replace(out, rows=(row,)), {"a": [7, EOS, 5]})
     assert changed[0].output_token_ids[-1] == 7 and changed[0].finish_reason == "stop"
     assert s.num_free_blocks == 16
+
+
+def _make_capped(cap: int, budget: int = 32, num_blocks: int = 64) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=256,
+                                     long_prefill_chunk=cap), CacheConfig(block_size=4), num_blocks)
+
+
+def test_a_long_prompt_alone_takes_the_whole_budget():
+    s = _make_capped(cap=8)
+    s.add_request(req("long", 100))
+    out, _ = step(s)
+    assert [len(r.token_ids) for r in out.rows] == [32]
+
+
+def test_a_short_request_behind_a_long_prompt_starts_at_the_next_step():
+    """The starvation case: the long prompt took the budget every step until it finished."""
+    s = _make_capped(cap=8)
+    s.add_request(req("long", 100))
+    step(s)  # alone: 32 tokens
+    s.add_request(req("short", 5, base=200))
+    out, changed = step(s)
+    assert [(r.request_id, len(r.token_ids), r.sample) for r in out.rows] == [("long", 8, False), ("short", 5, True)]
+    assert [r.request_id for r in changed] == ["short"]  # its first token, while the long prompt runs on
+    out, _ = step(s)
+    assert [(r.request_id, len(r.token_ids)) for r in out.rows] == [("long", 8), ("short", 1)]
+
+
+def test_running_decodes_keep_their_budget_behind_several_long_prompts():
+    s = _make_capped(cap=16, budget=32, num_blocks=256)  # no preemption
+    for rid in ("l1", "l2", "l3"):
+        s.add_request(req(rid, 120, base=10 + 200 * int(rid[1])))
+    s.add_request(req("d", 3, base=900))
+    started = None
+    for i in range(12):
+        out, _ = step(s)
+        assert out.num_batched_tokens <= 32
+        if "d" in s.requests and s.requests["d"].output_token_ids:
+            started = i if started is None else started
+            assert "d" in [r.request_id for r in out.rows]  # decoding every step once it started
+    assert started is not None and started <= 2  # joined behind three long prompts within two steps
+
+
+def test_no_cap_restores_whole_budget_chunks():
+    s = _make_capped(cap=0)
+    s.add_request(req("long", 100))
+    step(s)
+    s.add_request(req("short", 5, base=200))
+    out, _ = step(s)
+    assert [(r.request_id, len(r.token_ids)) for r in out.rows] == [("long", 32)]

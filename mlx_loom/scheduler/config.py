@@ -33,8 +33,14 @@ class SchedulerConfig:
     """Token budget per step: decode rows cost 1, prefill chunks fill the rest."""
     max_model_len: int = 8192
     """Longest prompt + output accepted."""
+    long_prefill_chunk: int = 128
+    """While other requests decode or wait, a prompt takes at most this many tokens per step, so a
+    long prompt cannot hold the whole budget step after step (vLLM's long_prefill_token_threshold);
+    alone, it takes the budget. 0: no cap."""
 
     def __post_init__(self) -> None:
+        if self.long_prefill_chunk < 0:
+            raise ValueError(f"long_prefill_chunk must be >= 0, got {self.long_prefill_chunk}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -3,7 +3,9 @@
 Each step it decides which tokens of which requests run: running requests first (a decode
 row costs one token, an unfinished prompt a chunk), then waiting requests in arrival order
 while the token budget, the row cap and the KV pool allow. Prefill is chunked under
-max_num_batched_tokens so running decodes are never starved. When a running request cannot
+max_num_batched_tokens, with budget kept for every running decode row, and while anyone else
+decodes or waits a prompt takes at most long_prefill_chunk tokens per step: a long prompt slows
+down, it never holds back a short request's first token or a running stream. When a running request cannot
 get a block, the most recently admitted running request is preempted by recompute: its
 blocks are freed and it goes back to the front of the queue with its tokens so far.
 """
@@ -120,10 +122,23 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
         preempted: list[str] = []
+        # Budget kept for the decode rows not scheduled yet and for the head of the queue, so
+        # running prompts never take it.
+        decodes_left = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        cap = self._prefill_cap()
+        reserved = decodes_left + self._admission_reserve(cap)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            if remaining == 1:
+                reserved -= 1
+                num_new = 1
+            else:
+                num_new = min(remaining, budget - reserved, cap)
+                if num_new <= 0:
+                    i += 1
+                    continue  # the decode rows behind it take the rest of this step
             block_ids = self._allocate_or_preempt(req, num_new, preempted)
             if block_ids is None:
                 break  # req preempted itself: it was the last running one
@@ -131,8 +146,15 @@ class Scheduler:
             budget -= num_new
             i += 1
         if not preempted:
-            budget = self._admit(budget, rows)
+            budget = self._admit(budget, rows, cap)
         return SchedulerOutput(tuple(rows), self.config.max_num_batched_tokens - budget, tuple(preempted))
+
+    def _prefill_cap(self) -> int:
+        """Most prompt tokens one request may take this step: the whole budget when it runs alone."""
+        cap = self.config.long_prefill_chunk
+        if cap == 0 or len(self.running) + len(self.waiting) <= 1:
+            return self.config.max_num_batched_tokens
+        return cap
 
     def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[str]) -> tuple[int, ...] | None:
         while True:
@@ -153,12 +175,18 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _admit(self, budget: int, rows: list[ScheduledRow]) -> int:
+    def _admission_reserve(self, cap: int) -> int:
+        """Budget kept for the first waiting request (capped prefill only): one joins every step."""
+        if self.config.long_prefill_chunk == 0 or not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return 0
+        return min(cap, self.waiting[0].num_tokens)
+
+    def _admit(self, budget: int, rows: list[ScheduledRow], cap: int) -> int:
         """Move waiting requests to running, FCFS, while budget, rows and blocks allow."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits, num_cached = self.kv.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_cached, budget)
+            num_new = min(req.num_tokens - num_cached, budget, cap)
             block_ids = self.kv.allocate_slots(req, num_new, hits)
             if block_ids is None:
                 break  # FCFS: nobody overtakes the head of the queue

@@ -38,6 +38,9 @@ class Settings:
                                        "Token budget per engine step (decode rows cost 1, prefill chunks the rest).")
     max_model_len: int = _opt(SchedulerConfig.max_model_len,
                               "Longest prompt + completion accepted (capped by the model's own context).")
+    long_prefill_chunk: int = _opt(SchedulerConfig.long_prefill_chunk,
+                                   "While others decode or wait, a prompt takes at most this many tokens per "
+                                   "step, so a long prompt never holds back a short request (0: no cap).")
     kv_cache_memory_gb: float = _opt(CacheConfig.kv_cache_memory_gb, "Memory for the paged KV cache, in GiB.")
     num_blocks: int | None = _opt(None, "Exact number of KV pages (overrides --kv-cache-memory-gb).")
     block_size: int = _opt(CacheConfig.block_size, "Tokens per KV page (a power of two).")
@@ -102,7 +105,8 @@ class Settings:
                               enable_prefix_caching=self.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
-                                      max_model_len=self.max_model_len),
+                                      max_model_len=self.max_model_len,
+                                      long_prefill_chunk=self.long_prefill_chunk),
             spec=SpecConfig(method=self.speculative, k=self.spec_k, level2=self.spec_level2, mode=self.spec_mode),
             sparse_prefill=self.sparse_prefill,
         )
