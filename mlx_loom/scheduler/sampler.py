@@ -318,7 +318,7 @@ class _Step:
             return out
         lse, vals, idx = lp[0].tolist(), lp[2].tolist(), lp[3].tolist()
         for i, b in enumerate(self.plan.logprobs):
-            n = self.rows[b].params.top_logprobs
+            n = min(self.rows[b].params.top_logprobs, self.vocab)  # a vocabulary smaller than 20
             top = tuple((idx[i][j], vals[i][j] - lse[i]) for j in range(n))
             out[b] = SampledToken(tokens[b], chosen[b] - lse[i], top)
         return out
