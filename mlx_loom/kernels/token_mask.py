@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 _BITS = mx.arange(32, dtype=mx.int32)
+mx.eval(_BITS)  # evaluated here: a lazy array made on one thread fails to evaluate on another
 
 
 @mx.compile

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_loom.kernels.token_mask import apply_token_bitmask
-from mlx_loom.schemas.grammar import CompiledGrammar, GrammarBackend, Matcher
+from mlx_loom.schemas.grammar import CompiledGrammar, GrammarBackend, Matcher, short_error
 
 
 @dataclass
@@ -25,12 +25,21 @@ class Advance:
     stop_after: set[str] = field(default_factory=set)
     """Requests whose document is complete: finish as "stop" once the token is appended."""
     errors: dict[str, str] = field(default_factory=dict)
-    """Requests whose token the grammar rejected (a bug if it ever happens: masks forbid it)."""
+    """Requests whose grammar failed: a token it rejected (masks should forbid that) or an engine
+    limit hit while filling its mask. A short message (the engine's text cut to ~200 characters);
+    the failing token and those after it are cut, so the request ends with the error alone."""
     cut: dict[str, int] = field(default_factory=dict)
-    """Requests whose tokens end early (document complete): how many of them to keep."""
+    """Requests whose tokens end early (document complete, or grammar error): how many to keep."""
 
     def kept(self, sampled: Mapping[str, Sequence[int]]) -> dict[str, Sequence[int]]:
         return {rid: toks[: self.cut[rid]] if rid in self.cut else toks for rid, toks in sampled.items()}
+
+
+def grammar_failure(error: str | None, token: int | None = None) -> str:
+    """The client's message for a grammar that failed mid-generation (short: no parser-state dump)."""
+    where = f" on token id {token}" if token is not None else ""
+    return (f"structured output stopped: the grammar engine failed{where} ({short_error(error)}); "
+            "simplify the JSON schema")
 
 
 class StructuredOutput:
@@ -70,11 +79,17 @@ class StructuredOutput:
             matcher = self._matchers.get(rid)
             if matcher is None:
                 continue
+            failed = matcher.error()  # set while filling the mask (a limit): the mask was not the grammar's
+            if failed is not None:
+                result.errors[rid] = grammar_failure(failed)
+                result.cut[rid] = 0
+                continue
             for n, token in enumerate(tokens, start=1):
                 if is_stop(rid, token):
                     break
                 if not matcher.consume(token):
-                    result.errors[rid] = f"grammar rejected token {token}: {matcher.error() or 'unknown reason'}"
+                    result.errors[rid] = grammar_failure(matcher.error(), token)
+                    result.cut[rid] = n - 1
                     break
                 if matcher.is_stopped():
                     result.stop_after.add(rid)

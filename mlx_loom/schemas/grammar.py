@@ -14,6 +14,17 @@ from typing import Protocol, Sequence
 import numpy as np
 
 
+ERROR_DETAIL_CHARS = 200
+"""Most characters of a grammar engine's own error text passed on to a client."""
+
+
+def short_error(text: str | None, limit: int = ERROR_DETAIL_CHARS) -> str:
+    """A grammar engine's error text cut to its first part: no parser-state dump, at most `limit` chars."""
+    text = (text or "").split("<state>", 1)[0].split("<non-verbose", 1)[0]
+    text = " ".join(text.split()) or "unknown error"
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 class GrammarError(ValueError):
     """A schema that cannot be enforced: the message says what is wrong and what to change."""
 

@@ -5,11 +5,21 @@ compiled with fixed separators ", " and ": " and no other whitespace outside str
 model cannot loop on spaces or newlines; llguidance never lets special tokens (e.g.
 <|im_start|>) into a lexeme, and allows EOS only where the document is complete. Unknown
 schema keywords are errors (lenient: false): a constraint is never silently dropped.
+
+A schema the engine cannot generate from is refused at compile time rather than found mid-way:
+`schema_checks` refuses $ref loops and required recursion (no finite instance); every matcher
+runs under `parser_limits()` (regex fuel, terse errors); each new grammar gets a dry run (first
+mask, a token, next mask, ...), so a limit the first tokens hit (a huge forced regex, an
+unbounded forced prefix) or an empty first mask is a GrammarError; and each string constraint
+(pattern, lengths) gets the same dry run alone, since a nested one is only lexed when reached.
+Refusals are cached like grammars, so a hostile schema sent again costs nothing. A limit hit
+later anyway ends only that request, with a short error (mlx_loom/scheduler/structured.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -19,10 +29,38 @@ import llguidance
 import numpy as np
 from llguidance.numpy import fill_next_token_bitmask_par
 
-from mlx_loom.schemas.grammar import CompiledGrammar, GrammarError, GrammarSpec
+from mlx_loom.schemas.grammar import CompiledGrammar, GrammarError, GrammarSpec, short_error
+from mlx_loom.schemas.schema_checks import recursion_problem, string_constraints
+
+log = logging.getLogger("mlx_loom.schemas")
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
 CACHE_SIZE = 256
+INITIAL_LEXER_FUEL = 300_000
+"""Regex-building fuel per grammar (llguidance's default is 1M, ~50k/ms). A 1000-value enum or 300
+patterned properties need well under this; "^a{1000000}$" fails in ~0.1 s instead of ~0.4-1.2 s."""
+DRY_RUN_TOKENS = 2
+"""Tokens a compile-time dry run consumes (lowest allowed id each time) after the first mask."""
+STRING_CHECK_BUDGET_S = 1.0
+"""Most seconds spent dry-running a schema's string constraints one by one."""
+
+
+def parser_limits() -> llguidance.LLParserLimits:
+    """The limits every validation, dry run and engine matcher runs under (terse errors: no parser dump)."""
+    return llguidance.LLParserLimits(initial_lexer_fuel=INITIAL_LEXER_FUEL, verbose_errors=False)
+
+
+def _limit_message(stop_reason: str, error: str) -> str:
+    """A short client message for a grammar that failed in the dry run."""
+    detail = short_error(error)
+    # After a failed step llguidance reports "InternalError"; the error text names the part that gave up.
+    if stop_reason == "LexerTooComplex" or detail.startswith("lexer error"):
+        return (f"a string constraint in the JSON schema is too large to enforce ({detail}); "
+                "use a shorter pattern, smaller repetition counts or lengths")
+    if stop_reason == "ParserTooComplex" or "too many items" in detail.lower():
+        return (f"the JSON schema is too complex to enforce ({detail}); check for required recursion "
+                "(no finite instance) or too many alternatives")
+    return f"the JSON schema cannot be enforced ({detail})"
 
 
 class LLGuidanceMatcher:
@@ -60,37 +98,94 @@ class LLGuidanceBackend:
         self._lock = threading.Lock()
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Cached by spec key, refusals too (the same GrammarError is raised again)."""
         with self._lock:
             hit = self._cache.get(spec.key)
             if hit is not None:
                 self._cache.move_to_end(spec.key)
-                return hit
+        if isinstance(hit, GrammarError):
+            raise GrammarError(str(hit), hit.param)
+        if hit is not None:
+            return hit
         t0 = time.perf_counter()
-        compiled = CompiledGrammar(spec, self._grammar(spec), (time.perf_counter() - t0) * 1e3)
+        try:
+            result: CompiledGrammar | GrammarError = CompiledGrammar(spec, self._grammar(spec),
+                                                                     (time.perf_counter() - t0) * 1e3)
+        except GrammarError as exc:
+            result = exc
         with self._lock:
-            self._cache[spec.key] = compiled
+            self._cache[spec.key] = result
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return compiled
+        if isinstance(result, GrammarError):
+            raise GrammarError(str(result), result.param)
+        return result
 
     def _grammar(self, spec: GrammarSpec) -> str:
         schema = spec.schema_obj()
         param = "response_format" if spec.kind == "json_object" else "response_format.json_schema.schema"
+        problem = recursion_problem(schema)
+        if problem is not None:
+            raise GrammarError(problem, param)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
         except ValueError as exc:
-            raise GrammarError(f"invalid JSON schema: {exc}", param) from None
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+            raise GrammarError(f"invalid JSON schema: {short_error(str(exc))}", param) from None
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self.tokenizer, limits=parser_limits())
         if is_error or messages:
             # Warnings name constraints llguidance would not enforce: refuse rather than fail open.
-            detail = "; ".join(m.strip() for m in messages) or "unknown error"
+            detail = short_error("; ".join(m.strip() for m in messages), 240)
             raise GrammarError(f"the JSON schema cannot be enforced: {detail}", param)
+        self._dry_run(grammar, param)
+        self._check_strings(schema, param)
         return grammar
 
+    def _check_strings(self, schema: object, param: str) -> None:
+        """Dry-run each string constraint alone (a regex is only lexed when generation reaches it).
+
+        Passing constraints are cheap (~1 ms); the first failing one refuses the schema. Checks
+        stop after STRING_CHECK_BUDGET_S, after which a limit is still reported mid-generation."""
+        deadline = time.perf_counter() + STRING_CHECK_BUDGET_S
+        for sub in string_constraints(schema):
+            if time.perf_counter() > deadline:
+                log.warning("string constraint checks stopped after %.1f s", STRING_CHECK_BUDGET_S)
+                return
+            try:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(sub), defaults=JSON_OPTIONS)
+            except ValueError:
+                continue
+            if llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer, limits=parser_limits()):
+                continue  # not valid alone (the whole schema was): nothing to learn
+            self._dry_run(grammar, param)
+
+    def _dry_run(self, grammar: str, param: str) -> None:
+        """Run the grammar as the engine would: first mask, DRY_RUN_TOKENS tokens, each next mask.
+
+        Raises GrammarError when the matcher errs (a limit hit) or nothing but EOS is allowed before
+        the document is complete. Deterministic, so its result is cached with the grammar."""
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=parser_limits())
+        eos = [t for t in self.tokenizer.eos_tokens if t < self.vocab_size]
+        for step in range(DRY_RUN_TOKENS + 1):
+            mask = matcher.compute_bitmask() if not matcher.is_error() else b""
+            if matcher.is_error():
+                raise GrammarError(_limit_message(matcher.stop_reason(), matcher.get_error()), param)
+            allowed = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")[: self.vocab_size]
+            allowed[eos] = 0
+            ids = np.flatnonzero(allowed)
+            if not len(ids):
+                if step == 0 or not matcher.is_accepting():
+                    where = "start" if step == 0 else "continue"
+                    raise GrammarError(f"the JSON schema has no valid instance (no token can {where} the "
+                                       "document); check for contradictory constraints or an empty enum", param)
+                return
+            if step < DRY_RUN_TOKENS:
+                matcher.consume_token(int(ids[0]))
+
     def new_matcher(self, grammar: CompiledGrammar) -> LLGuidanceMatcher:
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar.grammar, log_level=1)
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar.grammar, log_level=1, limits=parser_limits())
         if matcher.is_error():
-            raise GrammarError(f"grammar failed to start: {matcher.get_error()}")
+            raise GrammarError(f"grammar failed to start: {short_error(matcher.get_error())}")
         return LLGuidanceMatcher(matcher)
 
     def fill_masks(self, matchers: Sequence[LLGuidanceMatcher], out: np.ndarray) -> None:

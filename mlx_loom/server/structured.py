@@ -2,9 +2,11 @@
 
 Compilation runs in a worker thread (llguidance releases the GIL) and is cached by schema
 hash inside the backend, so a bad schema is a 400 before any token is generated and a repeated
-schema costs nothing. Validation with `jsonschema` re-checks each finished constrained output:
-the grammar should make it redundant, so a failure is reported (logged and attached to the
-choice), never hidden.
+schema costs nothing. The backend refuses, with a short message, schemas the engine could not
+generate from (a $ref loop, required recursion, a regex over the lexer's limits: its dry run
+computes the first masks), so none of them reaches the engine. Validation with `jsonschema`
+re-checks each finished constrained output: the grammar should make it redundant, so a failure
+is reported (logged and attached to the choice), never hidden.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import asyncio
 import json
 import logging
 
-from mlx_loom.schemas.grammar import CompiledGrammar, GrammarError, GrammarSpec
+from mlx_loom.schemas.grammar import CompiledGrammar, GrammarError, GrammarSpec, short_error
 from mlx_loom.server.errors import bad_request
 from mlx_loom.server.protocol import ResponseFormat
 
 log = logging.getLogger("mlx_loom.server")
+MAX_MESSAGE_CHARS = 280
+"""Longest schema error message sent to a client (the engine's own detail is cut to ~200 inside)."""
 
 
 def grammar_spec(fmt: ResponseFormat | None) -> GrammarSpec | None:
@@ -47,7 +51,16 @@ async def compile_grammar(info, spec: GrammarSpec | None, param: str | None = No
     try:
         return await asyncio.to_thread(backend.compile, spec)
     except GrammarError as exc:
-        raise bad_request(str(exc), param or exc.param or "response_format", "invalid_schema") from None
+        raise bad_request(_short(str(exc)), param or exc.param or "response_format", "invalid_schema") from None
+    except ValueError as exc:  # the backend refused the grammar some other way: still the client's schema
+        log.warning("grammar compile refused (%s): %s", spec.key[:12], exc)
+        raise bad_request(f"the JSON schema cannot be enforced ({short_error(str(exc))})",
+                          param or "response_format", "invalid_schema") from None
+
+
+def _short(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A schema error message capped for the client (backends already keep theirs short)."""
+    return message if len(message) <= limit else message[: limit - 3].rstrip() + "..."
 
 
 def validation_error(grammar: CompiledGrammar | None, text: str, finish_reason: str | None) -> str | None:
