@@ -102,13 +102,12 @@ class EngineCore:
         return self._guarded(out, retry_alone=len(out.rows) > 1)
 
     def _guarded(self, out: SchedulerOutput, retry_alone: bool) -> list[RequestOutput]:
-        before = [(p, list(p.k), list(p.v)) for p in self._pools()]
         prompt_lens = {r.request_id: self.scheduler.requests[r.request_id].num_prompt_tokens for r in out.rows}
         self._updating = False
         try:
             return self._step(out)
         except Exception as exc:
-            _settle_pools(before)
+            _check_pools(self._pools(), exc)
             if retry_alone and not self._updating:
                 log.warning("step %d failed (%s: %s); retrying its %d rows one by one", self.steps,
                             type(exc).__name__, exc, len(out.rows))
@@ -261,15 +260,14 @@ class EngineCore:
                     spec_accepted=s.accepted)
 
 
-def _settle_pools(before: list) -> None:
-    """After a failed step: keep the KV it wrote if it evaluates, else put back the arrays from
-    before it (an array whose evaluation raises would fail every later step). Blocks reach the
-    prefix cache only after their KV evaluated, so a rollback never strands a cached block."""
+def _check_pools(pools: list, cause: Exception) -> None:
+    """After a failed step: the KV it wrote must still evaluate, else the cache is lost for every
+    request and the engine stops loudly. (No copy of the pools is kept to roll back to: holding the
+    old arrays would stop MLX from updating them in place, a full pool copy per step.)"""
     try:
-        mx.eval([a for p, _, _ in before for a in (*p.k, *p.v)])
-    except Exception:
-        for p, k, v in before:
-            p.k[:], p.v[:] = k, v
+        mx.eval([a for p in pools for a in (*p.k, *p.v)])
+    except Exception as exc:
+        raise RuntimeError(f"the KV cache cannot be evaluated after a failed step ({cause!r}): {exc}") from exc
 
 
 def _sparse_config(setting: str, loaded: LoadedModel):
