@@ -16,11 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("mlx_loom.server")
 
-# Validation failures about a value (not its JSON type or presence) are 400s, like OpenAI's.
-_VALUE_ERRORS = {
-    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
-    "too_long", "too_short", "string_too_long", "string_too_short", "literal_error", "enum",
-    "value_error", "finite_number",
+# pydantic's "<kind>_type" errors -> what the field must be, in JSON words.
+_EXPECTED = {
+    "string_type": "a string", "list_type": "an array", "int_type": "an integer", "float_type": "a number",
+    "bool_type": "a boolean (true or false)", "dict_type": "an object", "model_type": "an object",
+    "model_attributes_type": "an object", "none_required": "null",
 }
 
 
@@ -46,24 +46,62 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def describe_validation(errors: Sequence[dict[str, Any]]) -> tuple[int, str, str | None]:
-    """(status, message, param) for pydantic errors: 400 for bad values, 422 for bad shapes."""
+    """(status, message, param) for pydantic errors: always 400, as OpenAI answers a body it cannot use.
+
+    A union field (e.g. `content`: string or array of parts) fails once per member: the deepest
+    error is the member the client meant (a list of parts missing a "type"); errors sharing its
+    param are described together ("must be a string or an array").
+    """
+    if errors[0].get("type") == "json_invalid":  # its loc is a character position, not a field
+        reason = errors[0].get("ctx", {}).get("error", "parse error")
+        return 400, f"request body is not valid JSON ({reason}); send a JSON object", None
+    param = _param(max(errors, key=lambda e: len((_param(e) or "").split("."))))
+    message = _field_message(param, [e for e in errors if _param(e) == param])
+    others = len({_param(e) for e in errors}) - 1
+    if others:
+        message += f" (and {others} more invalid field{'s' if others > 1 else ''})"
+    return 400, message, param
+
+
+def _param(error: dict[str, Any]) -> str | None:
+    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+    return ".".join(loc) or None
+
+
+def _field_message(param: str | None, errors: list[dict[str, Any]]) -> str:
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
-    param = ".".join(loc) or None
-    where = f"{param}: " if param else ""
-    if first.get("type") == "json_invalid":
-        message = f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
-    else:
-        message = f"{where}{first.get('msg', 'invalid value')}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    status = 400 if all(e.get("type") in _VALUE_ERRORS for e in errors) else 422
-    return status, message, param
+    if param is None:  # the body itself
+        if first.get("type") == "missing":
+            return "the request body is empty; send a JSON object"
+        if isinstance(first.get("input"), (bytes, bytearray)):  # FastAPI parses JSON only when declared
+            return "the request body is not read as JSON; send it with the header 'Content-Type: application/json'"
+        return f"the request body must be a JSON object, got {_json_kind(first.get('input'))}"
+    if first.get("type") == "missing":
+        return f"'{param}' is required"
+    expected = list(dict.fromkeys(_EXPECTED.get(e.get("type", ""), "") for e in errors))
+    if all(expected):
+        got = first.get("input")
+        hint = "; send it without quotes" if isinstance(got, str) and "string" not in expected[0] else ""
+        return f"{param} must be {' or '.join(expected)}, got {_json_kind(got)}{hint}"
+    return f"{param}: {first.get('msg', 'invalid value')}"
+
+
+def _json_kind(value: object) -> str:
+    """How a parsed JSON value is named in messages (bool before int: True is an int in Python)."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def _is_union_tag(part: object) -> bool:
-    """pydantic puts the tried union member in the location ("str", "list[int]"): not a field."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+    """pydantic puts the tried union member in the location ("str", "list[int]", "NamedToolChoice",
+    "function-after[...]"): not a field. Request fields are snake_case, so a capital marks a class."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or "-" in part
+                                      or part[:1].isupper())
 
 
 def install(app: FastAPI) -> None:

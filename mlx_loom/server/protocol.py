@@ -3,6 +3,9 @@
 Requests accept extra fields at parse time so that `unsupported_fields` can name them in a
 400: an unknown field that would change behaviour is refused, never silently ignored.
 Value ranges mirror mlx_loom.scheduler.params.SamplingParams (the engine's own checks still run).
+Numbers and booleans are strict (StrictInt / StrictFloat / StrictBool): "4", "yes" or 1.5 for an
+integer are refused with a 400 naming the field, never coerced, as OpenAI does. StrictFloat still
+takes a JSON integer (temperature: 1).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_serializer, model_validator
 
 from mlx_loom.server.errors import bad_request
 
@@ -31,7 +34,7 @@ class _Open(BaseModel):
 
 
 class StreamOptions(_Open):
-    include_usage: bool | None = False
+    include_usage: StrictBool | None = False
     """Send one last chunk with the usage of the whole request (choices: [])."""
 
 
@@ -44,9 +47,9 @@ class ContentPart(_Open):
 class JsonSchemaFormat(_Open):
     name: str | None = None
     description: str | None = None
-    schema_: dict | bool | None = Field(None, alias="schema")
+    schema_: dict | StrictBool | None = Field(None, alias="schema")
     """The JSON Schema the output must match."""
-    strict: bool | None = None
+    strict: StrictBool | None = None
     """Accepted and not read: the output is always constrained to the schema (as if true)."""
 
 
@@ -61,7 +64,7 @@ class FunctionDef(_Open):
     description: str | None = None
     parameters: dict | None = None
     """JSON Schema of the arguments object (omitted: no arguments)."""
-    strict: bool | None = None
+    strict: StrictBool | None = None
     """Accepted and not read: "required" / named tool_choice always constrain the arguments to
     `parameters` (as if true); "auto" parses calls from free text and constrains nothing."""
 
@@ -132,25 +135,25 @@ class _SamplingRequest(_Open):
 
     model: str | None = None
     """The served model name (see GET /v1/models); omitted means the one served model."""
-    n: int | None = Field(None, ge=1, le=128)
+    n: StrictInt | None = Field(None, ge=1, le=128)
     """Choices to generate; they run as n rows of the same batch."""
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=100.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(None, ge=-1)
+    min_p: StrictFloat | None = Field(None, ge=0.0, le=1.0)
+    seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)
     """Same seed, same text; choice i of n uses seed + i."""
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, ge=0.1, le=10.0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: StrictFloat | None = Field(None, ge=0.1, le=10.0)
+    logit_bias: dict[str, StrictFloat] | None = None
     """Token id (as a string) -> bias in [-100, 100] added to its logit."""
     stop: str | list[str] | None = None
     """Up to 16 strings; generation ends before the first one, which is not returned."""
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool | None = False
-    stream: bool | None = False
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     """{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}:
@@ -159,25 +162,25 @@ class _SamplingRequest(_Open):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     """Functions the model may call; the calls come back as message.tool_calls."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     """"auto" (default with tools): calls parsed from the output; "required" / a named function:
     the output is constrained to valid calls; "none": plain text."""
-    parallel_tool_calls: bool | None = True
+    parallel_tool_calls: StrictBool | None = True
     """With "required": false allows exactly one call."""
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
     """Text, texts, token ids, or lists of token ids (one completion group per prompt)."""
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
     """Return the sampled token's logprob and this many alternatives per position."""
-    echo: bool | None = False
-    best_of: int | None = None
+    echo: StrictBool | None = False
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
 
@@ -362,6 +365,23 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "mlx-loom"
     max_model_len: int
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    """What went wrong and what to change."""
+    type: str
+    """"invalid_request_error" for 4xx, "server_error" for 5xx."""
+    param: str | None = None
+    """The request field at fault (dotted path, e.g. "messages.0.content"), when there is one."""
+    code: str | None = None
+    """A stable machine-readable reason (e.g. "model_not_found", "context_length_exceeded")."""
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (OpenAI's shape); documented in the OpenAPI document."""
+
+    error: ErrorDetail
 
 
 class ModelList(BaseModel):

@@ -7,6 +7,7 @@ and the KV pool, token ids inside the vocabulary.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,15 +75,21 @@ def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: i
     return requested
 
 
+# A token id as OpenAI writes it: ASCII digits, no sign, spaces, exponent or leading zeros
+# (int() alone would take " 12", "+5", "1_0" and non-ASCII digits such as "١٢").
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
 def logit_bias(raw: dict[str, float] | None, limits: Limits) -> tuple[tuple[int, float], ...]:
     out = []
     for key, bias in (raw or {}).items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if tok < 0 or (limits.vocab_size is not None and tok >= limits.vocab_size):
-            raise bad_request(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
+        if not _TOKEN_ID.fullmatch(key):
+            raise bad_request(f"logit_bias keys must be token ids written as plain decimal integers "
+                              f"(like \"123\"), got {key!r}", "logit_bias")
+        tok = int(key)
+        if limits.vocab_size is not None and tok >= limits.vocab_size:
+            raise bad_request(f"logit_bias token id {tok} is outside the vocabulary [0, {limits.vocab_size})",
+                              "logit_bias")
         out.append((tok, float(bias)))
     return tuple(out)
 

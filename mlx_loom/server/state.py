@@ -9,7 +9,7 @@ import time
 from fastapi import Request
 
 from mlx_loom.server.admission import Admission, shutting_down
-from mlx_loom.server.errors import ApiError, bad_request
+from mlx_loom.server.errors import ApiError
 from mlx_loom.server.settings import Settings
 
 log = logging.getLogger("mlx_loom.server")
@@ -71,14 +71,15 @@ class ServerState:
         return self.settings.served_model_name or (info.model_name if info is not None else "unknown")
 
     def check_model(self, name: str | None) -> str:
-        """The name to report; an unknown model name is a 400 (there is one model per server)."""
-        accepted = {self.served_name}
-        if self.settings.model is not None:
-            accepted.add(self.settings.model)
-        if name is not None and name not in accepted:
-            raise bad_request(f"model {name!r} is not served here; this server serves {self.served_name!r}",
-                              "model", "model_not_found")
+        """The name to report; an unknown model name is a 404 model_not_found, as OpenAI answers
+        (one model per server: its served name, or the --model path it was started with)."""
+        if name is not None and not self.serves(name):
+            raise ApiError(404, f"model {name!r} does not exist on this server; it serves {self.served_name!r} "
+                                "(see GET /v1/models)", "model", "model_not_found")
         return self.served_name
+
+    def serves(self, name: str) -> bool:
+        return name == self.served_name or (self.settings.model is not None and name == self.settings.model)
 
 
 def get_state(request: Request) -> ServerState:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from mlx_loom.server.admission import AdmissionSlot
 from mlx_loom.server.logprobs import chat_logprobs
 from mlx_loom.server.metrics import metrics_of
+from mlx_loom.server.openapi import GENERATION_ERRORS, STREAM_OK, error_responses
 from mlx_loom.server.output import ChoiceEvent, Collector, merged_events
 from mlx_loom.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                              ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, FunctionCall,
@@ -29,7 +30,8 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             summary="Chat completion (stream: true answers with server-sent events)")
+             summary="Chat completion (stream: true answers with server-sent events)",
+             responses={**STREAM_OK, **error_responses(*GENERATION_ERRORS)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, slot: AdmissionSlot):
     state = get_state(request)
     reject_unsupported(body)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from mlx_loom.server.admission import AdmissionSlot
 from mlx_loom.server.logprobs import completion_logprobs
 from mlx_loom.server.metrics import metrics_of
+from mlx_loom.server.openapi import GENERATION_ERRORS, STREAM_OK, error_responses
 from mlx_loom.server.output import ChoiceEvent, Collector, merged_events
 from mlx_loom.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from mlx_loom.server.render import render_prompts
@@ -26,7 +27,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
-             summary="Text completion (stream: true answers with server-sent events)")
+             summary="Text completion (stream: true answers with server-sent events)",
+             responses={**STREAM_OK, **error_responses(*GENERATION_ERRORS)})
 async def create_completion(body: CompletionRequest, request: Request, slot: AdmissionSlot):
     state = get_state(request)
     reject_unsupported(body)
