@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = ["mlx_loom.scheduler.block_pool", "mlx_loom.scheduler.kv_cache_manager", "mlx_loom.scheduler.scheduler",
+PURE = ["mlx_loom.scheduler.block_pool", "mlx_loom.scheduler.pipeline", "mlx_loom.scheduler.kv_cache_manager", "mlx_loom.scheduler.scheduler",
         "mlx_loom.scheduler.request", "mlx_loom.scheduler.params", "mlx_loom.scheduler.messages",
         "mlx_loom.scheduler.config", "mlx_loom.scheduler.tokenizer", "mlx_loom.scheduler.engine_info",
         "mlx_loom.scheduler.engine", "mlx_loom.scheduler.client", "mlx_loom.scheduler.spec.controller",

@@ -90,3 +90,6 @@ class EngineConfig:
     or a path to such a config (`mlx-loom search-patterns` writes one). Lossy, hence opt-in."""
     dequantize_on_cpu: bool = True
     """On the CPU device, expand quantized weights to float32 (MLX's CPU qmatmul is slow)."""
+    async_decode: bool = True
+    """Launch a decode step before the previous step's tokens are read when it is determined
+    without them (every row greedy, no grammar/logprobs/penalties, nobody waiting: pipeline.py)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from itertools import accumulate
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -19,12 +19,21 @@ from mlx_loom.scheduler.messages import AddRequest, EngineStats, RequestOutput, 
 from mlx_loom.scheduler.model import LoadedModel, describe_backend, load_model
 from mlx_loom.scheduler.request import Request
 from mlx_loom.scheduler.runner import ModelRunner
-from mlx_loom.scheduler.sampler import SampledToken, SamplingRow, sample
+from mlx_loom.scheduler.pipeline import next_decode_step, rows_sample_on_device
+from mlx_loom.scheduler.sampler import SampledToken, SamplingRow, device_tokens, sample, samples_on_device
 from mlx_loom.scheduler.scheduler import Scheduler, SchedulerOutput
 from mlx_loom.scheduler.self_check import check_or_unbatch
 from mlx_loom.scheduler.structured import StructuredOutput
 
 log = logging.getLogger("mlx_loom.engine")
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched decode step: its rows and its sampled tokens, still on the device."""
+
+    out: SchedulerOutput
+    tokens: mx.array  # [B] int32
 
 
 class EngineCore:
@@ -62,6 +71,11 @@ class EngineCore:
         self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend,
                                backend_text)
         self.steps = 0
+        self.async_decode = cfg.async_decode
+        self._inflight: _InFlight | None = None  # a launched step whose tokens are not read yet
+        self.pipelined_steps = 0
+        vocab = loaded.vocab_size
+        self._on_device = lambda params: samples_on_device(params, vocab)
         self._updating = False  # set once a step starts changing request state
         self._emitted: dict[str, int] = {}  # request id -> output tokens already reported
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
@@ -88,21 +102,64 @@ class EngineCore:
         return self._output(req) if req is not None else None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one batched forward, sample, update; the deltas of this step.
 
-        An exception past scheduling fails only the requests that cause it: the step's rows are
+        Decode steps whose rows all sample on the device are pipelined (pipeline.py): the next step
+        is launched before this one's tokens are read, so host work overlaps the device. An
+        exception past scheduling fails only the requests that cause it: the step's rows are
         retried one by one (while no request state changed yet), and a row that fails alone gets
         an error output; the engine serves on."""
+        if self._inflight is not None:
+            return self._pipelined_step()
         out = self.scheduler.schedule()
         if not out.rows:
             return []
+        if self._pipelined(out):
+            try:
+                self._inflight = self._launch(out, None)
+                return []  # its tokens come with the next call
+            except Exception:
+                log.exception("launching a pipelined step failed; running it synchronously")
+                _check_pools(self._pools(), RuntimeError("pipelined launch"))
         return self._guarded(out, retry_alone=len(out.rows) > 1)
 
+    def _pipelined(self, out: SchedulerOutput) -> bool:
+        return (self.async_decode and self.spec is None
+                and rows_sample_on_device(out, self.scheduler.requests, self._on_device))
+
+    def _launch(self, out: SchedulerOutput, tokens: mx.array | None) -> _InFlight:
+        """Build the step and start it on the device; its sampled tokens stay there ([B] int32)."""
+        logits, _ = self.runner.execute(out.rows, tokens)  # [B, V]
+        sampled = device_tokens(logits)
+        mx.async_eval(sampled)
+        self.pipelined_steps += 1
+        return _InFlight(out, sampled)
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        """Launch the step after the one in flight (when it is determined), then read and apply the
+        one in flight while the new one runs."""
+        launched, self._inflight = self._inflight, None
+        try:
+            after = next_decode_step(self.scheduler, launched.out, self._on_device)
+            if after is not None:
+                self._inflight = self._launch(after, launched.tokens)
+        except Exception:
+            log.exception("launching a pipelined step failed; the next step runs synchronously")
+            self._inflight = None
+        try:
+            ids = launched.tokens.tolist()
+            live = self.scheduler.requests  # rows of requests ended meanwhile are dropped unread
+            sampled = {row.request_id: [SampledToken(t, None)] for row, t in zip(launched.out.rows, ids)
+                       if row.request_id in live}
+            return self._apply(launched.out, sampled)
+        except Exception as exc:
+            _check_pools(self._pools(), exc)
+            return self._fail_step(launched.out, exc)
+
     def _guarded(self, out: SchedulerOutput, retry_alone: bool) -> list[RequestOutput]:
-        prompt_lens = {r.request_id: self.scheduler.requests[r.request_id].num_prompt_tokens for r in out.rows}
         self._updating = False
         try:
             return self._step(out)
@@ -112,13 +169,20 @@ class EngineCore:
                 log.warning("step %d failed (%s: %s); retrying its %d rows one by one", self.steps,
                             type(exc).__name__, exc, len(out.rows))
                 return [o for row in out.rows for o in self._guarded(self._alone(out, row), False)]
-            log.exception("step %d failed; failing its %d request(s)", self.steps, len(prompt_lens))
-            message = f"the engine failed while running this request ({type(exc).__name__}: {exc})"
-            # Every request of the step gets its error, also one that finished before the failure
-            # (its final output was never returned).
-            return [self._fail(rid, message, "engine") or RequestOutput(
-                rid, (), finish_reason="error", error=message, num_prompt_tokens=n, blame="engine")
-                for rid, n in prompt_lens.items()]
+            return self._fail_step(out, exc)
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """Every request of the step gets its error, also one that finished before the failure (its
+        final output was never returned)."""
+        log.error("step %d failed; failing its %d row(s)", self.steps, len(out.rows), exc_info=exc)
+        message = f"the engine failed while running this request ({type(exc).__name__}: {exc})"
+        outputs = []
+        for rid in dict.fromkeys(r.request_id for r in out.rows):
+            req = self.scheduler.requests.get(rid)
+            n = req.num_prompt_tokens if req is not None else 0
+            outputs.append(self._fail(rid, message, "engine") or RequestOutput(
+                rid, (), finish_reason="error", error=message, num_prompt_tokens=n, blame="engine"))
+        return outputs
 
     def _alone(self, out: SchedulerOutput, row) -> SchedulerOutput:
         """The step of one of out's rows; its draft KV is rebuilt (the failed step may have moved it)."""
@@ -138,7 +202,10 @@ class EngineCore:
     def _step(self, out: SchedulerOutput) -> list[RequestOutput]:
         if self.spec is not None:
             out = self.spec.extend(out, self.scheduler)
-        sampled = self._run(out)
+        return self._apply(out, self._run(out))
+
+    def _apply(self, out: SchedulerOutput, sampled: dict[str, list[SampledToken]]) -> list[RequestOutput]:
+        """A step's sampled tokens into the requests: grammar, stops, finishes; the outputs."""
         self.steps += 1
         for rid, toks in sampled.items():
             for tok in toks:
@@ -229,6 +296,7 @@ class EngineCore:
         )
 
     def fail_all(self, message: str, reason: str = "error") -> list[RequestOutput]:
+        self._inflight = None
         outputs = []
         for rid in list(self.scheduler.requests):
             req = self.scheduler.abort_request(rid)

@@ -55,8 +55,9 @@ class GenericForward:
         batch rows at different positions (the self-check finds them: gemma2 broadcasts a [B, 1, N, L]
         mask against 5-D grouped scores)."""
 
-    def __call__(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
-        """(logits [S, V] float32, sampling rows in index order): num_draft + 1 logits rows each."""
+    def __call__(self, rows: Sequence[ScheduledRow], tokens: mx.array | None = None) -> tuple[mx.array, tuple[int, ...]]:
+        """(logits [S, V] float32, sampling rows in index order): num_draft + 1 logits rows each.
+        tokens [T]: decode rows' input tokens on the device, instead of row.token_ids."""
         groups: dict[object, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(i if self.rows_per_call == 1 else len(row.token_ids), []).append(i)
@@ -64,17 +65,20 @@ class GenericForward:
         for n, index in enumerate(groups.values()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
                 mx.eval(list(picked.values()), self.pools.k, self.pools.v)
-            picked.update(self._call(rows, index))
+            picked.update(self._call(rows, index, tokens))
         sample_rows = tuple(sorted(picked))
         if not sample_rows:
             return mx.zeros((0, 0), dtype=mx.float32), ()
         return mx.concatenate([picked[i] for i in sample_rows]).astype(mx.float32), sample_rows
 
-    def _call(self, rows: Sequence[ScheduledRow], index: list[int]) -> dict[int, mx.array]:
+    def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None) -> dict[int, mx.array]:
         group = [rows[i] for i in index]
         batch = paged_batch(group, self.pools.block_size)
         caches = [PagedLayerCache(self.pools, j, batch) for j in range(len(self.pools.layers))]
-        tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
+        if device_tokens is None:
+            tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
+        else:  # decode rows: [B, 1]
+            tokens = device_tokens[mx.array(index, dtype=mx.int32)][:, None]
         L = batch.q_len
         wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
                   for b, i in enumerate(index) if rows[i].sample}

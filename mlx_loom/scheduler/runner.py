@@ -14,7 +14,7 @@ model runs its own code over the same pools (mlx_loom/scheduler/generic_forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import mlx.core as mx
@@ -187,15 +187,21 @@ class ModelRunner:
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: mx.Dtype) -> int:
         return KVPools.bytes_per_block(kv_layout(model)[0], block_size, dtype)
 
-    def execute(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
+    def execute(self, rows: Sequence[ScheduledRow], tokens: mx.array | None = None) -> tuple[mx.array, tuple[int, ...]]:
         """Run one step; returns (logits [S, V] float32, the sampling rows' indices in order).
 
-        Each sampling row contributes num_draft + 1 logits rows (1 unless speculative)."""
+        Each sampling row contributes num_draft + 1 logits rows (1 unless speculative). tokens
+        [T] int32, for decode rows only: their input tokens still on the device (the previous
+        step's samples, not read yet), used instead of row.token_ids."""
+        if tokens is not None:
+            assert all(len(r.token_ids) == 1 and not r.num_draft for r in rows), "device tokens: decode rows only"
         if self.generic is not None:
-            return self.generic(rows)
+            return self.generic(rows, tokens)
         if self.fused_layers is not None and all(len(r.token_ids) == 1 and not r.num_draft for r in rows):
-            return self._execute_decode(rows)
+            return self._execute_decode(rows, tokens)
         batch = build_step_batch(rows, self.block_size)
+        if tokens is not None:  # decode rows keep their order in the batch
+            batch = replace(batch, tokens=tokens)
         inner = self.model.model
         h = inner.embed_tokens(batch.tokens[None])  # [1, T, DM]
         for i, layer in enumerate(inner.layers):
@@ -204,11 +210,11 @@ class ModelRunner:
         h = inner.norm(h)[0, batch.sample_index]  # [S, DM]
         return self._logits(h), batch.sample_rows  # [S, V]
 
-    def _execute_decode(self, rows: Sequence[ScheduledRow]) -> tuple[mx.array, tuple[int, ...]]:
+    def _execute_decode(self, rows: Sequence[ScheduledRow], tokens: mx.array | None) -> tuple[mx.array, tuple[int, ...]]:
         """All rows decode one token: one fused native primitive per layer (mlx_loom/kernels/decode_layer.py)."""
         d = build_decode_batch(rows, self.block_size)
         inner = self.model.model
-        h = inner.embed_tokens(d.tokens)  # [T, DM]
+        h = inner.embed_tokens(d.tokens if tokens is None else tokens)  # [T, DM]
         for i, (weights, spec, inv_freq) in enumerate(self.fused_layers):
             h, self.k_pools[i], self.v_pools[i] = fused.decode_layer(
                 h, weights, self.k_pools[i], self.v_pools[i], d.slots, d.positions, d.block_tables, inv_freq, spec)

@@ -116,6 +116,18 @@ def _plan(rows: Sequence[SamplingRow], vocab: int) -> _Plan:
     return plan
 
 
+def samples_on_device(p: SamplingParams, vocab: int) -> bool:
+    """Whether the row's token is one device op on its logits (`device_tokens`): greedy, no bias,
+    penalties or logprobs. Its next step can then be launched before the token is read."""
+    greedy = p.temperature < GREEDY_EPS or _top_k(p, vocab) == 1
+    return greedy and not p.logit_bias and not p.has_penalties and not p.wants_logprobs
+
+
+def device_tokens(logits: mx.array) -> mx.array:
+    """logits [B, V] -> [B] int32 argmax, left on the device: `sample`'s greedy rule for these rows."""
+    return mx.argmax(logits.astype(mx.float32), axis=-1).astype(mx.int32)
+
+
 def _top_k(p: SamplingParams, vocab: int) -> int:
     """Effective top_k: 0 when it keeps the whole vocabulary."""
     return p.top_k if 0 < p.top_k < vocab else 0

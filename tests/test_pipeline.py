@@ -1,0 +1,134 @@
+"""Asynchronous decode steps (mlx_loom/scheduler/pipeline.py): the next step is launched before the
+previous step's tokens are read. Same tokens as synchronous steps, nothing emitted past a stop,
+every KV block freed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from engine_driver import chat_ids, run
+from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
+from mlx_loom.scheduler.engine_core import EngineCore
+from mlx_loom.scheduler.messages import AddRequest
+from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.scheduler.pipeline import PLACEHOLDER, next_decode_step
+from mlx_loom.scheduler.request import Request
+from mlx_loom.scheduler.scheduler import Scheduler
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+TEXTS = ["What is the capital of France?", "Name three colors.", "Say hello in Spanish.", "What is 2 + 2?",
+         "Write a haiku about the sea.", "List the days of the week."]
+
+
+def _greedy(params: SamplingParams) -> bool:
+    return params.temperature == 0
+
+
+# -- pure scheduler ---------------------------------------------------------------------------
+
+def _decoding(n: int = 2, max_tokens: int = 8) -> Scheduler:
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64),
+                  CacheConfig(block_size=4), 32)
+    for i in range(n):
+        s.add_request(Request(f"r{i}", [10 + i, 11, 12], SamplingParams(temperature=0, max_tokens=max_tokens)))
+    out = s.schedule()
+    s.update_from_output(out, {r.request_id: [5] for r in out.rows})
+    return s
+
+
+def test_next_step_is_each_row_one_position_further_with_its_slots():
+    s = _decoding()
+    launched = s.schedule()  # decode rows at position 3
+    after = next_decode_step(s, launched, _greedy)
+    assert [(r.request_id, r.start_pos, r.token_ids) for r in after.rows] == [("r0", 4, PLACEHOLDER), ("r1", 4, PLACEHOLDER)]
+    assert all(len(r.block_ids) == 2 for r in after.rows)  # positions 0..4 over blocks of 4
+
+
+def test_no_next_step_when_it_depends_on_the_tokens():
+    s = _decoding()
+    launched = s.schedule()
+    s.add_request(Request("new", [1, 2], SamplingParams(temperature=0)))
+    assert next_decode_step(s, launched, _greedy) is None  # someone waits: the scheduler must admit
+    s = _decoding(max_tokens=2)  # the launched step appends the last allowed token
+    assert next_decode_step(s, s.schedule(), _greedy) is None
+    s = _decoding()
+    assert next_decode_step(s, s.schedule(), lambda p: False) is None  # sampled on the host
+    s = _decoding()
+    launched = s.schedule()
+    s.abort_request("r1")
+    assert next_decode_step(s, launched, _greedy) is None
+    s = _decoding()
+    launched = s.schedule()
+    assert next_decode_step(s, replace(launched, rows=launched.rows[:1]), _greedy) is None
+
+
+# -- engine -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prompts(default_model):
+    return [chat_ids(default_model.tokenizer, t) for t in TEXTS]
+
+
+def _core(loaded, pipelined: bool, num_blocks: int = 256) -> EngineCore:
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=num_blocks),
+                       scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256),
+                       async_decode=pipelined)
+    return EngineCore(cfg, loaded)
+
+
+def _both(loaded, reqs, **kw):
+    sync_core, async_core = _core(loaded, False), _core(loaded, True)
+    sync = run(sync_core, reqs, **kw)
+    got = run(async_core, reqs, **kw)
+    return sync, got, async_core
+
+
+def test_same_tokens_batched_and_staggered(default_model, prompts):
+    reqs = [(f"r{i}", p, replace(GREEDY, max_tokens=6 + 3 * i)) for i, p in enumerate(prompts)]
+    sync, got, core = _both(default_model, reqs, join_step={f"r{i}": 2 * i for i in range(len(reqs))})
+    assert {r: (g.tokens, g.finish_reason) for r, g in got.items()} == {r: (g.tokens, g.finish_reason)
+                                                                       for r, g in sync.items()}
+    assert core.pipelined_steps > 10
+    assert core.scheduler.num_free_blocks == core.scheduler.num_blocks and not core.has_unfinished()
+
+
+def test_stops_are_seen_one_step_late_and_nothing_past_them_is_emitted(default_model, prompts):
+    first = run(_core(default_model, False), [("eos", prompts[0], replace(GREEDY, max_tokens=60))])["eos"]
+    assert first.finish_reason == "stop"  # the answer ends on EOS
+    reqs = [("eos", prompts[0], replace(GREEDY, max_tokens=60)),
+            ("stop_id", prompts[0], replace(GREEDY, max_tokens=60, stop_token_ids=(first.tokens[3],))),
+            *[(f"len{n}", prompts[1], replace(GREEDY, max_tokens=n)) for n in (1, 2, 3, 5)]]
+    sync, got, core = _both(default_model, reqs)
+    assert {r: (g.tokens, g.finish_reason) for r, g in got.items()} == {r: (g.tokens, g.finish_reason)
+                                                                       for r, g in sync.items()}
+    assert got["stop_id"].tokens == first.tokens[:3] and got["eos"].tokens == first.tokens
+    assert all(len(got[f"len{n}"].tokens) == n for n in (1, 2, 3, 5))
+    assert core.pipelined_steps > 0 and core.scheduler.num_free_blocks == core.scheduler.num_blocks
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything(default_model, prompts):
+    core = _core(default_model, True)
+    for i in range(3):
+        core.add(AddRequest(f"a{i}", tuple(prompts[i]), replace(GREEDY, max_tokens=30)))
+    tokens = {f"a{i}": [] for i in range(3)}
+    for _ in range(6):
+        for out in core.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    assert core._inflight is not None
+    core.abort("a1")
+    while core.has_unfinished():
+        for out in core.step():
+            assert out.request_id != "a1" or out.finish_reason == "abort"
+            tokens[out.request_id].extend(out.new_token_ids)
+    want = run(_core(default_model, False), [(f"a{i}", prompts[i], replace(GREEDY, max_tokens=30)) for i in (0, 2)])
+    assert tokens["a0"] == want["a0"].tokens and tokens["a2"] == want["a2"].tokens
+    assert core.scheduler.num_free_blocks == core.scheduler.num_blocks
+
+
+def test_host_sampled_rows_stop_the_pipeline_and_keep_their_seeded_tokens(default_model, prompts):
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=10)
+    reqs = [("g0", prompts[0], GREEDY), ("g1", prompts[1], GREEDY), ("s", prompts[2], sampled)]
+    sync, got, _ = _both(default_model, reqs, join_step={"s": 5})
+    assert {r: g.tokens for r, g in got.items()} == {r: g.tokens for r, g in sync.items()}
