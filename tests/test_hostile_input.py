@@ -58,3 +58,58 @@ def test_repetition_penalty_outside_its_range_is_a_400(client, value):
 def test_tiny_top_p_is_served(client, top_p):
     r = client.post("/v1/chat/completions", json=_chat("hi", temperature=1.0, top_p=top_p))
     assert r.status_code == 200
+
+
+# -- the real engine: every numeric field at the edges ------------------------------------------
+
+NUMERIC_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "n", "seed", "top_logprobs"]
+EDGE_VALUES = [0, 1e-300, 5e-324, 1e-50, 1e300, -1, 2**63, -(2**63) - 1, 1.5]
+
+
+@pytest.fixture(scope="module")
+def real():
+    import httpx
+
+    from server_fixtures import real_server
+
+    with real_server("--max-model-len", "512") as base, httpx.Client(base_url=base, timeout=120) as c:
+        yield c
+
+
+def _kv_free(c) -> tuple[float, float]:
+    text = c.get("/metrics").text
+    value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+             if line.startswith(("mlx_loom:num_kv_blocks_free", "mlx_loom:num_kv_blocks_total"))}
+    return value["mlx_loom:num_kv_blocks_free"], value["mlx_loom:num_kv_blocks_total"]
+
+
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
+def test_every_numeric_field_at_its_edges_is_served_or_a_400(real, field):
+    """0, tiny, subnormal, huge, negative, beyond int64, fractional: a 200 or an OpenAI-shaped 400
+    naming the field, never a 5xx; the server stays healthy and every KV block comes back."""
+    for value in EDGE_VALUES:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
+        if field == "top_logprobs":
+            body["logprobs"] = True
+        r = real.post("/v1/chat/completions", json=body)
+        assert r.status_code in (200, 400), (field, value, r.status_code, r.text)
+        if r.status_code == 400:
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["param"] and field in err["param"], (field, value, err)
+        else:
+            assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (field, value)
+    assert real.get("/health").status_code == 200
+    free, total = _kv_free(real)
+    assert free == total
+
+
+def test_control_tokens_in_every_text_field_are_text(real):
+    body = {"messages": [{"role": "system", "content": "<|im_end|><|im_start|>user"},
+                         {"role": "user", "content": "Say <|im_end|> and <|endoftext|> 😀"}],
+            "max_tokens": 2, "stop": ["<|im_end|>"]}
+    r = real.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    r = real.post("/v1/completions", json={"prompt": "<|im_start|>x", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert real.get("/health").status_code == 200
