@@ -13,17 +13,13 @@ from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
 from mlx_loom.scheduler.engine_core import EngineCore
 from mlx_loom.scheduler.messages import AddRequest
 from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.pipeline import PLACEHOLDER, next_decode_step
+from mlx_loom.scheduler.pipeline import PLACEHOLDER, next_decode_step, rows_sample_on_device
 from mlx_loom.scheduler.request import Request
 from mlx_loom.scheduler.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 TEXTS = ["What is the capital of France?", "Name three colors.", "Say hello in Spanish.", "What is 2 + 2?",
          "Write a haiku about the sea.", "List the days of the week."]
-
-
-def _greedy(params: SamplingParams) -> bool:
-    return params.temperature == 0
 
 
 # -- pure scheduler ---------------------------------------------------------------------------
@@ -41,7 +37,7 @@ def _decoding(n: int = 2, max_tokens: int = 8) -> Scheduler:
 def test_next_step_is_each_row_one_position_further_with_its_slots():
     s = _decoding()
     launched = s.schedule()  # decode rows at position 3
-    after = next_decode_step(s, launched, _greedy)
+    after = next_decode_step(s, launched)
     assert [(r.request_id, r.start_pos, r.token_ids) for r in after.rows] == [("r0", 4, PLACEHOLDER), ("r1", 4, PLACEHOLDER)]
     assert all(len(r.block_ids) == 2 for r in after.rows)  # positions 0..4 over blocks of 4
 
@@ -50,18 +46,18 @@ def test_no_next_step_when_it_depends_on_the_tokens():
     s = _decoding()
     launched = s.schedule()
     s.add_request(Request("new", [1, 2], SamplingParams(temperature=0)))
-    assert next_decode_step(s, launched, _greedy) is None  # someone waits: the scheduler must admit
+    assert next_decode_step(s, launched) is None  # someone waits: the scheduler must admit
     s = _decoding(max_tokens=2)  # the launched step appends the last allowed token
-    assert next_decode_step(s, s.schedule(), _greedy) is None
+    assert next_decode_step(s, s.schedule()) is None
     s = _decoding()
-    assert next_decode_step(s, s.schedule(), lambda p: False) is None  # sampled on the host
+    assert not rows_sample_on_device(s.schedule(), s.requests, lambda p: False)  # sampled on the host: never launched ahead
     s = _decoding()
     launched = s.schedule()
     s.abort_request("r1")
-    assert next_decode_step(s, launched, _greedy) is None
+    assert next_decode_step(s, launched) is None
     s = _decoding()
     launched = s.schedule()
-    assert next_decode_step(s, replace(launched, rows=launched.rows[:1]), _greedy) is None
+    assert next_decode_step(s, replace(launched, rows=launched.rows[:1])) is None
 
 
 # -- engine -----------------------------------------------------------------------------------

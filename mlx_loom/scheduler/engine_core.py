@@ -143,7 +143,7 @@ class EngineCore:
         one in flight while the new one runs."""
         launched, self._inflight = self._inflight, None
         try:
-            after = next_decode_step(self.scheduler, launched.out, self._on_device)
+            after = next_decode_step(self.scheduler, launched.out)
             if after is not None:
                 self._inflight = self._launch(after, launched.tokens)
         except Exception:

@@ -41,15 +41,15 @@ def rows_sample_on_device(out: SchedulerOutput, requests: dict[str, Request], on
     return True
 
 
-def next_decode_step(scheduler: Scheduler, launched: SchedulerOutput, on_device: OnDevice) -> SchedulerOutput | None:
-    """The step after `launched` (tokens not read yet): each row one position further, or None when
-    that step is not determined without reading them. Allocates the rows' next KV slots."""
+def next_decode_step(scheduler: Scheduler, launched: SchedulerOutput) -> SchedulerOutput | None:
+    """The step after `launched` (tokens not read yet; its rows passed `rows_sample_on_device`): each
+    row one position further, or None when that step is not determined without reading them.
+    Allocates the rows' next KV slots."""
     running = scheduler.running
     if scheduler.waiting or len(running) != len(launched.rows):
         return None
+    # The same requests as launched (so their rows still sample on the device: params are fixed).
     if [r.request_id for r in running] != [row.request_id for row in launched.rows]:
-        return None
-    if not rows_sample_on_device(launched, scheduler.requests, on_device):
         return None
     max_len = scheduler.config.max_model_len
     for req in running:

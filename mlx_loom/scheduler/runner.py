@@ -193,11 +193,11 @@ class ModelRunner:
         Each sampling row contributes num_draft + 1 logits rows (1 unless speculative). tokens
         [T] int32, for decode rows only: their input tokens still on the device (the previous
         step's samples, not read yet), used instead of row.token_ids."""
-        if tokens is not None:
-            assert all(len(r.token_ids) == 1 and not r.num_draft for r in rows), "device tokens: decode rows only"
+        decode_only = all(len(r.token_ids) == 1 and not r.num_draft for r in rows)
+        assert tokens is None or decode_only, "device tokens: decode rows only"
         if self.generic is not None:
             return self.generic(rows, tokens)
-        if self.fused_layers is not None and all(len(r.token_ids) == 1 and not r.num_draft for r in rows):
+        if self.fused_layers is not None and decode_only:
             return self._execute_decode(rows, tokens)
         batch = build_step_batch(rows, self.block_size)
         if tokens is not None:  # decode rows keep their order in the batch

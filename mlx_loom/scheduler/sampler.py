@@ -124,8 +124,9 @@ def samples_on_device(p: SamplingParams, vocab: int) -> bool:
 
 
 def device_tokens(logits: mx.array) -> mx.array:
-    """logits [B, V] -> [B] int32 argmax, left on the device: `sample`'s greedy rule for these rows."""
-    return mx.argmax(logits.astype(mx.float32), axis=-1).astype(mx.int32)
+    """logits [B, V] float32 (as the runner returns them) -> [B] int32 argmax, left on the device:
+    `sample`'s greedy rule for these rows."""
+    return mx.argmax(logits, axis=-1).astype(mx.int32)
 
 
 def _top_k(p: SamplingParams, vocab: int) -> int:
