@@ -3,7 +3,7 @@
 The host-overhead proxy from the pipelining issue: a random-weight llama with many narrow layers
 (16 layers, hidden 256, 4/2 heads of 64, MLP 1024, vocab 4096, float32, tied), where per-step
 Python and graph building weigh as much as the math, as on a GPU. N=1, --new-tokens greedy tokens
-(EOS ignored), a new chat prompt per timed run, median of --repeats runs after a warm-up, each
+(EOS ignored), a new chat prompt per timed run and no prefix cache on any system, median of --repeats runs after a warm-up, each
 system in its own process. Systems: "mlx-loom-ops" (layers as separate MLX ops:
 MLX_LOOM_NATIVE_DECODE=0, the path GPU backends take), "mlx-loom-ops-sync" (the same with
 asynchronous decode steps off: each step's tokens read before the next is built), "mlx-loom"
@@ -47,14 +47,15 @@ def checkpoint() -> Path:
 
 def run_loom(args, async_decode: bool) -> dict:
     import mlx_loom.scheduler  # noqa: F401
-    from mlx_loom.scheduler.config import EngineConfig
+    from mlx_loom.scheduler.config import CacheConfig, EngineConfig
     from mlx_loom.scheduler.engine_core import EngineCore
     from mlx_loom.scheduler.messages import AddRequest
     from mlx_loom.scheduler.model import describe_backend, load_model
     from mlx_loom.scheduler.params import SamplingParams
 
     loaded = load_model(str(checkpoint()))
-    core = EngineCore(EngineConfig(async_decode=async_decode), loaded)
+    # Prefix caching off: generate_step starts every prompt cold, so every system does.
+    core = EngineCore(EngineConfig(cache=CacheConfig(enable_prefix_caching=False), async_decode=async_decode), loaded)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
 
     def once(run: int) -> float:
@@ -123,6 +124,7 @@ def main() -> None:
     meta = machine()
     lines = ["# bench_single_stream: one stream on a narrow 16-layer random llama (host-overhead proxy)", "",
              f"{SHAPE}, float32. N=1, {args.new_tokens} greedy tokens (EOS ignored), new prompt per run, "
+             "prefix caching off (generate_step has none), "
              f"median of {args.repeats} after a warm-up; each system in its own process. "
              f"Machine: {meta['platform']}, {meta['cpus']} CPUs, {meta['date']}.", "",
              "| system | tok/s | vs mlx-lm generate_step | backend |", "|---|---|---|---|"]
