@@ -1,17 +1,21 @@
-"""Paged attention: the reference (gather + fused SDPA) and a grouped-query CPU path.
+"""Paged attention: the reference (gather + fused SDPA), a grouped-query MLX path and the native
+tiled kernel.
 
-On GPU backends MLX's scaled_dot_product_attention is a real fused kernel, so the
-reference is the implementation there. On the CPU it is an unfused composition that
-repeats K/V per query head and masks with `where`; the grouped path below computes the
-same thing with one batched matmul per kv head, an additive mask and an exp2 softmax
-(MLX's CPU exp is ~2.5x slower than power(2, x)), measured ~2.5x faster per layer at
-batch 100. Both are tested against mlx_loom.kernels.reference.
+On GPU backends MLX's scaled_dot_product_attention is a real fused kernel, so the reference is
+the implementation there. On the CPU it is an unfused composition that repeats K/V per query head
+and masks with `where`; the grouped path computes the same with one batched matmul per kv head, an
+additive mask and an exp2 softmax. Both still gather every page and build the full [LQ, L] score
+matrix, so a 512-query prefill chunk costs ~10x the arithmetic it needs. The native extension's
+PagedAttention primitive (mlx_loom/kernels/native/attention_tile.h) runs tiled over the pages with
+an online softmax, the heads of a kv group sharing each K/V read: `paged_attention_rows` takes it
+on the CPU whenever it applies. All are tested against mlx_loom.kernels.reference.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from mlx_loom.kernels import qmm
 from mlx_loom.kernels.reference import causal_page_mask, paged_attention_reference, write_kv_reference
 
 _LOG2E = 1.4426950408889634
@@ -29,6 +33,28 @@ def paged_attention(
     if mx.default_device() == mx.cpu:
         return grouped_paged_attention(q, k_pool, v_pool, block_tables, q_pos, scale)
     return paged_attention_reference(q, k_pool, v_pool, block_tables, q_pos, scale)
+
+
+def paged_attention_rows(
+    q: mx.array,
+    k_pool: mx.array,
+    v_pool: mx.array,
+    block_tables: mx.array,
+    q_pos: mx.array,
+    scale: float,
+) -> mx.array:
+    """q [B, LQ, H, D] (token-major, as the runner holds it) -> [B, LQ, H, D]; same attention as
+    paged_attention. The native tiled kernel on the CPU (float32, D % 16 == 0), else paged_attention."""
+    if native_attention_applies(q, k_pool):
+        return qmm.native_module().paged_attention(q, k_pool, v_pool, block_tables, q_pos, scale)
+    o = paged_attention(q.transpose(0, 2, 1, 3), k_pool, v_pool, block_tables, q_pos, scale)
+    return o.transpose(0, 2, 1, 3)
+
+
+def native_attention_applies(q: mx.array, k_pool: mx.array) -> bool:
+    """The native kernel runs this: built, CPU device, float32 operands, head_dim a multiple of 16."""
+    return (qmm.native_available() and mx.default_device() == mx.cpu and q.dtype == mx.float32
+            and k_pool.dtype == mx.float32 and q.shape[-1] % 16 == 0)
 
 
 def grouped_paged_attention(

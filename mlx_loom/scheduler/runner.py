@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx_loom.kernels import decode_layer as fused
 from mlx_loom.kernels.activations import silu_mul
 from mlx_loom.kernels.qmm import embedding_logits, linear
-from mlx_loom.kernels.paged_attention import paged_attention, write_kv
+from mlx_loom.kernels.paged_attention import paged_attention_rows, write_kv
 from mlx_loom.kernels.sparse_patterns import SparsePatternConfig, should_use_sparse
 from mlx_loom.kernels.sparse_prefill import sparse_prefill_attention
 from mlx_loom.scheduler.generic_forward import GenericForward
@@ -254,12 +254,12 @@ class ModelRunner:
     def _group_attention(self, g: AttentionGroup, q: mx.array, scale: float, i: int) -> mx.array:
         H, D = q.shape[1], q.shape[2]
         B = (g.end - g.start) // g.q_len
-        qg = q[g.start : g.end].reshape(B, g.q_len, H, D).transpose(0, 2, 1, 3)  # [B, H, LQ, D]
+        qg = q[g.start : g.end].reshape(B, g.q_len, H, D)  # [B, LQ, H, D]: token-major, as q is
         if self._use_sparse(g, i):
-            o = self._sparse_attention(qg, g, scale, i)
+            o = self._sparse_attention(qg.transpose(0, 2, 1, 3), g, scale, i).transpose(0, 2, 1, 3)
         else:
-            o = paged_attention(qg, self.k_pools[i], self.v_pools[i], g.block_tables, g.q_pos, scale)
-        return o.transpose(0, 2, 1, 3).reshape(B * g.q_len, H * D)  # [B*LQ, H*D]
+            o = paged_attention_rows(qg, self.k_pools[i], self.v_pools[i], g.block_tables, g.q_pos, scale)
+        return o.reshape(B * g.q_len, H * D)  # [B*LQ, H*D]
 
     def _use_sparse(self, g: AttentionGroup, i: int) -> bool:
         """A prefill chunk (one row) long enough, and sparse enough, for its layer patterns."""

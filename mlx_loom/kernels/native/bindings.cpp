@@ -3,6 +3,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "activation.h"
+#include "attention.h"
 #include "decode_layer.h"
 
 #include "qmm.h"
@@ -57,6 +59,26 @@ NB_MODULE(_loom_native, m) {
       "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "eps"_a, "attn_scale"_a, "rope_traditional"_a,
       "One llama decoder layer for decode rows (see mlx_loom/kernels/decode_layer.py for the contract).\n"
       "Returns h_out; the new tokens' k, v are written into k_pool / v_pool in place when it runs.");
+  m.def(
+      "paged_attention",
+      [](const mlx::core::array& q,
+         const mlx::core::array& k_pool,
+         const mlx::core::array& v_pool,
+         const mlx::core::array& block_tables,
+         const mlx::core::array& q_pos,
+         float scale) {
+        return loom::paged_attention(q, k_pool, v_pool, block_tables, q_pos, scale,
+                                     mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "q"_a, "k_pool"_a, "v_pool"_a, "block_tables"_a, "q_pos"_a, "scale"_a,
+      "Causal attention of q [B, LQ, H, D] over paged k_pool / v_pool [HKV, NB, BS, D] (float32,\n"
+      "D % 16 == 0): query (b, i) sees keys 0..q_pos[b, i] through block_tables[b]. Returns [B, LQ, H, D].");
+  m.def(
+      "silu_mul",
+      [](const mlx::core::array& gate, const mlx::core::array& up) {
+        return loom::silu_mul(gate, up, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "gate"_a, "up"_a, "silu(gate) * up elementwise (float32 arrays of one shape).");
   m.def("kernel_isa", &loom::kernel_isa, "Kernel family used on this CPU: 'avx2', 'neon' or 'scalar'.");
   m.def("num_threads", &loom::num_threads, "Threads per call (the MLX stream thread included).");
   m.def("set_num_threads", &loom::set_num_threads, "n"_a, "Threads per call; 0 restores the default.");

@@ -15,6 +15,9 @@ namespace mx = mlx::core;
 // fn(i) for i in [0, n), spread over the parked worker pool (the calling thread included).
 void parallel_for(int n, const std::function<void(int)>& fn);
 
+// fn(i) for i in [0, n), each index claimed dynamically by whichever thread is free (uneven tasks).
+void parallel_tasks(int n, const std::function<void(int)>& fn);
+
 // A whole affine product on the pool (computes the direct path's group sums itself).
 void qmm_run(QmmArgs a);
 

@@ -310,6 +310,10 @@ void parallel_for(int n, const std::function<void(int)>& fn) {
   });
 }
 
+void parallel_tasks(int n, const std::function<void(int)>& fn) {
+  if (n > 0) pool().run(n, fn);
+}
+
 void AffineQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   const int K = inputs[0].shape(-1), N = inputs[1].shape(0);

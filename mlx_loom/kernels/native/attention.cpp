@@ -1,0 +1,114 @@
+// The PagedAttention primitive: argument checks, ISA choice, and the task split: (row, kv head,
+// tile of queries), heaviest tiles (latest queries: most keys) first, claimed dynamically.
+#include "attention.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <sstream>
+#include <stdexcept>
+
+#include "vec_kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "native_util.h"
+
+namespace loom {
+
+namespace {
+
+using TaskFn = void (*)(const AttnArgs&, int, int, int, int);
+
+TaskFn pick_task_fn() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return avx2::attend_task;
+#endif
+  return generic::attend_task;
+}
+
+[[noreturn]] void fail(const std::string& what, const mx::array& a) {
+  std::ostringstream s;
+  s << "[paged_attention] " << what << ", got " << a.shape() << " " << a.dtype();
+  throw std::invalid_argument(s.str());
+}
+
+// Keep every index inside the tables and the pool (the kernel reads raw pointers).
+void clamp_indices(std::vector<int>& pos, std::vector<int>& tables, int max_pos, int nb) {
+  for (int& p : pos) p = std::clamp(p, 0, max_pos);
+  for (int& t : tables) t = std::clamp(t, 0, nb - 1);
+}
+
+}  // namespace
+
+mx::array paged_attention(
+    const mx::array& q,
+    const mx::array& k_pool,
+    const mx::array& v_pool,
+    const mx::array& block_tables,
+    const mx::array& q_pos,
+    float scale,
+    mx::StreamOrDevice s) {
+  if (q.dtype() != mx::float32 || q.ndim() != 4) fail("q must be float32 [B, LQ, H, D]", q);
+  if (k_pool.dtype() != mx::float32 || k_pool.ndim() != 4) fail("k_pool must be float32 [HKV, NB, BS, D]", k_pool);
+  if (v_pool.shape() != k_pool.shape() || v_pool.dtype() != mx::float32) fail("v_pool must match k_pool", v_pool);
+  const int B = q.shape(0), LQ = q.shape(1), H = q.shape(2), D = q.shape(3), HKV = k_pool.shape(0);
+  if (D % 16 != 0 || k_pool.shape(3) != D) fail("head_dim must be a multiple of 16, equal in q and pools", k_pool);
+  if (HKV <= 0 || H % HKV != 0) fail("query heads must be a multiple of kv heads", q);
+  if (block_tables.dtype() != mx::int32 || block_tables.ndim() != 2 || block_tables.shape(0) != B ||
+      block_tables.shape(1) < 1)
+    fail("block_tables must be int32 [B, MB >= 1]", block_tables);
+  if (q_pos.dtype() != mx::int32 || q_pos.ndim() != 2 || q_pos.shape(0) != B || q_pos.shape(1) != LQ)
+    fail("q_pos must be int32 [B, LQ]", q_pos);
+  return mx::array(q.shape(), mx::float32, std::make_shared<PagedAttention>(mx::to_stream(s), scale),
+                   {q, k_pool, v_pool, block_tables, q_pos});
+}
+
+void PagedAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[paged_attention] CPU only: GPU backends run the reference (fused SDPA)");
+}
+
+void PagedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  const auto& kp = inputs[1];
+  AttnArgs a{};
+  a.B = inputs[0].shape(0);
+  a.LQ = inputs[0].shape(1);
+  a.H = inputs[0].shape(2);
+  a.D = inputs[0].shape(3);
+  a.HKV = kp.shape(0);
+  a.NB = kp.shape(1);
+  a.BS = kp.shape(2);
+  a.MB = inputs[3].shape(1);
+  a.scale = scale_;
+  a.out = out.data<float>();
+  std::vector<Input> views;
+  for (const auto& in : inputs) views.push_back(input(in));
+  encoder.dispatch([a, views = std::move(views)]() mutable {
+    std::vector<float> qs, ks, vs;
+    std::vector<int> ts, ps;
+    a.q = dense_ptr<float>(views[0], qs);
+    a.k_pool = dense_ptr<float>(views[1], ks);
+    a.v_pool = dense_ptr<float>(views[2], vs);
+    const int* t = dense_ptr<int>(views[3], ts);
+    const int* p = dense_ptr<int>(views[4], ps);
+    std::vector<int> tables(t, t + (size_t)a.B * a.MB), positions(p, p + (size_t)a.B * a.LQ);
+    clamp_indices(positions, tables, a.MB * a.BS - 1, a.NB);
+    a.tables = tables.data();
+    a.q_pos = positions.data();
+    if ((size_t)a.B * a.LQ == 0) return;
+    static const TaskFn task = pick_task_fn();
+    // ~128 (query, head) rows per task: big enough to amortize each K/V tile read, small enough for
+    // a chunk to split across cores; later query tiles see more keys, so they are claimed first.
+    const int rep = a.H / a.HKV, qt = std::max(1, std::min(a.LQ, 128 / rep)), tiles = (a.LQ + qt - 1) / qt;
+    parallel_tasks(a.B * a.HKV * tiles, [&](int t) {
+      const int tile = tiles - 1 - t / (a.B * a.HKV), bg = t % (a.B * a.HKV);
+      const int q0 = tile * qt, q1 = std::min(a.LQ, q0 + qt);
+      task(a, bg / a.HKV, bg % a.HKV, q0, q1);
+    });
+  });
+}
+
+}  // namespace loom
