@@ -1,5 +1,6 @@
-"""Load a model as an mlx-lm module: from a GGUF file (llama) or an mlx-lm directory (any architecture
-whose state is a KV cache; mlx_loom/scheduler/model_layout.py says which).
+"""Load a model as an mlx-lm module: from a GGUF file (mlx_loom/scheduler/gguf_arch.py says which
+architectures) or an mlx-lm directory (any architecture whose state is a KV cache;
+mlx_loom/scheduler/model_layout.py says which).
 
 GGUF Q4_0/Q4_1/Q8_0 blocks arrive from `mx.load` already in MLX's affine layout
 (weight uint32 + scales + biases, group size 32), so they drop into `nn.QuantizedLinear`
@@ -94,15 +95,17 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _convert_gguf_weights(weights: dict[str, mx.array], args: Any, permute_qk: bool) -> dict[str, mx.array]:
+def _convert_gguf_weights(weights: dict[str, mx.array], args: Any, arch: gguf_arch.GgufArch) -> dict[str, mx.array]:
     out = {}
     for name, w in weights.items():
-        mlx_name = gguf_arch.mlx_name(name)
-        if permute_qk and ".self_attn.q_proj." in mlx_name:
+        if name in gguf_arch.ROPE_FACTORS:  # phi3's LongRoPE factors went into the model's config
+            continue
+        mlx_name = gguf_arch.mlx_name(name, arch)
+        if arch.permute_qk and ".self_attn.q_proj." in mlx_name:
             w = _unpermute_rows(w, args.num_attention_heads)
-        elif permute_qk and ".self_attn.k_proj." in mlx_name:
+        elif arch.permute_qk and ".self_attn.k_proj." in mlx_name:
             w = _unpermute_rows(w, args.num_key_value_heads)
-        out[mlx_name] = w
+        out[mlx_name] = gguf_arch.unshift_norm(mlx_name, w, arch)
     return out
 
 
@@ -122,12 +125,12 @@ def _dequantize(q: mx.array, scales: mx.array, biases: mx.array, bits: int) -> m
 
     Not mx.dequantize: on the CPU it is ~3x slower and rounds through float16.
     """
-    rows = q.shape[0]
+    lead = q.shape[:-1]  # [O], or [E, O] for stacked experts
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)  # [32/bits]
-    vals = (q[..., None] >> shifts) & ((1 << bits) - 1)  # [O, I*bits/32, 32/bits]
-    vals = vals.reshape(rows, -1, GGUF_GROUP_SIZE).astype(mx.float32)  # [O, G, 32]
+    vals = (q[..., None] >> shifts) & ((1 << bits) - 1)  # [..., I*bits/32, 32/bits]
+    vals = vals.reshape(*lead, -1, GGUF_GROUP_SIZE).astype(mx.float32)  # [..., G, 32]
     w = vals * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
-    return w.reshape(rows, -1)  # [O, I]
+    return w.reshape(*lead, -1)  # [..., I]
 
 
 def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: mx.Dtype) -> dict[str, mx.array]:
@@ -143,8 +146,10 @@ def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: m
 
 def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
     weights, metadata = mx.load(path, return_metadata=True)
-    model, args, arch = gguf_arch.build_model(metadata, tied="output.weight" not in weights)
-    weights = _convert_gguf_weights(weights, args, arch.permute_qk)
+    model, args, arch = gguf_arch.build_model(metadata, weights)
+    weights = _convert_gguf_weights(weights, args, arch)
+    if hasattr(model, "sanitize"):  # as mlx-lm's own loader: e.g. gemma3_text drops its head when tied
+        weights = model.sanitize(weights)
     bits = _quant_bits(weights)
     # float16 only on a GPU: MLX's CPU quantized matmul is ~45x slower with fp16 scales and
     # activations than with fp32 ones (fp16 arithmetic is emulated there).

@@ -1,9 +1,11 @@
 """Text <-> token ids, chat templates and streaming detokenization, without mlx.
 
-A GGUF file carries its whole tokenizer in metadata (vocab, merges, token types, chat
-template); `TextTokenizer.from_gguf_metadata` rebuilds it as a `tokenizers` byte-level BPE so
-the server needs no Hugging Face download. mlx-lm model directories come with a
-transformers tokenizer instead; `TextTokenizer.from_hf` wraps it behind the same interface.
+A GGUF file carries its whole tokenizer in metadata (vocab, merges or scores, token types, chat
+template); `TextTokenizer.from_gguf_metadata` rebuilds it as a `tokenizers.Tokenizer` so the server
+needs no Hugging Face download: a byte-level BPE (`tokenizer.ggml.model` "gpt2") or llama.cpp's
+SentencePiece tokenizer ("llama": Llama 1/2, Mistral v0.1, Gemma, Phi-3 vocabularies). mlx-lm model
+directories come with a transformers tokenizer instead; `TextTokenizer.from_hf` wraps it behind the
+same interface.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from typing import Any, Iterable, Sequence
 
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 # GGUF token types (llama.cpp `llama_token_type`).
+_NORMAL = 1
 _CONTROL = 3
 _USER_DEFINED = 4
+_BYTE = 6
+
+GGUF_TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE, SentencePiece (llama.cpp's SPM)
+_SPACE = "\u2581"  # SentencePiece's "▁": a space inside a piece
 
 # Control tokens that end a turn or a document; used to find the template's stop tokens.
 _END_MARKERS = ("end", "eot", "eos", "</s>")
@@ -38,42 +45,54 @@ def _opt_int(value: Any) -> int | None:
 
 
 class TextTokenizer:
-    """Byte-level BPE tokenizer (from GGUF metadata) plus its chat template."""
+    """A `tokenizers` tokenizer (byte-level BPE or SentencePiece, from GGUF metadata) plus its chat template."""
 
     def __init__(self, backend: Tokenizer, *, bos_token_id: int | None, eos_token_id: int | None,
-                 add_bos: bool, chat_template: str | None, control_ids: Iterable[int] = ()) -> None:
+                 add_bos: bool, chat_template: str | None, control_ids: Iterable[int] = (),
+                 sentencepiece: bool = False, byte_ids: Iterable[int] = ()) -> None:
         self.backend = backend  # public: e.g. for grammar engines that need the raw tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.add_bos = add_bos
         self.chat_template = chat_template
         self.control_ids = frozenset(control_ids)
+        self.sentencepiece = sentencepiece  # pieces spell spaces "▁" and bytes "<0xNN>", not GPT-2's byte chars
+        self.byte_ids = frozenset(byte_ids)  # SentencePiece byte-fallback tokens
 
     # -- construction --
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> TextTokenizer:
         kind = _py(metadata.get("tokenizer.ggml.model", "gpt2"))
-        if kind != "gpt2":
-            raise NotImplementedError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level 'gpt2')")
+        if kind not in GGUF_TOKENIZER_MODELS:
+            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2' "
+                             "and SentencePiece 'llama')")
         tokens: list[str] = list(_py(metadata["tokenizer.ggml.tokens"]))
-        merges = [tuple(m.split(" ", 1)) for m in _py(metadata.get("tokenizer.ggml.merges", []))]
-        types = _py(metadata.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
-        backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        backend.pre_tokenizer = _pre_tokenizer(_py(metadata.get("tokenizer.ggml.pre", "default")))
-        backend.decoder = decoders.ByteLevel()
+        types = _py(metadata.get("tokenizer.ggml.token_type")) or [_NORMAL] * len(tokens)
+        spm = kind == "llama"
+        add_prefix = spm and bool(_py(metadata.get("tokenizer.ggml.add_space_prefix", True)))
+        backend = _sentencepiece(tokens, types, metadata, add_prefix) if spm else _byte_level_bpe(tokens, metadata)
         control = [i for i, t in enumerate(types) if t == _CONTROL]
         # Special tokens are matched whole in any text and dropped by decode(skip_special_tokens=True).
         backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
         user = [i for i, t in enumerate(types) if t == _USER_DEFINED]
         if user:
-            backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+            # SentencePiece matches its user-defined pieces in the text with spaces as "▁" (normalized);
+            # not where a prefix is prepended, as the normaliser would prepend it to the pieces too:
+            # there they are matched in the raw text, as llama.cpp does.
+            backend.add_tokens([AddedToken(tokens[i], special=False, normalized=spm and not add_prefix)
+                                for i in user])
+        # llama.cpp's defaults when the keys are absent: SPM vocabularies start with <s> (1) ... </s> (2).
+        bos = metadata.get("tokenizer.ggml.bos_token_id", 1 if spm else None)
+        eos = metadata.get("tokenizer.ggml.eos_token_id", 2 if spm else None)
         return cls(
             backend,
-            bos_token_id=_opt_int(metadata.get("tokenizer.ggml.bos_token_id")),
-            eos_token_id=_opt_int(metadata.get("tokenizer.ggml.eos_token_id")),
-            add_bos=bool(_py(metadata.get("tokenizer.ggml.add_bos_token", False))),
+            bos_token_id=_opt_int(bos),
+            eos_token_id=_opt_int(eos),
+            add_bos=bool(_py(metadata.get("tokenizer.ggml.add_bos_token", spm))),
             chat_template=_py(metadata.get("tokenizer.chat_template")),
             control_ids=control,
+            sentencepiece=spm,
+            byte_ids=[i for i, t in enumerate(types) if t == _BYTE] if spm else (),
         )
 
     @classmethod
@@ -99,10 +118,13 @@ class TextTokenizer:
         return self.backend.id_to_token(token_id)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """Raw bytes of one token of a byte-level vocabulary; special tokens as their UTF-8 text."""
+        """Raw bytes of one token (what it adds to the text, before decode strips a SentencePiece
+        dummy-prefix space); special tokens as their UTF-8 text."""
         tok = self.id_to_token(token_id) or ""
         if token_id in self.control_ids:
             return tok.encode()
+        if self.sentencepiece:
+            return bytes([int(tok[3:-1], 16)]) if token_id in self.byte_ids else tok.replace(_SPACE, " ").encode()
         table = _byte_decoder()
         return bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
 
@@ -169,6 +191,57 @@ class HFTextTokenizer(TextTokenizer):
                             **kwargs: Any) -> str:
         return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                            tokenize=False, **kwargs)
+
+
+def _byte_level_bpe(tokens: list[str], metadata: dict) -> Tokenizer:
+    merges = [tuple(m.split(" ", 1)) for m in _py(metadata.get("tokenizer.ggml.merges", []))]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    backend.pre_tokenizer = _pre_tokenizer(_py(metadata.get("tokenizer.ggml.pre", "default")))
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece(tokens: list[str], types: list[int], metadata: dict, add_prefix: bool) -> Tokenizer:
+    """llama.cpp's SPM tokenizer (llm_tokenizer_spm) as a `tokenizers` BPE, as transformers' GGUF
+    and slow-to-fast Llama converters build it.
+
+    llama.cpp escapes spaces as "▁" (after prepending one to each text run when
+    `tokenizer.ggml.add_space_prefix`, default true; Gemma writes false), starts from single
+    characters, repeatedly merges the adjacent pair whose concatenation is the highest-scoring
+    token (leftmost first), and spells a character outside the vocabulary as its UTF-8 byte
+    tokens <0xNN>. A BPE whose merges are ranked by the merged token's score, with byte fallback,
+    does the same; there is no pre-tokenizer, since llama.cpp never splits the text.
+    """
+    scores = list(_py(metadata.get("tokenizer.ggml.scores")) or [0.0] * len(tokens))
+    unk = _opt_int(metadata.get("tokenizer.ggml.unknown_token_id", 0))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    model = models.BPE(vocab=vocab, merges=_spm_merges(tokens, types, scores, vocab),
+                       unk_token=tokens[unk] if unk is not None and unk < len(tokens) else None,
+                       fuse_unk=True, byte_fallback=True)
+    backend = Tokenizer(model)
+    steps = [normalizers.Prepend(_SPACE)] if add_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", _SPACE)])
+    decode = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:  # the prepended space is not part of the text (llama.cpp drops it too)
+        decode.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(decode)
+    return backend
+
+
+def _spm_merges(tokens: list[str], types: list[int], scores: list[float],
+                vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) split of each normal or user-defined token into two such tokens, best-scoring
+    result first (llama.cpp merges into any token of the text; control, byte and unused tokens never
+    arise from text in SentencePiece, so they are left out)."""
+    normal = {t for t, kind in zip(tokens, types) if kind in (_NORMAL, _USER_DEFINED)}
+    found = []
+    for token in normal:
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in normal and right in normal:
+                found.append((-scores[vocab[token]], vocab[token], vocab[left], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
 
 
 def _ends_something(name: str) -> bool:
