@@ -14,6 +14,7 @@ weight matrix of the 30 layers plus the tied 8-bit lm_head, M=1, ~100 MB 4-bit /
 is the DRAM-bound decode figure.
 
     .venv/bin/python benchmarks/bench_kernels.py [--repeats 15] [--no-sweep]
+    .venv/bin/python benchmarks/bench_kernels.py --prefill   # M = 256 / 512 / 1024 (prefill chunks), -> bench_kernels_prefill
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _time_per_call(make_out, calls: int, repeats: int, budget_s: float) -> float
     return statistics.median(times)
 
 
-def bench_shape(name, K, N, bits, repeats, with_mlx_qmm):
+def bench_shape(name, K, N, bits, repeats, with_mlx_qmm, rows_m=ROWS):
     key = mx.random.key(N + K)
     W = mx.random.normal((N, K), key=key) * 0.05
     w, s, b = mx.quantize(W, group_size=GS, bits=bits)
@@ -70,7 +71,7 @@ def bench_shape(name, K, N, bits, repeats, with_mlx_qmm):
     mx.eval(w, s, b, Wf)
     qbytes, fbytes = w.nbytes + s.nbytes + b.nbytes, Wf.nbytes
     rows = []
-    for M in ROWS:
+    for M in rows_m:
         calls = 8 if N * M <= 200_000 else 2
         xs = [mx.random.normal((M, K), key=mx.random.key(i)) for i in range(calls)]
         mx.eval(xs)
@@ -177,18 +178,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-mlx-qmm", action="store_true", help="skip mx.quantized_matmul (slow: ~0.5 GB/s)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="prefill chunk sizes M = 256/512/1024 on the layer projections (no lm_head, mx.qmm or sweep)")
     args = ap.parse_args()
+    shapes, rows_m, name = SHAPES, ROWS, "bench_kernels"
+    if args.prefill:
+        shapes, rows_m, name = [s for s in SHAPES if "lm_head" not in s[0]], [256, 512, 1024], "bench_kernels_prefill"
+        args.no_mlx_qmm = args.no_sweep = True
     if not qmm.native_available():
         print(f"warning: {qmm.describe()}: 'native' below is the reference path", file=sys.stderr)
     meta = {"describe": qmm.describe(), "blas": blas.loaded_path() or "mlx bundled", "mlx": mx.__version__,
             "machine": machine(), "repeats": args.repeats}
     print(meta["describe"], "| BLAS:", meta["blas"], flush=True)
     rows = []
-    for name, K, N, bits in SHAPES:
-        rows += bench_shape(name, K, N, bits, args.repeats, not args.no_mlx_qmm)
+    for shape, K, N, bits in shapes:
+        rows += bench_shape(shape, K, N, bits, args.repeats, not args.no_mlx_qmm, rows_m)
     sweep = None if args.no_sweep else model_sweep(max(5, args.repeats // 2))
     md = markdown(rows, sweep, meta)
-    js, mdp = write_results("bench_kernels", {"meta": meta, "rows": rows, "model_sweep": sweep}, md)
+    js, mdp = write_results(name, {"meta": meta, "rows": rows, "model_sweep": sweep}, md)
     print(md)
     print(f"wrote {js} and {mdp}")
 

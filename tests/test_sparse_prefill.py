@@ -16,6 +16,15 @@ from mlx_loom.kernels.sparse_patterns import (HeadPattern, SparsePatternConfig, 
 SHAPES = [(4, 2, 100, 237, 16), (6, 3, 64, 0, 16), (3, 1, 37, 500, 8), (4, 4, 130, 0, 16), (9, 3, 200, 391, 16)]
 
 
+@pytest.fixture(autouse=True, params=["native", "mlx"])
+def attention_kernels(request, monkeypatch):
+    """Every test twice: with the native tile / dense kernels where they apply (CPU, D % 16 == 0)
+    and with the MLX-op tiles, the GPU path."""
+    if request.param == "mlx":
+        monkeypatch.setattr(sp, "native_attention_applies", lambda *a: False)
+    return request.param
+
+
 def _qkv(rng, H, HKV, LQ, q_offset, D, extra=3):
     L = q_offset + LQ
     q = mx.array(rng.standard_normal((1, H, LQ, D)).astype(np.float32))

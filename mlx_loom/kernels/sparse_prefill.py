@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
+from mlx_loom.kernels import qmm
+from mlx_loom.kernels.paged_attention import native_attention_applies
 from mlx_loom.kernels.sparse_patterns import HeadPattern, covers_all
 from mlx_loom.kernels.sparse_prefill_reference import TILE, num_tiles, tile_shift
 
@@ -85,7 +87,10 @@ def make_tiles(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale: floa
 
 
 def tile_attention(t: Tiles, index: TileIndex) -> mx.array:
-    """Attention of every query tile over its index -> [Hs, LQ, D]."""
+    """Attention of every query tile over its index -> [Hs, LQ, D]. On the CPU the native
+    SparseTileAttention primitive runs it (same contract, tiled with an online softmax)."""
+    if _native_tiles(t):
+        return _native_tile_attention(t, index)
     Hs, NQ, _, D = t.q.shape
     HKV, NK = t.k.shape[:2]
     NB = index.blocks.shape[2]
@@ -105,6 +110,22 @@ def tile_attention(t: Tiles, index: TileIndex) -> mx.array:
         total = p.sum(axis=-1, keepdims=True) + pc.sum(axis=-1, keepdims=True)
         out = (p @ values + pc @ vc) / total
     return out.reshape(Hs, NQ * TILE, D)[:, t.q_pad :]
+
+
+def _native_tiles(t: Tiles) -> bool:
+    return native_attention_applies(t.q, t.k)
+
+
+def _native_tile_attention(t: Tiles, index: TileIndex) -> mx.array:
+    Hs, NQ, _, D = t.q.shape
+    HKV, NK = t.k.shape[:2]
+    columns = index.columns if index.columns is not None else mx.zeros((Hs, 0), dtype=mx.int32)
+    # t.q is already scaled by scale * log2(e): the kernel applies its own, so pass 1 / log2(e)
+    out = qmm.native_module().sparse_tile_attention(
+        t.q.reshape(Hs, NQ * TILE, D), t.k.reshape(HKV, NK * TILE, D), t.v.reshape(HKV, NK * TILE, D),
+        t.kv.astype(mx.int32), index.blocks.astype(mx.int32), index.block_ok, columns.astype(mx.int32),
+        t.shift, t.base, 1.0 / LOG2E)
+    return out[:, t.q_pad :]
 
 
 def _block_visible(t: Tiles, index: TileIndex) -> mx.array:
@@ -154,21 +175,32 @@ def a_shape_index(t: Tiles, n_sink: int, n_local: int) -> TileIndex:
 
 def vertical_slash_index(t: Tiles, n_vertical: int, n_slash: int) -> TileIndex:
     """Online estimate from the last query tile (the chunk's last <= 64 real queries)."""
+    Hs, NK = t.q.shape[0], t.k.shape[1]
+    p = _last_tile_probs(t)  # [Hs, 64, L'] attention of the last query tile
+    columns = _top_columns(p, t.shift, n_vertical)
+    keep = mx.put_along_axis(mx.ones((Hs, NK * TILE)), columns, mx.array(0.0), axis=1)
+    diags = _top_tile_diagonals(p * keep[:, None, :], max(LOCAL_TILES, num_tiles(n_slash)))
+    return diagonal_index(t, diags, columns)
+
+
+def _last_tile_probs(t: Tiles) -> mx.array:
+    """[Hs, 64, L'] causal attention of the last query tile over the keys (padding rows 0): the
+    native LastTileProbs primitive on the CPU (one pass, vector exp2), else MLX ops."""
     Hs, NQ, _, D = t.q.shape
     HKV, NK = t.k.shape[:2]
+    first_row = t.q_pad if NQ == 1 else 0  # padding query rows estimate nothing
+    if _native_tiles(t):  # t.q is prescaled by scale * log2(e): the kernel's scale must be 1 / log2(e)
+        return qmm.native_module().last_tile_probs(t.q[:, -1], t.k.reshape(HKV, NK * TILE, D), t.kv.astype(mx.int32),
+                                                   t.shift, first_row, 1.0 / LOG2E)
     keys = t.k.reshape(HKV, NK * TILE, D)[t.kv]  # [Hs, L', D]
     s = t.q[:, -1] @ keys.swapaxes(-1, -2)  # [Hs, 64, L']
     ar = mx.arange(TILE)
     qpos = (NK - 1) * TILE + ar[:, None]  # [64, 1]
     kpos = mx.arange(NK * TILE)[None]
-    real_row = (ar >= (t.q_pad if NQ == 1 else 0))[:, None]  # padding query rows estimate nothing
+    real_row = (ar >= first_row)[:, None]
     s = mx.where((kpos <= qpos) & (kpos >= t.shift) & real_row, s, NEG)
     p = mx.power(2.0, s - s.max(axis=-1, keepdims=True))
-    p = mx.where(real_row, p / p.sum(axis=-1, keepdims=True), 0.0)  # [Hs, 64, L'] attention
-    columns = _top_columns(p, t.shift, n_vertical)
-    keep = mx.put_along_axis(mx.ones((Hs, NK * TILE)), columns, mx.array(0.0), axis=1)
-    diags = _top_tile_diagonals(p * keep[:, None, :], max(LOCAL_TILES, num_tiles(n_slash)))
-    return diagonal_index(t, diags, columns)
+    return mx.where(real_row, p / p.sum(axis=-1, keepdims=True), 0.0)
 
 
 def _top_columns(p: mx.array, shift: int, n: int) -> mx.array:
@@ -272,12 +304,15 @@ def indexed_attention(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scal
 
 def dense_prefill_attention(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale: float,
                             kv_heads: mx.array | None = None) -> mx.array:
-    """Dense causal attention, the engine's CPU algorithm (grouped heads, additive mask, exp2)."""
+    """Dense causal attention: the native tiled kernel where it applies (the keys as one page per
+    row), else grouped heads, an additive mask and exp2 in MLX ops."""
     B, H, LQ, D = q.shape
     L = q_offset + LQ
     k, v = k[:, :, :L], v[:, :, :L]
     if kv_heads is not None:
         k, v = k[:, kv_heads], v[:, kv_heads]  # [B, H, L, D]
+    if native_attention_applies(q, k):
+        return _native_dense(q, k, v, q_offset, scale)
     HKV = k.shape[1]
     rep = H // HKV
     qg = (q * (scale * LOG2E)).reshape(B, HKV, rep * LQ, D)  # rep query heads of a kv head as rows
@@ -287,6 +322,17 @@ def dense_prefill_attention(q: mx.array, k: mx.array, v: mx.array, q_offset: int
     p = mx.power(2.0, s - s.max(axis=-1, keepdims=True))
     p = (p / p.sum(axis=-1, keepdims=True)).reshape(B, HKV, rep * LQ, L)
     return (p @ v).reshape(B, H, LQ, D)
+
+
+def _native_dense(q: mx.array, k: mx.array, v: mx.array, q_offset: int, scale: float) -> mx.array:
+    """q [B, H, LQ, D] over k/v [B, HKV, L, D]: row b's keys are page b of a [HKV, B, L, D] pool."""
+    B, H, LQ, D = q.shape
+    pool_k, pool_v = k.transpose(1, 0, 2, 3), v.transpose(1, 0, 2, 3)  # [HKV, B, L, D]
+    tables = mx.arange(B, dtype=mx.int32)[:, None]
+    q_pos = mx.broadcast_to(mx.arange(q_offset, q_offset + LQ, dtype=mx.int32)[None], (B, LQ))
+    out = qmm.native_module().paged_attention(q.transpose(0, 2, 1, 3), mx.contiguous(pool_k), mx.contiguous(pool_v),
+                                              tables, q_pos, scale)
+    return out.transpose(0, 2, 1, 3)
 
 
 # -- per-head dispatch --

@@ -17,13 +17,37 @@ namespace loom {
 namespace {
 
 using TaskFn = void (*)(const AttnArgs&, int, int, int, int);
+using SparseFn = void (*)(const SparseArgs&, int, int);
+
+bool use_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return !std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 TaskFn pick_task_fn() {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return avx2::attend_task;
+  if (use_avx2()) return avx2::attend_task;
 #endif
   return generic::attend_task;
+}
+
+using ProbsFn = void (*)(const ProbsArgs&, int);
+
+ProbsFn pick_probs_fn() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (use_avx2()) return avx2::probs_task;
+#endif
+  return generic::probs_task;
+}
+
+SparseFn pick_sparse_fn() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (use_avx2()) return avx2::sparse_task;
+#endif
+  return generic::sparse_task;
 }
 
 [[noreturn]] void fail(const std::string& what, const mx::array& a) {
@@ -108,6 +132,121 @@ void PagedAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
       const int q0 = tile * qt, q1 = std::min(a.LQ, q0 + qt);
       task(a, bg / a.HKV, bg % a.HKV, q0, q1);
     });
+  });
+}
+
+mx::array last_tile_probs(const mx::array& q, const mx::array& k, const mx::array& kv, int shift, int first_row,
+                          float scale, mx::StreamOrDevice s) {
+  if (q.dtype() != mx::float32 || q.ndim() != 3 || q.shape(1) != kTile || q.shape(2) % 16 != 0)
+    fail("q must be float32 [Hs, 64, D], D a multiple of 16", q);
+  if (k.dtype() != mx::float32 || k.ndim() != 3 || k.shape(1) % kTile != 0 || k.shape(1) == 0 || k.shape(2) != q.shape(2))
+    fail("k must be float32 [HKV, NK*64, D]", k);
+  if (kv.dtype() != mx::int32 || kv.ndim() != 1 || kv.shape(0) != q.shape(0)) fail("kv must be int32 [Hs]", kv);
+  return mx::array({q.shape(0), kTile, k.shape(1)}, mx::float32,
+                   std::make_shared<LastTileProbs>(mx::to_stream(s), shift, first_row, scale), {q, k, kv});
+}
+
+void LastTileProbs::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[last_tile_probs] CPU only: GPU backends run the MLX estimate");
+}
+
+void LastTileProbs::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  ProbsArgs a{};
+  a.Hs = inputs[0].shape(0);
+  a.D = inputs[0].shape(2);
+  a.NK = inputs[1].shape(1) / kTile;
+  a.shift = std::clamp(shift_, 0, a.NK * kTile);
+  a.first_row = first_row_;
+  a.scale = scale_;
+  a.out = out.data<float>();
+  const int HKV = inputs[1].shape(0);
+  std::vector<Input> views;
+  for (const auto& in : inputs) views.push_back(input(in));
+  encoder.dispatch([a, HKV, views = std::move(views)]() mutable {
+    std::vector<float> qs, ks;
+    std::vector<int> kvs;
+    a.q = dense_ptr<float>(views[0], qs);
+    a.k = dense_ptr<float>(views[1], ks);
+    const int* kv = dense_ptr<int>(views[2], kvs);
+    std::vector<int> heads(kv, kv + a.Hs);
+    for (int& g : heads) g = std::clamp(g, 0, HKV - 1);
+    a.kv = heads.data();
+    static const ProbsFn task = pick_probs_fn();
+    parallel_tasks(a.Hs, [&](int h) { task(a, h); });
+  });
+}
+
+mx::array sparse_tile_attention(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    const mx::array& kv,
+    const mx::array& blocks,
+    const mx::array& block_ok,
+    const mx::array& columns,
+    int shift,
+    int base,
+    float scale,
+    mx::StreamOrDevice s) {
+  if (q.dtype() != mx::float32 || q.ndim() != 3 || q.shape(1) % kTile != 0 || q.shape(2) % 16 != 0)
+    fail("q must be float32 [Hs, NQ*64, D], D a multiple of 16", q);
+  if (k.dtype() != mx::float32 || k.ndim() != 3 || k.shape(1) % kTile != 0 || k.shape(2) != q.shape(2) ||
+      v.shape() != k.shape() || v.dtype() != mx::float32)
+    fail("k and v must be float32 [HKV, NK*64, D]", k);
+  const int Hs = q.shape(0), NQ = q.shape(1) / kTile;
+  if (kv.dtype() != mx::int32 || kv.ndim() != 1 || kv.shape(0) != Hs) fail("kv must be int32 [Hs]", kv);
+  if (blocks.dtype() != mx::int32 || blocks.ndim() != 3 || blocks.shape(0) != Hs || blocks.shape(1) != NQ)
+    fail("blocks must be int32 [Hs, NQ, NB]", blocks);
+  if (block_ok.dtype() != mx::bool_ || block_ok.shape() != blocks.shape()) fail("block_ok must be bool like blocks", block_ok);
+  if (columns.dtype() != mx::int32 || columns.ndim() != 2 || columns.shape(0) != Hs) fail("columns must be int32 [Hs, NC]", columns);
+  return mx::array(q.shape(), mx::float32, std::make_shared<SparseTileAttention>(mx::to_stream(s), shift, base, scale),
+                   {q, k, v, kv, blocks, block_ok, columns});
+}
+
+void SparseTileAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[sparse_tile_attention] CPU only: GPU backends run the MLX tiles");
+}
+
+void SparseTileAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  SparseArgs a{};
+  a.Hs = inputs[0].shape(0);
+  a.NQ = inputs[0].shape(1) / kTile;
+  a.D = inputs[0].shape(2);
+  a.NK = inputs[1].shape(1) / kTile;
+  a.NB = inputs[4].shape(2);
+  a.NC = inputs[6].shape(1);
+  a.shift = shift_;
+  a.base = base_;
+  a.scale = scale_;
+  a.out = out.data<float>();
+  const int HKV = inputs[1].shape(0);
+  std::vector<Input> views;
+  for (const auto& in : inputs) views.push_back(input(in));
+  encoder.dispatch([a, HKV, views = std::move(views)]() mutable {
+    std::vector<float> qs, ks, vs;
+    std::vector<int> kvs, bs, cs;
+    std::vector<uint8_t> oks;
+    a.q = dense_ptr<float>(views[0], qs);
+    a.k = dense_ptr<float>(views[1], ks);
+    a.v = dense_ptr<float>(views[2], vs);
+    const int* kv = dense_ptr<int>(views[3], kvs);
+    std::vector<int> heads(kv, kv + a.Hs);
+    for (int& g : heads) g = std::clamp(g, 0, HKV - 1);
+    a.kv = heads.data();
+    a.blocks = dense_ptr<int>(views[4], bs);
+    a.block_ok = dense_ptr<uint8_t>(views[5], oks);
+    a.columns = dense_ptr<int>(views[6], cs);
+    static const SparseFn task = pick_sparse_fn();
+    // Later query tiles select more keys (columns apply to every earlier tile): claimed first.
+    parallel_tasks(a.Hs * a.NQ, [&](int i) { task(a, i % a.Hs, a.NQ - 1 - i / a.Hs); });
   });
 }
 

@@ -74,6 +74,26 @@ NB_MODULE(_loom_native, m) {
       "Causal attention of q [B, LQ, H, D] over paged k_pool / v_pool [HKV, NB, BS, D] (float32,\n"
       "D % 16 == 0): query (b, i) sees keys 0..q_pos[b, i] through block_tables[b]. Returns [B, LQ, H, D].");
   m.def(
+      "sparse_tile_attention",
+      [](const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v, const mlx::core::array& kv,
+         const mlx::core::array& blocks, const mlx::core::array& block_ok, const mlx::core::array& columns, int shift,
+         int base, float scale) {
+        return loom::sparse_tile_attention(q, k, v, kv, blocks, block_ok, columns, shift, base, scale,
+                                           mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "q"_a, "k"_a, "v"_a, "kv"_a, "blocks"_a, "block_ok"_a, "columns"_a, "shift"_a, "base"_a, "scale"_a,
+      "Sparse prefill tiles (contract: mlx_loom/kernels/sparse_prefill.py tile_attention). q [Hs, NQ*64, D],\n"
+      "k, v [HKV, NK*64, D] float32; kv [Hs], blocks [Hs, NQ, NB], columns [Hs, NC] int32; block_ok bool.");
+  m.def(
+      "last_tile_probs",
+      [](const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& kv, int shift, int first_row,
+         float scale) {
+        return loom::last_tile_probs(q, k, kv, shift, first_row, scale, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "q"_a, "k"_a, "kv"_a, "shift"_a, "first_row"_a, "scale"_a,
+      "Causal softmax of the last query tile q [Hs, 64, D] over k [HKV, NK*64, D] (keys >= shift; rows below\n"
+      "first_row are 0): the vertical-slash index estimate of mlx_loom/kernels/sparse_prefill.py. -> [Hs, 64, NK*64].");
+  m.def(
       "silu_mul",
       [](const mlx::core::array& gate, const mlx::core::array& up) {
         return loom::silu_mul(gate, up, mlx::core::Device(mlx::core::Device::cpu));

@@ -6,6 +6,8 @@
 // key j living at slot j % BS of page tables[b, j / BS]. D must be a multiple of 16.
 #pragma once
 
+#include <cstdint>
+
 namespace loom {
 
 constexpr int kKT = 64;  // keys per tile
@@ -21,15 +23,51 @@ struct AttnArgs {
   float scale;
 };
 
+// Sparse prefill tiles (mlx_loom/kernels/sparse_prefill.py's tile_attention, padded coordinates):
+// q [Hs, NQ*64, D] (query tile t is absolute key tile base + t), k / v [HKV, NK*64, D] dense with
+// `shift` front padding keys, kv [Hs] kv head per query head, blocks / block_ok [Hs, NQ, NB] the key
+// tiles of each query tile, columns [Hs, NC] single keys shared by the head's tiles (used by tiles
+// after theirs, unless inside one of the tile's blocks); out [Hs, NQ*64, D].
+constexpr int kTile = 64;
+
+struct SparseArgs {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int* kv;
+  const int* blocks;
+  const uint8_t* block_ok;
+  const int* columns;
+  float* out;
+  int Hs, NQ, NK, NB, NC, D, shift, base;
+  float scale;
+};
+
+// The vertical-slash estimate (sparse_prefill.py's vertical_slash_index): q [Hs, 64, D] the last
+// query tile (query row r at padded position (NK - 1) * 64 + r; rows below first_row are padding),
+// k [HKV, NK*64, D], kv [Hs]; out [Hs, 64, NK*64] causal softmax over keys >= shift (padding rows 0).
+struct ProbsArgs {
+  const float* q;
+  const float* k;
+  const int* kv;
+  float* out;
+  int Hs, NK, D, shift, first_row;
+  float scale;
+};
+
 // attend_task: row b, kv head g, queries [q0, q1) with all rep = H / HKV heads of g.
 // silu_mul_span (activation_tile.h): out[i] = silu(gate[i]) * up[i] for i in [0, n).
 namespace generic {
 void attend_task(const AttnArgs& a, int b, int g, int q0, int q1);
+void sparse_task(const SparseArgs& a, int h, int t);
+void probs_task(const ProbsArgs& a, int h);
 void silu_mul_span(const float* gate, const float* up, float* out, long long n);
 }  // namespace generic
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 {
 void attend_task(const AttnArgs& a, int b, int g, int q0, int q1);
+void sparse_task(const SparseArgs& a, int h, int t);
+void probs_task(const ProbsArgs& a, int h);
 void silu_mul_span(const float* gate, const float* up, float* out, long long n);
 }  // namespace avx2
 #endif
