@@ -35,13 +35,14 @@ KINDS = ("vertical_and_slash", "a_shape", "block_sparse", "dense")
 _ALIASES = {"stream_llm": "a_shape", "vertical_slash": "vertical_and_slash"}
 PATTERN_DIR = Path(__file__).resolve().parent / "patterns"
 
-# Measured on the 2-core CPU (benchmarks/results/bench_sparse_prefill.md): one 512-query chunk
-# with the shipped config takes ~0.1 + the estimated ratio of dense time (0.87 at L=1536, est.
-# 0.76; 0.72 at 2048, est. 0.60; 0.23 at 8192). A chunk runs sparse when the estimated compute
-# ratio is at most MAX_RATIO and it attends to at least MIN_KV_LEN keys. GPU backends have a
-# fused dense SDPA and are unmeasured: the engine should keep them dense.
+# Measured on the 2-core CPU against the native tiled dense attention
+# (benchmarks/results/bench_sparse_prefill_kernels.md): one 512-query chunk with the shipped config
+# takes ~1.0x dense time at L=2048 (est. ratio 0.60), 0.75x at 3072 (est. 0.44), 0.55-0.72x at
+# 4096-8192 (est. 0.36-0.25): the index estimate and the gathers cost ~0.3x of dense. A chunk runs
+# sparse when the estimated compute ratio is at most MAX_RATIO and it attends to at least MIN_KV_LEN
+# keys. GPU backends have a fused dense SDPA and are unmeasured: the engine should keep them dense.
 MAX_RATIO = 0.65
-MIN_KV_LEN = 2048
+MIN_KV_LEN = 3072
 
 
 @dataclass(frozen=True)
