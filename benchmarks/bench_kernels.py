@@ -34,6 +34,7 @@ import mlx.core as mx  # noqa: E402
 from _common import machine, write_results  # noqa: E402
 from mlx_loom.kernels import qmm  # noqa: E402
 from mlx_loom.scheduler import blas  # noqa: E402
+from mlx_loom.scheduler.model import _dequantize  # noqa: E402  (the loader's float32 dequantization)
 
 # (name, in K, out N, bits): the default model's projections; its lm_head is tied to the Q8_0
 # token embedding, so it is measured both as 4-bit (the target) and as shipped (8-bit).
@@ -79,6 +80,8 @@ def bench_shape(name, K, N, bits, repeats, with_mlx_qmm, rows_m=ROWS):
         time.sleep(0.3)  # let OpenBLAS's spinning threads (from the previous f32 run) park first
         t_nat = _time_per_call(lambda i: qmm.affine_qmm(xs[i], w, s, b, GS, bits), calls, repeats, 5.0)
         t_f32 = _time_per_call(lambda i: xs[i] @ Wf.T, calls, repeats, 5.0)
+        # float32 BLAS on the quantized weights as stored: dequantized for each call (no f32 copy kept)
+        t_deq = _time_per_call(lambda i: xs[i] @ _dequantize(w, s, b, bits).T, calls, repeats, 5.0)
         t_mxq = None
         if with_mlx_qmm:
             t_mxq = _time_per_call(
@@ -92,6 +95,7 @@ def bench_shape(name, K, N, bits, repeats, with_mlx_qmm, rows_m=ROWS):
             "mx_qmm_GBps": qbytes / t_mxq / 1e9 if t_mxq else None,
             "speedup_vs_mx_qmm": t_mxq / t_nat if t_mxq else None,
             "speedup_vs_f32": t_f32 / t_nat,
+            "deq_f32_us": t_deq * 1e6, "speedup_vs_deq_f32": t_deq / t_nat,
         }
         rows.append(row)
         print(f"{name:40s} M={M:3d}  native {row['native_us']:9.1f} us {row['native_GBps']:6.1f} GB/s "
@@ -150,17 +154,20 @@ def markdown(rows, sweep, meta) -> str:
         f"{meta['describe']}; BLAS: {meta['blas']}; mlx {meta['mlx']}; {meta['machine']['cpus']} CPUs, "
         f"{meta['machine']['platform']}, {meta['machine']['date']}.",
         "GB/s = weight bytes per call / time (quantized: packed + scales + biases; f32: float32 W). "
-        "Single matrices are cache-resident; the sweep row is the DRAM-bound decode figure.",
+        "Single matrices are cache-resident; the sweep row is the DRAM-bound decode figure. "
+        "dequant+f32: the quantized weights dequantized to float32 in each call, then BLAS (what using "
+        "BLAS costs when no float32 copy of the model is kept).",
         "",
         "| shape (in x out) | bits | M | native us | native GB/s | native GFLOP/s | mx.qmm us | "
-        "f32 us | f32 GB/s | f32 GFLOP/s | x vs mx.qmm | x vs f32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "f32 us | f32 GB/s | f32 GFLOP/s | x vs mx.qmm | x vs f32 | dequant+f32 us | x vs dequant+f32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['bits']} | {r['M']} | {r['native_us']:.1f} | {r['native_GBps']:.1f} | "
             f"{r['native_GFLOPs']:.1f} | {_fmt(r['mx_qmm_us'])} | {r['f32_us']:.1f} | {r['f32_GBps']:.1f} | "
-            f"{r['f32_GFLOPs']:.1f} | {_fmt(r['speedup_vs_mx_qmm'])} | {r['speedup_vs_f32']:.2f} |")
+            f"{r['f32_GFLOPs']:.1f} | {_fmt(r['speedup_vs_mx_qmm'])} | {r['speedup_vs_f32']:.2f} | "
+            f"{r['deq_f32_us']:.1f} | {r['speedup_vs_deq_f32']:.2f} |")
     if sweep:
         lines += [
             "",
