@@ -2,7 +2,9 @@
 
 Systems: "mlx-loom" (the default load: GGUF weights kept 4/8-bit on the native CPU kernels
 when built, decode steps on the fused native decoder layer), "mlx-loom-ops" (same weights and
-matmul kernels, every layer as separate MLX ops: MLX_LOOM_NATIVE_DECODE=0), "mlx-loom-f32" (weights dequantized to float32 through OpenBLAS: the path before
+matmul kernels, every layer as separate MLX ops: MLX_LOOM_NATIVE_DECODE=0), "mlx-loom-generic"
+(the model's own mlx-lm code over the paged pools even where a specialization applies:
+MLX_LOOM_GENERIC_FORWARD=1; not in the default set), "mlx-loom-f32" (weights dequantized to float32 through OpenBLAS: the path before
 the native kernels), "mlx-lm" (BatchGenerator on the float32 weights, its best CPU setup), and
 "llama.cpp" (llama-batched-bench on the same GGUF, 2 threads, N parallel sequences of a
 --llama-prompt-tokens prompt and --new-tokens generated tokens; built by
@@ -97,7 +99,7 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
-SYSTEMS = ["mlx-loom", "mlx-loom-ops", "mlx-loom-f32", "mlx-lm", "llama.cpp"]
+SYSTEMS = ["mlx-loom", "mlx-loom-ops", "mlx-loom-generic", "mlx-loom-f32", "mlx-lm", "llama.cpp"]
 LLAMA_BIN = Path(__file__).resolve().parent / ".cache" / "llama-server" / "bin" / "llama-batched-bench"
 
 
@@ -135,7 +137,8 @@ def measure_llama(n: int, args, rows: list[dict]) -> dict | None:
 def measure(system: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", system, "--batch", str(n), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats)] + (["--model", args.model] if args.model else [])
-    env = {**os.environ, "MLX_LOOM_NATIVE_DECODE": "0" if system == "mlx-loom-ops" else "1"}
+    env = {**os.environ, "MLX_LOOM_NATIVE_DECODE": "0" if system == "mlx-loom-ops" else "1",
+           "MLX_LOOM_GENERIC_FORWARD": "1" if system == "mlx-loom-generic" else "0"}
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -161,7 +164,8 @@ def report(rows: list[dict], args) -> str:
         "",
         f"Model: {args.model or 'default SmolLM2-135M-Instruct (GGUF Q4_1)'}; mlx-loom: weights as loaded by "
         "default (4/8-bit on the native CPU kernels when built, fused native decode layer); mlx-loom-ops: same "
-        "weights and kernels, layers as separate MLX ops (before the fused layer); mlx-loom-f32 and mlx-lm: dequantized to "
+        "weights and kernels, layers as separate MLX ops (before the fused layer); mlx-loom-generic: the model's own "
+        "mlx-lm code over the paged pools (no specialization); mlx-loom-f32 and mlx-lm: dequantized to "
         f"float32 through OpenBLAS; llama.cpp: llama-batched-bench on the GGUF. {args.new_tokens} greedy new "
         f"tokens per request (EOS ignored), varied chat prompts (llama.cpp: prompts of the same mean length, "
         f"its own tokens); tok/s = N x {args.new_tokens} / (prefill + decode time); median of {args.repeats} runs "
@@ -202,9 +206,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default=None, help="GGUF file or mlx-lm directory (default: embedded model)")
-    ap.add_argument("--systems", nargs="+", default=SYSTEMS,
+    ap.add_argument("--systems", nargs="+", default=[s for s in SYSTEMS if s != "mlx-loom-generic"],
                     choices=SYSTEMS)
-    ap.add_argument("--child", choices=SYSTEMS[:4], dest="system", help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=SYSTEMS[:5], dest="system", help=argparse.SUPPRESS)
     ap.add_argument("--llama-prompt-tokens", type=int, default=55, help="prompt length for llama-batched-bench "
                     "when no mlx-loom row of the same N ran first (else the mean length of our prompts)")
     ap.add_argument("--out", default="bench_engine")

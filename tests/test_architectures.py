@@ -60,7 +60,7 @@ def _conformance(loaded, label: str) -> None:
     expected = [_reference(loaded.model, p) for p in prompts]
     reqs = [(f"r{i}", p, _params()) for i, p in enumerate(prompts)]
     core = make_core(loaded, max_num_seqs=4, budget=16)  # prompts of 21-37 tokens prefill in chunks of <= 16
-    assert core.runner.generic is not None or loaded.model.model_type in ("llama", "mistral")
+    assert core.runner.generic is not None or loaded.model.model_type in ("llama", "mistral", "qwen3")
     alone = run(core, reqs[:1])
     _assert_matches(alone["r0"], expected[0], f"{label} alone")
     staggered = run(core, reqs, join_step={"r0": 0, "r1": 2, "r2": 5})  # r0 again: a prefix-cache hit

@@ -5,6 +5,7 @@ import pytest
 import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
 from mlx_loom.kernels import qmm  # noqa: E402
@@ -12,6 +13,7 @@ from mlx_loom.kernels.decode_layer import (  # noqa: E402
     decode_layer,
     decode_layer_reference,
     fused_layer_weights,
+    layer_head_dim,
     layer_spec,
     rope_inv_freq,
 )
@@ -56,7 +58,7 @@ def _batch(positions, num_pages, seed=1):
 
 def _pools(layer, num_pages, seed=2):
     attn = layer.self_attn
-    shape = (attn.n_kv_heads, num_pages, BS, attn.head_dim)
+    shape = (attn.n_kv_heads, num_pages, BS, layer_head_dim(layer))
     k = mx.random.normal(shape, key=mx.random.key(seed))
     v = mx.random.normal(shape, key=mx.random.key(seed + 1))
     mx.eval(k, v)
@@ -115,6 +117,39 @@ def test_batch_of_32_rows():
 def test_strided_input_rows():
     h = mx.random.normal((128, 3), key=mx.random.key(7)).T  # [3, 128], column-major view
     _check(_layer(), [2, 11, 25], h=h)
+
+
+def test_qwen3_layer_with_per_head_qk_norms_matches_reference_and_mlx_lm():
+    """qwen3 = llama + per-head RMSNorms of q and k before RoPE: the 25-weight form, checked against the
+    reference composition and against the model's own layer through mlx-lm's KV cache."""
+    from mlx_lm.models import qwen3
+    from mlx_lm.models.cache import KVCache
+
+    args = qwen3.ModelArgs(model_type="qwen3", hidden_size=128, num_hidden_layers=1, intermediate_size=320,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5,
+                           vocab_size=64, max_position_embeddings=256, tie_word_embeddings=True, rope_theta=1e4)
+    mx.random.seed(3)
+    model = qwen3.Model(args)
+    nn.quantize(model, group_size=32, bits=4)
+    layer = model.model.layers[0]
+    layer.self_attn.q_norm.weight = mx.random.uniform(0.5, 2.0, (32,))
+    layer.self_attn.k_norm.weight = mx.random.uniform(0.5, 2.0, (32,))
+    weights, spec = fused_layer_weights(layer), layer_spec(layer)
+    assert len(weights) == 25 and spec.head_dim == 32 and spec.qk_eps == 1e-5
+    _check(layer, [0, 5, 17])
+    # one sequence decoded token by token: the fused layer against the model's own layer + KVCache
+    steps = 6
+    xs = mx.random.normal((steps, 128))
+    cache, (k_pool, v_pool) = KVCache(), _pools(layer, 2)
+    k_pool, v_pool = k_pool * 0, v_pool * 0  # own dense buffers: the primitive writes them in place
+    mx.eval(k_pool, v_pool)
+    inv_freq, _ = rope_inv_freq(layer.self_attn.rope, 32)
+    tables = mx.array([[0, 1]], dtype=mx.int32)
+    for t in range(steps):
+        want = layer(xs[t][None, None], mask=None, cache=cache)[0]  # [1, DM]
+        got = decode_layer(xs[t][None], weights, k_pool, v_pool, mx.array([t], dtype=mx.int32),
+                           mx.array([t], dtype=mx.int32), tables, inv_freq, spec)[0]
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
 
 
 def test_unsupported_layers_are_refused():

@@ -71,11 +71,13 @@ def test_layout_probe_reads_mla_widths_and_sliding_windows(tmp_path):
     assert windows.count(None) == 2 and set(windows) == {None, 8}
 
 
-def test_structural_check_takes_the_llama_path_only_for_llama(tmp_path, default_model):
+def test_structural_check_takes_the_flattened_path_only_for_llama_and_qwen3(tmp_path, default_model):
     assert flattened_llama_reason(default_model.model) is None
     qwen3 = load_model(str(make_tiny_arch_dir(tmp_path / "q3", "qwen3")))
-    assert "qwen3" in flattened_llama_reason(qwen3.model)
-    assert ModelRunner(qwen3.model, 8, 16, mx.float32).fused_layers is None  # q/k norms: never the fused layer
+    assert flattened_llama_reason(qwen3.model) is None  # llama + per-head q/k RMSNorms
+    assert ModelRunner(qwen3.model, 8, 16, mx.float32).fused_layers is None  # float weights: the fused layer needs 4/8-bit
+    qwen2 = load_model(str(make_tiny_arch_dir(tmp_path / "q2", "qwen2")))
+    assert "qwen2" in flattened_llama_reason(qwen2.model)
 
 
 def test_head_check_splits_plain_heads_and_keeps_scaled_ones_whole(tmp_path):

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
@@ -45,18 +47,20 @@ def test_hub_id_resolves_through_the_offline_cache(tmp_path):
     assert missing.returncode != 0  # offline and not cached: an error, never a download
 
 
-def test_a_qwen3_directory_serves_chat_over_http(tmp_path):
+@pytest.mark.parametrize("arch,path", [("qwen3", "llama-flattened"), ("qwen2", "generic")])
+def test_hf_directories_serve_chat_over_http(tmp_path, arch, path):
+    """qwen3 takes the flattened path (llama + q/k norms), qwen2 its own code (biases)."""
     import httpx
 
     from mlx_loom.server.app import create_app
     from mlx_loom.server.settings import Settings
     from server_fixtures import serve_in_thread, wait_ready
 
-    path = make_tiny_arch_dir(tmp_path / "Qwen3-tiny", "qwen3")
-    with serve_in_thread(create_app(Settings(model=str(path)))) as base:
+    model_dir = make_tiny_arch_dir(tmp_path / f"{arch}-tiny", arch)
+    with serve_in_thread(create_app(Settings(model=str(model_dir)))) as base:
         wait_ready(base, timeout=60)
         stats = httpx.get(base + "/v1/engine/stats").json()
-        assert "generic" in stats["backend"]
+        assert path in stats["backend"]
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
         r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

@@ -36,6 +36,8 @@ class DecodeLayerSpec:
     eps: float
     attn_scale: float
     rope_traditional: bool
+    qk_eps: float = 0.0
+    """eps of the per-head q/k RMSNorms (qwen3); used when weights carries q_norm, k_norm at the end."""
 
 
 def native_decode_enabled() -> bool:
@@ -64,7 +66,8 @@ def decode_layer(
     if _native_on_cpu():
         h = qmm.native_module().decode_layer(
             h, weights, k_pool, v_pool, slots, positions, block_tables, inv_freq,
-            spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.eps, spec.attn_scale, spec.rope_traditional)
+            spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.eps, spec.attn_scale, spec.rope_traditional,
+            spec.qk_eps)
         return h, k_pool, v_pool
     return decode_layer_reference(h, weights, k_pool, v_pool, slots, positions, block_tables, inv_freq, spec)
 
@@ -80,16 +83,19 @@ def decode_layer_reference(
     inv_freq: mx.array,
     spec: DecodeLayerSpec,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """h [T, DM]; weights = [attn_norm, ffn_norm, (w, scales, biases) x q, k, v, o, gate, up, down];
-    pools [HKV, NB, BS, D]; slots, positions [T]; block_tables [T, MB]; inv_freq [D/2].
-    Returns (h' [T, DM], k_pool', v_pool')."""
+    """h [T, DM]; weights = [attn_norm, ffn_norm, (w, scales, biases) x q, k, v, o, gate, up, down]
+    (+ [q_norm, k_norm], per-head RMSNorms of q and k before RoPE); pools [HKV, NB, BS, D]; slots,
+    positions [T]; block_tables [T, MB]; inv_freq [D/2]. Returns (h' [T, DM], k_pool', v_pool')."""
     T = h.shape[0]
     H, HKV, D = spec.n_heads, spec.n_kv_heads, spec.head_dim
     attn_norm, ffn_norm, *mats = weights
     q, k, v, o, gate, up, down = (mats[i : i + 3] for i in range(0, 21, 3))
     x = mx.fast.rms_norm(h, attn_norm, spec.eps)
-    queries = _rope(_matmul(x, q).reshape(T, H, 1, D), positions, inv_freq, spec.rope_traditional)
-    keys = _rope(_matmul(x, k).reshape(T, HKV, 1, D), positions, inv_freq, spec.rope_traditional)
+    queries, keys = _matmul(x, q).reshape(T, H, 1, D), _matmul(x, k).reshape(T, HKV, 1, D)
+    if len(mats) == 23:  # q_norm, k_norm
+        queries, keys = mx.fast.rms_norm(queries, mats[21], spec.qk_eps), mx.fast.rms_norm(keys, mats[22], spec.qk_eps)
+    queries = _rope(queries, positions, inv_freq, spec.rope_traditional)
+    keys = _rope(keys, positions, inv_freq, spec.rope_traditional)
     k_pool = write_kv_reference(k_pool, slots, keys.reshape(T, HKV, D))
     v_pool = write_kv_reference(v_pool, slots, _matmul(x, v).reshape(T, HKV, D))
     a = paged_attention_reference(queries, k_pool, v_pool, block_tables, positions[:, None], spec.attn_scale)
@@ -125,12 +131,16 @@ def rope_inv_freq(rope: nn.Module, head_dim: int) -> tuple[mx.array, bool] | Non
 
 
 def fused_layer_weights(layer: nn.Module) -> list[mx.array] | None:
-    """The 23 arrays decode_layer takes, or None when the layer is not a plain llama layer with
-    affine-quantized float32 projections (bias-free) and float32 RMSNorms."""
+    """The 23 arrays decode_layer takes (25 with qwen3's q/k norms), or None when the layer is not a
+    llama layer (or qwen3's: llama plus per-head q/k RMSNorms) with affine-quantized float32
+    projections (bias-free) and float32 RMSNorms."""
     norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
     if not all(isinstance(n, nn.RMSNorm) and n.weight.dtype == mx.float32 for n in norms):
         return None
     if not isinstance(getattr(layer, "mlp", None), nn.Module) or type(layer.mlp).__name__ != "MLP":
+        return None
+    qk = _qk_norm_weights(getattr(layer, "self_attn", None))
+    if qk is False:
         return None
     out = [norms[0].weight, norms[1].weight]
     for parent, name in _PROJECTIONS:
@@ -140,17 +150,42 @@ def fused_layer_weights(layer: nn.Module) -> list[mx.array] | None:
         if m.bits not in (4, 8) or m.group_size not in (32, 64, 128) or m.scales.dtype != mx.float32:
             return None
         out += [m.weight, m.scales, m.biases]
-    return out
+    return out + (qk or [])
+
+
+def _qk_norm_weights(attn: nn.Module | None) -> list[mx.array] | None | bool:
+    """[q_norm, k_norm] weights for qwen3-style per-head RMSNorms of one eps; None when the layer has
+    none; False when it has q/k norms the primitive cannot run."""
+    norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+    if norms == [None, None]:
+        return None
+    ok = all(type(n) is nn.RMSNorm and n.weight.dtype == mx.float32 and n.weight.ndim == 1 for n in norms)
+    if not ok or norms[0].eps != norms[1].eps or norms[0].weight.shape != norms[1].weight.shape:
+        return False
+    return [norms[0].weight, norms[1].weight]
+
+
+def layer_head_dim(layer: nn.Module) -> int:
+    """head_dim of a llama / qwen3 attention (qwen3's module keeps it only in its projections)."""
+    attn = layer.self_attn
+    if getattr(attn, "head_dim", None):
+        return int(attn.head_dim)
+    o = attn.o_proj
+    in_features = o.weight.shape[-1] * 32 // o.bits if isinstance(o, nn.QuantizedLinear) else o.weight.shape[-1]
+    return in_features // attn.n_heads
 
 
 def layer_spec(layer: nn.Module) -> DecodeLayerSpec:
     attn = layer.self_attn
-    rope = rope_inv_freq(attn.rope, attn.head_dim)
+    head_dim = layer_head_dim(layer)
+    rope = rope_inv_freq(attn.rope, head_dim)
+    q_norm = getattr(attn, "q_norm", None)
     return DecodeLayerSpec(
         n_heads=attn.n_heads,
         n_kv_heads=attn.n_kv_heads,
-        head_dim=attn.head_dim,
+        head_dim=head_dim,
         eps=float(layer.input_layernorm.eps),
         attn_scale=float(attn.scale),
         rope_traditional=bool(rope[1]) if rope else False,
+        qk_eps=float(q_norm.eps) if q_norm is not None else 0.0,
     )

@@ -7,15 +7,16 @@ evaluated, so this costs no compute. Models whose per-request state is not only 
 and linear-attention hybrids) are refused here with a message naming the architecture.
 
 `flattened_llama_reason` is the structural check for the hand-written llama path (and the fused
-native decode layer): exactly mlx-lm's llama classes, full attention everywhere. Anything else
-runs the model's own code (mlx_loom/scheduler/generic_forward.py).
+native decode layer): exactly mlx-lm's llama classes, or qwen3's (a llama block plus per-head
+RMSNorms on q and k before RoPE), full attention everywhere. Anything else runs the model's own
+code (mlx_loom/scheduler/generic_forward.py).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen3
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
@@ -74,18 +75,30 @@ def kv_layout(model: nn.Module) -> tuple[list[LayerKV], mx.Dtype]:
     return layers, probes[0].shapes[2]
 
 
+# Model classes the flattened path computes exactly: (Model, inner model, block, attention, MLP).
+_FLATTENED = {
+    "llama": (llama.Model, llama.LlamaModel, llama.TransformerBlock, llama.Attention, llama.MLP),
+    "qwen3": (qwen3.Model, qwen3.Qwen3Model, qwen3.TransformerBlock, qwen3.Attention, qwen3.MLP),
+}
+
+
 def flattened_llama_reason(model: nn.Module) -> str | None:
-    """None when every layer is exactly mlx-lm's llama block with full attention (the hand-written
-    flattened path computes exactly that); otherwise why not."""
-    if type(model) is not llama.Model or type(model.model) is not llama.LlamaModel:
-        return f"{model_type(model)} is not mlx-lm's llama.Model"
-    if any(t != "full_attention" for t in model.model.layer_types):
+    """None when every layer is exactly mlx-lm's llama block (or qwen3's: llama plus q/k RMSNorms)
+    with full attention (the hand-written flattened path computes exactly that); otherwise why not."""
+    family = next((name for name, classes in _FLATTENED.items()
+                   if type(model) is classes[0] and type(model.model) is classes[1]), None)
+    if family is None:
+        return f"{model_type(model)} is not mlx-lm's llama.Model or qwen3.Model"
+    _, _, block, attention, mlp = _FLATTENED[family]
+    if any(t != "full_attention" for t in getattr(model.model, "layer_types", ["full_attention"])):
         return "sliding-window layers"
     for layer in model.model.layers:
         kinds = (type(layer), type(layer.self_attn), type(layer.mlp), type(layer.input_layernorm),
                  type(layer.post_attention_layernorm))
-        if kinds != (llama.TransformerBlock, llama.Attention, llama.MLP, nn.RMSNorm, nn.RMSNorm):
+        if kinds != (block, attention, mlp, nn.RMSNorm, nn.RMSNorm):
             return f"layer classes {[k.__name__ for k in kinds]}"
+        if family == "qwen3" and not (type(layer.self_attn.q_norm) is nn.RMSNorm is type(layer.self_attn.k_norm)):
+            return "q/k norms are not RMSNorm"
     if type(model.model.norm) is not nn.RMSNorm:
         return "final norm is not RMSNorm"
     return None

@@ -7,13 +7,14 @@ each prefill chunk attends on its own ([1, H, LQ, D], causal over its prefix pag
 The runner executes what the scheduler decided; it never allocates or frees blocks.
 
 The flattened path above reuses the submodules of mlx-lm's llama model (embed_tokens,
-layers[i].self_attn.{q,k,v,o}_proj and .rope, the norms, mlp) and is taken only when the
+layers[i].self_attn.{q,k,v,o}_proj and .rope, the norms, mlp; qwen3's q_norm / k_norm) and is taken only when the
 structural check (mlx_loom/scheduler/model_layout.py) says the model is exactly that; every other
 model runs its own code over the same pools (mlx_loom/scheduler/generic_forward.py).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -135,8 +136,10 @@ def _fused_layers(model: nn.Module) -> list | None:
     out = []
     for layer in model.model.layers:
         weights = fused.fused_layer_weights(layer)
-        rope = fused.rope_inv_freq(layer.self_attn.rope, layer.self_attn.head_dim)
-        if weights is None or rope is None:
+        if weights is None:
+            return None
+        rope = fused.rope_inv_freq(layer.self_attn.rope, fused.layer_head_dim(layer))
+        if rope is None:
             return None
         out.append((weights, fused.layer_spec(layer), rope[0]))
     mx.eval([inv_freq for _, _, inv_freq in out])
@@ -157,7 +160,8 @@ class ModelRunner:
         self.block_size = block_size
         layout, _ = kv_layout(model)
         self.pools = KVPools(layout, num_blocks, block_size, dtype)
-        self.generic_reason = "forced" if force_generic else flattened_llama_reason(model)
+        forced = force_generic or os.environ.get("MLX_LOOM_GENERIC_FORWARD", "0") == "1"  # for comparisons
+        self.generic_reason = "forced" if forced else flattened_llama_reason(model)
         """None: the flattened llama path (and the fused decode layer) applies; else why the model runs
         its own code (GenericForward)."""
         self.generic = GenericForward(model, self.pools) if self.generic_reason else None
@@ -240,9 +244,13 @@ class ModelRunner:
     def _attention(self, i: int, attn: nn.Module, x: mx.array, batch: StepBatch) -> mx.array:
         T = x.shape[1]
         H, HKV, D = attn.n_heads, attn.n_kv_heads, self.head_dim
+        q = linear(attn.q_proj, x).reshape(T, H, 1, D)
+        k = linear(attn.k_proj, x).reshape(T, HKV, 1, D)
+        if hasattr(attn, "q_norm"):  # qwen3: per-head RMSNorm of q and k before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
         # One "row" per token so RoPE takes each token's own position: [T, H, 1, D].
-        q = attn.rope(linear(attn.q_proj, x).reshape(T, H, 1, D), offset=batch.positions)
-        k = attn.rope(linear(attn.k_proj, x).reshape(T, HKV, 1, D), offset=batch.positions)
+        q = attn.rope(q, offset=batch.positions)
+        k = attn.rope(k, offset=batch.positions)
         v = linear(attn.v_proj, x).reshape(T, HKV, D)
         self.k_pools[i] = write_kv(self.k_pools[i], batch.slots, k.reshape(T, HKV, D))
         self.v_pools[i] = write_kv(self.v_pools[i], batch.slots, v)

@@ -50,13 +50,14 @@ NB_MODULE(_loom_native, m) {
          int head_dim,
          float eps,
          float attn_scale,
-         bool rope_traditional) {
-        loom::DecodeLayerSpec spec{n_heads, n_kv_heads, head_dim, eps, attn_scale, rope_traditional};
+         bool rope_traditional,
+         float qk_eps) {
+        loom::DecodeLayerSpec spec{n_heads, n_kv_heads, head_dim, eps, attn_scale, rope_traditional, qk_eps};
         return loom::decode_layer(h, weights, k_pool, v_pool, slots, positions, block_tables, inv_freq, spec,
                                   mlx::core::Device(mlx::core::Device::cpu));
       },
       "h"_a, "weights"_a, "k_pool"_a, "v_pool"_a, "slots"_a, "positions"_a, "block_tables"_a, "inv_freq"_a,
-      "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "eps"_a, "attn_scale"_a, "rope_traditional"_a,
+      "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "eps"_a, "attn_scale"_a, "rope_traditional"_a, "qk_eps"_a = 0.f,
       "One llama decoder layer for decode rows (see mlx_loom/kernels/decode_layer.py for the contract).\n"
       "Returns h_out; the new tokens' k, v are written into k_pool / v_pool in place when it runs.");
   m.def(

@@ -64,6 +64,17 @@ void rms_norm(const float* x, const float* w, int T, int DM, float eps, float* y
   }
 }
 
+// x [rows, D] normalized in place per row (per-head q/k RMSNorm).
+void head_rms_norm(float* x, int rows, int D, const float* w, float eps) {
+  for (int r = 0; r < rows; ++r) {
+    float* v = x + (size_t)r * D;
+    float ss = 0.f;
+    for (int i = 0; i < D; ++i) ss += v[i] * v[i];
+    const float s = 1.f / std::sqrt(ss / D + eps);
+    for (int i = 0; i < D; ++i) v[i] = v[i] * s * w[i];
+  }
+}
+
 // x [T, heads, D] rotated in place by each row's position.
 void rope(float* x, int T, int heads, int D, const int* pos, const float* inv_freq, bool traditional) {
   const int half = D / 2;
@@ -187,6 +198,8 @@ struct LayerPtrs {
   const int* pos;
   const int* tables;
   const float* inv_freq;
+  const float* q_norm;  // [D] or null
+  const float* k_norm;
   float* h_out;
   int T, DM, FF, NB, BS, MB;
 };
@@ -208,6 +221,10 @@ void run_layer(const LayerPtrs& p, const DecodeLayerSpec& sp) {
   matmul(p.q, xn.data(), T, q.data());
   matmul(p.k, xn.data(), T, k.data());
   matmul(p.v, xn.data(), T, v.data());
+  if (p.q_norm) {
+    head_rms_norm(q.data(), T * H, D, p.q_norm, sp.qk_eps);
+    head_rms_norm(k.data(), T * HKV, D, p.k_norm, sp.qk_eps);
+  }
   rope(q.data(), T, H, D, p.pos, p.inv_freq, sp.rope_traditional);
   rope(k.data(), T, HKV, D, p.pos, p.inv_freq, sp.rope_traditional);
   const size_t head_stride = (size_t)p.NB * p.BS * D;
@@ -275,7 +292,9 @@ mx::array decode_layer(
     const mx::array& inv_freq,
     const DecodeLayerSpec& spec,
     mx::StreamOrDevice s) {
-  if ((int)weights.size() != kNumWeights) fail("expected 23 weights: 2 norms + 7 x (w, scales, biases)");
+  const bool qk_norm = (int)weights.size() == kNumWeights + 2;
+  if ((int)weights.size() != kNumWeights && !qk_norm)
+    fail("expected 23 weights: 2 norms + 7 x (w, scales, biases) (+ q_norm, k_norm: 25)");
   check_float(h, "h", 2);
   check_float(k_pool, "k_pool", 4);
   check_float(v_pool, "v_pool", 4);
@@ -291,7 +310,7 @@ mx::array decode_layer(
     fail("slots, positions and block_tables need one entry per row of h");
   if (inv_freq.shape(0) != D / 2) fail("inv_freq must have head_dim / 2 entries");
   std::vector<mx::array> in{h};
-  in.insert(in.end(), weights.begin(), weights.end());
+  in.insert(in.end(), weights.begin(), weights.begin() + kNumWeights);
   for (int i : {0, 1})
     if (in[1 + i].dtype() != mx::float32 || in[1 + i].ndim() != 1 || in[1 + i].shape(0) != DM)
       fail("norm weights must be float32 [DM]");
@@ -304,6 +323,13 @@ mx::array decode_layer(
   check_qweight(in, 18, DM, FF, "up_proj");
   check_qweight(in, 21, FF, DM, "down_proj");
   in.insert(in.end(), {k_pool, v_pool, slots, positions, block_tables, inv_freq});
+  if (qk_norm) {  // after inv_freq, so every other input keeps its index
+    for (int i : {0, 1}) {
+      const auto& w = weights[kNumWeights + i];
+      if (w.dtype() != mx::float32 || w.ndim() != 1 || w.shape(0) != D) fail("q_norm / k_norm must be float32 [head_dim]");
+      in.push_back(w);
+    }
+  }
   return mx::array(h.shape(), mx::float32, std::make_shared<DecodeLayer>(mx::to_stream(s), spec), std::move(in));
 }
 
@@ -314,7 +340,8 @@ std::vector<mx::Shape> DecodeLayer::output_shapes(const std::vector<mx::array>& 
 bool DecodeLayer::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const DecodeLayer&>(other).spec_;
   return o.n_heads == spec_.n_heads && o.n_kv_heads == spec_.n_kv_heads && o.head_dim == spec_.head_dim &&
-      o.eps == spec_.eps && o.attn_scale == spec_.attn_scale && o.rope_traditional == spec_.rope_traditional;
+      o.eps == spec_.eps && o.attn_scale == spec_.attn_scale && o.rope_traditional == spec_.rope_traditional &&
+      o.qk_eps == spec_.qk_eps;
 }
 
 void DecodeLayer::eval_gpu(const std::vector<mx::array>&, mx::array&) {
@@ -350,12 +377,12 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
   p.v_pool = writable_pool(inputs[kVPool]);
   p.h_out = out.data<float>();
   std::vector<Input> views;
-  for (int i = 0; i < kNumInputs; ++i) views.push_back(input(inputs[i]));
+  for (const auto& in : inputs) views.push_back(input(in));
   // (first input, K) of each quantized matrix: q, k, v, o, gate, up, down
   const std::array<std::pair<int, int>, 7> mats{{{3, DM}, {6, DM}, {9, DM}, {12, HD}, {15, DM}, {18, DM}, {21, FF}}};
   encoder.dispatch([p, spec = spec_, views = std::move(views), mats]() mutable {
     // Inputs are row-contiguous in practice; a strided one is gathered into `store` first.
-    std::vector<std::vector<uint32_t>> store(kNumInputs);
+    std::vector<std::vector<uint32_t>> store(views.size());
     auto ptr = [&](int i) { return dense_ptr<uint32_t>(views[i], store[i]); };
     auto f = [&](int i) { return reinterpret_cast<const float*>(ptr(i)); };
     auto q = [&](int m) {
@@ -375,6 +402,9 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
     p.up = q(5);
     p.down = q(6);
     p.inv_freq = f(kInvFreq);
+    const bool qk = views.size() > (size_t)kNumInputs;
+    p.q_norm = qk ? f(kNumInputs) : nullptr;
+    p.k_norm = qk ? f(kNumInputs + 1) : nullptr;
     p.slots = reinterpret_cast<const int*>(ptr(kSlots));
     p.pos = reinterpret_cast<const int*>(ptr(kPositions));
     p.tables = reinterpret_cast<const int*>(ptr(kTables));

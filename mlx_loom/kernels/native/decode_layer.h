@@ -22,11 +22,13 @@ struct DecodeLayerSpec {
   float eps;       // RMSNorm epsilon
   float attn_scale;
   bool rope_traditional;  // rotate (2i, 2i+1) pairs instead of (i, i + D/2)
+  float qk_eps = 0.f;     // eps of the per-head q/k RMSNorms (qwen3), when their weights are given
 };
 
 // h [T, DM] float32 residual stream, one decode token per row.
 // weights: attn_norm [DM], ffn_norm [DM], then (w, scales, biases) for q, k, v, o, gate, up, down
-//   in MLX's affine layout (uint32 packed, float32 scales/biases; bits 4 or 8, group 32/64/128).
+//   in MLX's affine layout (uint32 packed, float32 scales/biases; bits 4 or 8, group 32/64/128);
+//   optionally then q_norm [D], k_norm [D] float32: per-head RMSNorms of q and k before RoPE (qwen3).
 // k_pool, v_pool [HKV, NB, BS, D] float32; slots [T] int32 (flat page * BS + offset of the new
 // token); positions [T] int32; block_tables [T, MB] int32 (row t's keys 0..positions[t] live in
 // its first pages); inv_freq [D/2] float32 RoPE inverse frequencies (any position scale folded in).
