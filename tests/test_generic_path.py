@@ -106,6 +106,15 @@ def test_self_check_refuses_a_fast_path_that_disagrees(tmp_path, monkeypatch):
         make_core(llama)
 
 
+@pytest.mark.parametrize("vocab_size", [2, 8, 16, 17, 100, 50000])
+def test_self_check_tokens_stay_inside_the_vocabulary(vocab_size):
+    """An id past the embedding table reads arbitrary memory (a flaky self-check on tiny vocabularies)."""
+    from mlx_loom.scheduler.self_check import _sequences
+
+    ids = [t for seq in _sequences(vocab_size) for t in seq]
+    assert 0 <= min(ids) and max(ids) < vocab_size and len(set(ids)) > 1
+
+
 def test_server_refuses_to_start_with_the_reason(tmp_path, monkeypatch):
     path = make_tiny_arch_dir(tmp_path / "l", "llama")
     _break_the_flattened_mlp(monkeypatch)

@@ -47,9 +47,11 @@ def _tolerance(dtype: mx.Dtype) -> float:
 
 
 def _sequences(vocab_size: int) -> list[list[int]]:
-    """Deterministic, varied token ids (no tokenizer needed; special ids are avoided by skipping the first 8)."""
-    span = max(1, min(vocab_size, 4096) - 8)
-    return [[8 + (97 * i + 31 * s + 11) % span for i in range(n)] for s, n in enumerate(LENGTHS)]
+    """Deterministic, varied token ids (no tokenizer needed; special ids are avoided by skipping the first 8,
+    except in vocabularies too small to spare them: every id stays below vocab_size)."""
+    skip = 8 if vocab_size > 16 else 0
+    span = max(1, min(vocab_size, 4096) - skip)
+    return [[skip + (97 * i + 31 * s + 11) % span for i in range(n)] for s, n in enumerate(LENGTHS)]
 
 
 def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size: int,
