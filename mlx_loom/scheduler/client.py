@@ -55,6 +55,11 @@ class EngineClient:
             return "engine stopped"
         return None
 
+    @property
+    def phase(self) -> str:
+        """What the engine is doing before it is ready: "loading the model", "warming up", "ready"."""
+        return self._thread.phase if self._thread is not None else "not started"
+
     async def start(self) -> EngineInfo:
         """Start the engine thread and wait until the model has loaded (raises if it fails)."""
         self._loop = asyncio.get_running_loop()
@@ -129,6 +134,6 @@ def _settle(fut: asyncio.Future, result: EngineInfo | BaseException) -> None:
     if fut.done():
         return
     if isinstance(result, BaseException):
-        fut.set_exception(EngineDeadError(f"model failed to load: {result}"))
+        fut.set_exception(EngineDeadError(str(result)))  # the engine thread's reason
     else:
         fut.set_result(result)

@@ -90,6 +90,9 @@ class EngineConfig:
     or a path to such a config (`mlx-loom search-patterns` writes one). Lossy, hence opt-in."""
     dequantize_on_cpu: bool = True
     """On the CPU device, expand quantized weights to float32 (MLX's CPU qmatmul is slow)."""
+    warmup: bool = True
+    """Before reporting ready, run each decode batch-size bucket, a prefill chunk and the sampler once
+    (warm_up.py), so the first requests do not pay kernel compilation (GPU) or first-touch costs."""
     async_decode: bool = True
     """Launch a decode step before the previous step's tokens are read when it is determined
     without them (every row greedy, no grammar/logprobs/penalties, nobody waiting: pipeline.py)."""

@@ -36,6 +36,7 @@ class EngineThread(threading.Thread):
         self._emit = emit
         self._on_ready = on_ready
         self.core = None
+        self.phase = "loading the model"
 
     # -- any thread --
     def submit(self, msg: AddRequest | AbortRequest) -> None:
@@ -50,12 +51,17 @@ class EngineThread(threading.Thread):
             from mlx_loom.scheduler.engine_core import EngineCore
 
             self.core = EngineCore(self.config)
+            if self.config.warmup:
+                self.phase = "warming up"
+                self.core.warm_up()
         except BaseException as exc:
-            self.dead_reason = f"model failed to load: {exc}"
-            log.exception("model load failed")
-            self._on_ready(exc)
+            what = "warm up" if self.phase == "warming up" else "load"
+            self.dead_reason = f"model failed to {what}: {exc}"
+            log.exception("model failed to %s", what)
+            self._on_ready(RuntimeError(self.dead_reason))
             return
         self.stats = self.core.stats()
+        self.phase = "ready"
         self._on_ready(self.core.info)
         try:
             self._loop()

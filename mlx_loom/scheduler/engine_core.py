@@ -24,6 +24,7 @@ from mlx_loom.scheduler.sampler import SampledToken, SamplingRow, device_tokens,
 from mlx_loom.scheduler.scheduler import Scheduler, SchedulerOutput
 from mlx_loom.scheduler.self_check import check_or_unbatch
 from mlx_loom.scheduler.structured import StructuredOutput
+from mlx_loom.scheduler.warm_up import WarmUpResult, warm_up
 
 log = logging.getLogger("mlx_loom.engine")
 
@@ -70,6 +71,7 @@ class EngineCore:
         self.structured = StructuredOutput(backend)
         self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend,
                                backend_text)
+        self._config, self._vocab_size = cfg, loaded.vocab_size
         self.steps = 0
         self.async_decode = cfg.async_decode
         self._inflight: _InFlight | None = None  # a launched step whose tokens are not read yet
@@ -81,6 +83,16 @@ class EngineCore:
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
         log.info("KV pool: %d blocks x %d tokens (%.0f MB)", num_blocks, cfg.cache.block_size,
                  num_blocks * block_bytes / 2**20)
+
+    def warm_up(self) -> WarmUpResult:
+        """Run every step shape once before the first request (warm_up.py); recorded in self.info."""
+        assert not self.has_unfinished(), "warm up before taking requests"
+        sched, sparse = self._config.scheduler, (self.runner.sparse_chunks, self.runner.sparse_tokens)
+        result = warm_up(self.runner, self._vocab_size, sched.max_num_seqs, sched.max_num_batched_tokens,
+                         self.info.max_model_len)
+        self.runner.sparse_chunks, self.runner.sparse_tokens = sparse  # counters are for requests
+        self.info = replace(self.info, warmup_seconds=result.seconds)
+        return result
 
     def add(self, msg: AddRequest) -> RequestOutput | None:
         """Queue a request; an error output (and nothing queued) if it can never run."""

@@ -25,3 +25,5 @@ class EngineInfo:
     """Compiles response_format / tool schemas (thread-safe); None if the tokenizer is unsupported."""
     backend: str = ""
     """What the engine runs on (mlx version, device, BLAS, matmul kernels), as measured at load."""
+    warmup_seconds: float | None = None
+    """How long the warm-up before ready took (None: skipped)."""

@@ -57,6 +57,9 @@ class Settings:
     sparse_prefill: str = _opt("off", "Sparse attention for long prompts (MInference): off, auto (the "
                                       "pattern config shipped for the model; used only where it pays) or "
                                       "a config path from `mlx-loom search-patterns`. Lossy, so off by default.")
+    warmup: bool = _opt(True, "Skip the warm-up before ready (one decode step per batch-size bucket, a "
+                              "prefill chunk and the sampler, run before /health says 200 so the first "
+                              "requests do not pay kernel compilation).", flag="--no-warmup")
     max_request_bytes: int = _opt(4 * 2**20, "Largest accepted request body in bytes (larger: 413).")
     max_queued_requests: int = _opt(256, "Requests that may wait beyond the --max-num-seqs running ones; "
                                          "more in flight get 429 with Retry-After (each of n choices counts).")
@@ -109,6 +112,7 @@ class Settings:
                                       long_prefill_chunk=self.long_prefill_chunk),
             spec=SpecConfig(method=self.speculative, k=self.spec_k, level2=self.spec_level2, mode=self.spec_mode),
             sparse_prefill=self.sparse_prefill,
+            warmup=self.warmup,
         )
 
 
