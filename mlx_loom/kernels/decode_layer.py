@@ -42,11 +42,7 @@ class DecodeLayerSpec:
 
 def native_decode_enabled() -> bool:
     """The fused primitive runs here: extension built, CPU default device, MLX_LOOM_NATIVE_DECODE != 0."""
-    return _native_on_cpu() and os.environ.get("MLX_LOOM_NATIVE_DECODE", "1") != "0"
-
-
-def _native_on_cpu() -> bool:
-    return qmm.native_available() and mx.default_device() == mx.cpu
+    return qmm.native_on_cpu() and os.environ.get("MLX_LOOM_NATIVE_DECODE", "1") != "0"
 
 
 def decode_layer(
@@ -63,7 +59,7 @@ def decode_layer(
     """Native primitive on the CPU when built; the reference otherwise. Same contract, except that the
     native path writes the new k, v into the given pools in place when it runs and returns the same
     pool arrays: callers rebind to what is returned and keep no lazy reader of older pool contents."""
-    if _native_on_cpu():
+    if qmm.native_on_cpu():
         h = qmm.native_module().decode_layer(
             h, weights, k_pool, v_pool, slots, positions, block_tables, inv_freq,
             spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.eps, spec.attn_scale, spec.rope_traditional,

@@ -37,6 +37,11 @@ def native_available() -> bool:
     return _native is not None
 
 
+def native_on_cpu() -> bool:
+    """The extension imported and the default device is the CPU: its primitives can run here."""
+    return _native is not None and mx.default_device() == mx.cpu
+
+
 def native_module():
     """The compiled extension module (mlx_loom.kernels.native._loom_native); None when unavailable."""
     return _native

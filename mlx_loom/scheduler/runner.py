@@ -23,7 +23,8 @@ import mlx.nn as nn
 
 from mlx_loom.kernels import decode_layer as fused
 from mlx_loom.kernels.activations import silu_mul
-from mlx_loom.kernels.qmm import embedding_logits, linear
+from mlx_loom.kernels.qmm import embedding_logits, linear, native_on_cpu
+from mlx_loom.kernels.rope_norm import rms_norm, rope
 from mlx_loom.kernels.paged_attention import paged_attention_rows, write_kv
 from mlx_loom.kernels.sparse_patterns import SparsePatternConfig, should_use_sparse
 from mlx_loom.kernels.sparse_prefill import sparse_prefill_attention
@@ -131,18 +132,37 @@ def build_decode_batch(rows: Sequence[ScheduledRow], block_size: int) -> DecodeB
     )
 
 
-def _fused_layers(model: nn.Module) -> list | None:
+def _fused_layers(model: nn.Module, ropes: list[tuple[mx.array, bool]] | None) -> list | None:
     """(weights, spec, inv_freq) per layer when every layer fits the fused decode primitive."""
+    if ropes is None:
+        return None
     out = []
-    for layer in model.model.layers:
+    for layer, (inv_freq, _) in zip(model.model.layers, ropes):
         weights = fused.fused_layer_weights(layer)
         if weights is None:
             return None
+        out.append((weights, fused.layer_spec(layer), inv_freq))
+    return out
+
+
+def _norm(module: nn.Module, x: mx.array) -> mx.array:
+    """module(x), with a float32 nn.RMSNorm on the native primitive (MLX's CPU rms_norm is ~6 ops)."""
+    if type(module) is nn.RMSNorm and module.weight.dtype == mx.float32 and native_on_cpu():
+        return rms_norm(x, module.weight, module.eps)
+    return module(x)
+
+
+def _native_ropes(model: nn.Module) -> list[tuple[mx.array, bool]] | None:
+    """(inv_freq, traditional) per layer when every layer's RoPE is one the native primitive runs."""
+    if not native_on_cpu():
+        return None
+    out = []
+    for layer in model.model.layers:
         rope = fused.rope_inv_freq(layer.self_attn.rope, fused.layer_head_dim(layer))
         if rope is None:
             return None
-        out.append((weights, fused.layer_spec(layer), rope[0]))
-    mx.eval([inv_freq for _, _, inv_freq in out])
+        out.append(rope)
+    mx.eval([inv_freq for inv_freq, _ in out])
     return out
 
 
@@ -169,8 +189,11 @@ class ModelRunner:
             raise ValueError(f"sparse prefill patterns run on llama-shaped models only ({self.generic_reason})")
         if self.generic is None:
             self.num_kv_heads, self.head_dim = layout[0].kv_heads, layout[0].k_dim
-        self.fused_layers = (_fused_layers(model) if self.generic is None and fused.native_decode_enabled()
-                             else None)
+        self.ropes = _native_ropes(model) if self.generic is None else None
+        """Per layer (inv_freq [D/2], traditional) for the native RoPE primitive, or None: the model's
+        own rope module runs (other backends, or a RoPE variant rope_inv_freq does not cover)."""
+        self.fused_layers = (_fused_layers(model, self.ropes) if self.generic is None
+                             and fused.native_decode_enabled() else None)
 
     @property
     def path(self) -> str:
@@ -209,9 +232,9 @@ class ModelRunner:
         inner = self.model.model
         h = inner.embed_tokens(batch.tokens[None])  # [1, T, DM]
         for i, layer in enumerate(inner.layers):
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), batch)
-            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
-        h = inner.norm(h)[0, batch.sample_index]  # [S, DM]
+            h = h + self._attention(i, layer.self_attn, _norm(layer.input_layernorm, h), batch)
+            h = h + self._mlp(layer.mlp, _norm(layer.post_attention_layernorm, h))
+        h = _norm(inner.norm, h)[0, batch.sample_index]  # [S, DM]
         return self._logits(h), batch.sample_rows  # [S, V]
 
     def _execute_decode(self, rows: Sequence[ScheduledRow], tokens: mx.array | None) -> tuple[mx.array, tuple[int, ...]]:
@@ -244,17 +267,19 @@ class ModelRunner:
     def _attention(self, i: int, attn: nn.Module, x: mx.array, batch: StepBatch) -> mx.array:
         T = x.shape[1]
         H, HKV, D = attn.n_heads, attn.n_kv_heads, self.head_dim
-        q = linear(attn.q_proj, x).reshape(T, H, 1, D)
-        k = linear(attn.k_proj, x).reshape(T, HKV, 1, D)
+        q = linear(attn.q_proj, x).reshape(T, H, D)
+        k = linear(attn.k_proj, x).reshape(T, HKV, D)
         if hasattr(attn, "q_norm"):  # qwen3: per-head RMSNorm of q and k before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        # One "row" per token so RoPE takes each token's own position: [T, H, 1, D].
-        q = attn.rope(q, offset=batch.positions)
-        k = attn.rope(k, offset=batch.positions)
+            q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+        if self.ropes is not None:
+            q = rope(q, batch.positions, *self.ropes[i])
+            k = rope(k, batch.positions, *self.ropes[i])
+        else:  # one "row" per token so the model's RoPE takes each token's own position: [T, H, 1, D]
+            q = attn.rope(q[:, :, None], offset=batch.positions).reshape(T, H, D)
+            k = attn.rope(k[:, :, None], offset=batch.positions).reshape(T, HKV, D)
         v = linear(attn.v_proj, x).reshape(T, HKV, D)
-        self.k_pools[i] = write_kv(self.k_pools[i], batch.slots, k.reshape(T, HKV, D))
+        self.k_pools[i] = write_kv(self.k_pools[i], batch.slots, k)
         self.v_pools[i] = write_kv(self.v_pools[i], batch.slots, v)
-        q = q.reshape(T, H, D)
         outs = [self._group_attention(g, q, attn.scale, i) for g in batch.groups]
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)  # [T, H*D]
         return linear(attn.o_proj, o[None])

@@ -6,6 +6,7 @@
 #include "activation.h"
 #include "attention.h"
 #include "decode_layer.h"
+#include "rope_norm.h"
 
 #include "qmm.h"
 
@@ -100,6 +101,20 @@ NB_MODULE(_loom_native, m) {
         return loom::silu_mul(gate, up, mlx::core::Device(mlx::core::Device::cpu));
       },
       "gate"_a, "up"_a, "silu(gate) * up elementwise (float32 arrays of one shape).");
+  m.def(
+      "rms_norm",
+      [](const mlx::core::array& x, const mlx::core::array& w, float eps) {
+        return loom::rms_norm(x, w, eps, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "x"_a, "w"_a, "eps"_a, "x * rsqrt(mean(x^2, -1) + eps) * w (x float32 [..., DM], w float32 [DM]).");
+  m.def(
+      "rope",
+      [](const mlx::core::array& x, const mlx::core::array& positions, const mlx::core::array& inv_freq,
+         bool traditional) {
+        return loom::rope(x, positions, inv_freq, traditional, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "x"_a, "positions"_a, "inv_freq"_a, "traditional"_a,
+      "RoPE of x float32 [T, heads, D], row t at positions[t] (int32 [T]); inv_freq float32 [D/2].");
   m.def("kernel_isa", &loom::kernel_isa, "Kernel family used on this CPU: 'avx2', 'neon' or 'scalar'.");
   m.def("num_threads", &loom::num_threads, "Threads per call (the MLX stream thread included).");
   m.def("set_num_threads", &loom::set_num_threads, "n"_a, "Threads per call; 0 restores the default.");

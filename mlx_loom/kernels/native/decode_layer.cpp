@@ -14,6 +14,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "native_util.h"
+#include "row_ops.h"
 
 // Attention's inner loops are plain float loops written to auto-vectorize; on x86-64 Linux they
 // are also compiled for Haswell (AVX2 + FMA) and picked at load time (GCC function multiversioning).
@@ -52,49 +53,6 @@ void matmul(const QWeight& q, const float* x, int M, float* y) {
   a.group_size = q.group_size;
   a.bits = q.bits;
   qmm_run(a);
-}
-
-void rms_norm(const float* x, const float* w, int T, int DM, float eps, float* y) {
-  for (int t = 0; t < T; ++t) {
-    const float* xr = x + (size_t)t * DM;
-    float ss = 0.f;
-    for (int i = 0; i < DM; ++i) ss += xr[i] * xr[i];
-    const float r = 1.f / std::sqrt(ss / DM + eps);
-    for (int i = 0; i < DM; ++i) y[(size_t)t * DM + i] = xr[i] * r * w[i];
-  }
-}
-
-// x [rows, D] normalized in place per row (per-head q/k RMSNorm).
-void head_rms_norm(float* x, int rows, int D, const float* w, float eps) {
-  for (int r = 0; r < rows; ++r) {
-    float* v = x + (size_t)r * D;
-    float ss = 0.f;
-    for (int i = 0; i < D; ++i) ss += v[i] * v[i];
-    const float s = 1.f / std::sqrt(ss / D + eps);
-    for (int i = 0; i < D; ++i) v[i] = v[i] * s * w[i];
-  }
-}
-
-// x [T, heads, D] rotated in place by each row's position.
-void rope(float* x, int T, int heads, int D, const int* pos, const float* inv_freq, bool traditional) {
-  const int half = D / 2;
-  std::vector<float> c(half), s(half);
-  for (int t = 0; t < T; ++t) {
-    for (int i = 0; i < half; ++i) {
-      const float theta = static_cast<float>(pos[t]) * inv_freq[i];
-      c[i] = std::cos(theta);
-      s[i] = std::sin(theta);
-    }
-    for (int h = 0; h < heads; ++h) {
-      float* v = x + ((size_t)t * heads + h) * D;
-      for (int i = 0; i < half; ++i) {
-        const int a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
-        const float x1 = v[a], x2 = v[b];
-        v[a] = x1 * c[i] - x2 * s[i];
-        v[b] = x1 * s[i] + x2 * c[i];
-      }
-    }
-  }
 }
 
 LOOM_SIMD_CLONES
@@ -222,8 +180,8 @@ void run_layer(const LayerPtrs& p, const DecodeLayerSpec& sp) {
   matmul(p.k, xn.data(), T, k.data());
   matmul(p.v, xn.data(), T, v.data());
   if (p.q_norm) {
-    head_rms_norm(q.data(), T * H, D, p.q_norm, sp.qk_eps);
-    head_rms_norm(k.data(), T * HKV, D, p.k_norm, sp.qk_eps);
+    rms_norm(q.data(), p.q_norm, T * H, D, sp.qk_eps, q.data());  // per head, in place
+    rms_norm(k.data(), p.k_norm, T * HKV, D, sp.qk_eps, k.data());
   }
   rope(q.data(), T, H, D, p.pos, p.inv_freq, sp.rope_traditional);
   rope(k.data(), T, HKV, D, p.pos, p.inv_freq, sp.rope_traditional);
