@@ -93,6 +93,7 @@ class FakeEngineClient:
         self.aborted: list[str] = []
         self.submitted: list[tuple[str, tuple[int, ...], object]] = []
         self._dead: str | None = None
+        self.phase = "not started"
 
     @property
     def ready(self) -> bool:
@@ -103,12 +104,14 @@ class FakeEngineClient:
         return self._dead
 
     async def start(self) -> FakeInfo:
+        self.phase = "loading the model"
         await asyncio.sleep(self.load_time)
         if self.fail_load:
             self._dead = f"model failed to load: {self.fail_load}"
             raise EngineDeadError(self._dead)
         self.info = FakeInfo("fake-model", self.max_model_len, ByteTokenizer(), num_blocks=64, block_size=16,
                              grammar=self.grammar)
+        self.phase = "ready"
         return self.info
 
     async def generate(self, prompt_token_ids, params, request_id=None):

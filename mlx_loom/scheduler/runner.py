@@ -146,10 +146,8 @@ def _fused_layers(model: nn.Module, ropes: list[tuple[mx.array, bool]] | None) -
 
 
 def _norm(module: nn.Module, x: mx.array) -> mx.array:
-    """module(x), with a float32 nn.RMSNorm on the native primitive (MLX's CPU rms_norm is ~6 ops)."""
-    if type(module) is nn.RMSNorm and module.weight.dtype == mx.float32 and native_on_cpu():
-        return rms_norm(x, module.weight, module.eps)
-    return module(x)
+    """module(x); an nn.RMSNorm through rope_norm.rms_norm (native on the CPU, where MLX's is ~6 ops)."""
+    return rms_norm(x, module.weight, module.eps) if type(module) is nn.RMSNorm else module(x)
 
 
 def _native_ropes(model: nn.Module) -> list[tuple[mx.array, bool]] | None:

@@ -52,7 +52,7 @@ class ServerState:
         if self.load_error is not None:
             return f"engine is not running: {self.load_error}"
         if self.client.info is None:
-            if getattr(self.client, "phase", None) == "warming up":
+            if self.client.phase == "warming up":
                 return "the engine is warming up (running each step shape once); retry shortly"
             return "the model is still loading; retry shortly"
         return f"engine is not running: {self.client.dead_reason or 'unknown reason'}"

@@ -30,4 +30,5 @@ async def engine_stats(request: Request) -> dict:
     state = get_state(request)
     info = state.require_ready()
     stats = await state.client.stats()
-    return {"ready": True, "backend": info.backend, "warmup_seconds": info.warmup_seconds, **(asdict(stats) if stats is not None else {})}
+    return {"ready": True, "backend": info.backend, "warmup_seconds": info.warmup_seconds,
+            **(asdict(stats) if stats is not None else {})}
