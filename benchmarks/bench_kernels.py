@@ -132,10 +132,22 @@ def model_sweep(repeats: int) -> dict:
         return statistics.median(times)
 
     time.sleep(0.3)
-    t_nat = run(lambda: [qmm.affine_qmm(xs[K], w, s, b, GS, bits) for K, bits, w, s, b in mats])
+    native_sweep = lambda: [qmm.affine_qmm(xs[K], w, s, b, GS, bits) for K, bits, w, s, b in mats]  # noqa: E731
+    t_nat = run(native_sweep)
+    by_isa = {}  # every SIMD kernel family this CPU runs (the default is the first)
+    if qmm.native_available():
+        from mlx_loom.kernels.native import _loom_native as native
+        default = native.kernel_isa()
+        try:
+            for isa in native.kernel_isas():
+                if isa != "scalar":
+                    native.set_kernel_isa(isa)
+                    by_isa[isa] = run(native_sweep) * 1e3
+        finally:
+            native.set_kernel_isa(default)
     t_f32 = run(lambda: [xs[m[0]] @ f.T for m, f in zip(mats, fmats)])
     out = {"matrices": len(mats), "quantized_MB": qbytes / 1e6, "f32_MB": fbytes / 1e6,
-           "native_ms": t_nat * 1e3, "native_GBps": qbytes / t_nat / 1e9,
+           "native_ms": t_nat * 1e3, "native_GBps": qbytes / t_nat / 1e9, "native_ms_by_isa": by_isa,
            "f32_ms": t_f32 * 1e3, "f32_GBps": fbytes / t_f32 / 1e9, "speedup_vs_f32": t_f32 / t_nat}
     print(f"model sweep M=1: native {out['native_ms']:.2f} ms ({out['native_GBps']:.1f} GB/s over "
           f"{out['quantized_MB']:.0f} MB) | f32 {out['f32_ms']:.2f} ms ({out['f32_GBps']:.1f} GB/s over "
@@ -177,6 +189,9 @@ def markdown(rows, sweep, meta) -> str:
             f"float32 OpenBLAS {sweep['f32_ms']:.2f} ms/token at {sweep['f32_GBps']:.1f} GB/s over "
             f"{sweep['f32_MB']:.0f} MB ({sweep['speedup_vs_f32']:.2f}x).",
         ]
+        if sweep.get("native_ms_by_isa"):
+            lines.append("Native sweep per kernel family on this CPU (ms/token): " + ", ".join(
+                f"{isa} {ms:.2f}" for isa, ms in sweep["native_ms_by_isa"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 

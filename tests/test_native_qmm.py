@@ -21,6 +21,19 @@ needs_native = pytest.mark.skipif(
     reason=f"native extension not built ({qmm.native_unavailable_reason()}); "
     "build it with `python -m mlx_loom.kernels.native.build`")
 
+# Every kernel family this CPU runs (e.g. avx512, avx2, scalar on this project's CI box), so a
+# faster family never hides a slower one's bug.
+ISAS = native.kernel_isas() if native is not None else ["none"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = native.kernel_isa()
+    native.set_kernel_isa(request.param)
+    yield request.param
+    native.set_kernel_isa(previous)
+
+
 # SmolLM2-135M (the default model): q/o 576->576, k/v 576->192, gate/up 576->1536, down 1536->576.
 MODEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 
@@ -51,9 +64,10 @@ def _check(out, ref):
 @needs_native
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 13, 32, 33, 64])
-def test_random_shapes_match_quantized_matmul_and_numpy(M, bits):
+def test_random_shapes_match_quantized_matmul_and_numpy(M, bits, isa):
     rng = np.random.default_rng(M * 10 + bits)
-    for N, K in [(1, 32), (7, 64), (13, 96), (61, 160), (130, 288), (259, 32)]:
+    # K around the AVX-512 4-bit chunk (128 values): short, exact, one word over, 1.5 chunks
+    for N, K in [(1, 32), (7, 64), (13, 96), (61, 160), (130, 288), (259, 32), (5, 128), (9, 384), (11, 576)]:
         w, s, b = _quantized(rng, N, K, bits)
         x = mx.array(rng.standard_normal((M, K)).astype(np.float32))
         out = native.affine_qmm(x, w, s, b, 32, bits)
@@ -64,7 +78,7 @@ def test_random_shapes_match_quantized_matmul_and_numpy(M, bits):
 @needs_native
 @pytest.mark.parametrize("M", [1, 4, 8, 64])
 @pytest.mark.parametrize("N,K", MODEL_SHAPES)
-def test_default_model_layer_shapes(N, K, M):
+def test_default_model_layer_shapes(N, K, M, isa):
     rng = np.random.default_rng(N + K + M)
     w, s, b = _quantized(rng, N, K, 4)
     x = mx.array(rng.standard_normal((M, K)).astype(np.float32))
@@ -72,7 +86,7 @@ def test_default_model_layer_shapes(N, K, M):
 
 
 @needs_native
-def test_tied_lm_head_8bit_shape():
+def test_tied_lm_head_8bit_shape(isa):
     """The default model's tied lm_head (token_embd is Q8_0): 576 -> 49152, one decode row."""
     rng = np.random.default_rng(0)
     w, s, b = _quantized(rng, 49152, 576, 8)
@@ -81,13 +95,25 @@ def test_tied_lm_head_8bit_shape():
 
 
 @needs_native
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [64, 128])
-def test_larger_groups(group_size):
+def test_larger_groups(group_size, bits, isa):
     rng = np.random.default_rng(group_size)
-    w, s, b = _quantized(rng, 37, 256, 4, group_size)
-    for M in (1, 9):
-        x = mx.array(rng.standard_normal((M, 256)).astype(np.float32))
-        _check(native.affine_qmm(x, w, s, b, group_size, 4), np.array(x, dtype=np.float64) @ _dequant_np(w, s, b, 4, group_size).T)
+    for K in (256, 384, 640):
+        w, s, b = _quantized(rng, 37, K, bits, group_size)
+        for M in (1, 3, 9):
+            x = mx.array(rng.standard_normal((M, K)).astype(np.float32))
+            ref = np.array(x, dtype=np.float64) @ _dequant_np(w, s, b, bits, group_size).T
+            _check(native.affine_qmm(x, w, s, b, group_size, bits), ref)
+
+
+@needs_native
+def test_kernel_family_switch():
+    assert native.kernel_isa() == ISAS[0]  # the fastest this CPU runs, unless MLX_LOOM_NATIVE_ISA says
+    assert "scalar" in ISAS
+    with pytest.raises(ValueError, match="not available"):
+        native.set_kernel_isa("sse1")
+    assert native.kernel_isa() == ISAS[0]
 
 
 @needs_native

@@ -4,8 +4,8 @@ MLX layout (what the default GGUF Q4_1 / Q8_0 tensors load as): w uint32 [N, K*b
 low bits first, scales / biases [N, K/group_size], x [..., K] -> [..., N].
 
 On the CPU, MLX's own quantized matmul is scalar single-threaded code (~0.5 GB/s). The native
-extension in mlx_loom/kernels/native (an MLX custom primitive: AVX2/FMA on x86_64, NEON on arm64, portable
-C++ otherwise, multi-threaded) runs the same contract near memory bandwidth for one row and at
+extension in mlx_loom/kernels/native (an MLX custom primitive: AVX-512 or AVX2/FMA on x86_64, NEON on
+arm64, portable C++ otherwise, multi-threaded) runs the same contract near memory bandwidth for one row and at
 GEMM speed for many. It is used when it was built (scripts/install.sh builds it), the default
 device is the CPU and the operands are float32; otherwise this falls back to the reference.
 Metal and CUDA always use MLX's own kernels. MLX_LOOM_NATIVE=0 turns the native path off.

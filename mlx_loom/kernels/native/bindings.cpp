@@ -115,7 +115,9 @@ NB_MODULE(_loom_native, m) {
       },
       "x"_a, "positions"_a, "inv_freq"_a, "traditional"_a,
       "RoPE of x float32 [T, heads, D], row t at positions[t] (int32 [T]); inv_freq float32 [D/2].");
-  m.def("kernel_isa", &loom::kernel_isa, "Kernel family used on this CPU: 'avx2', 'neon' or 'scalar'.");
+  m.def("kernel_isa", &loom::kernel_isa, "Kernel family in use: 'avx512', 'avx2', 'neon' or 'scalar'.");
+  m.def("kernel_isas", &loom::kernel_isas, "Kernel families this CPU can run, fastest first.");
+  m.def("set_kernel_isa", &loom::set_kernel_isa, "isa"_a, "Switch the kernel family (one of kernel_isas()).");
   m.def("num_threads", &loom::num_threads, "Threads per call (the MLX stream thread included).");
   m.def("set_num_threads", &loom::set_num_threads, "n"_a, "Threads per call; 0 restores the default.");
 }

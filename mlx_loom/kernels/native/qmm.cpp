@@ -39,34 +39,65 @@ namespace loom {
 
 using RowsFn = void (*)(const QmmArgs&, int, int, float*);
 
-static RowsFn pick_kernel(std::string* isa) {
+struct Kernel {
+  std::string isa;
+  RowsFn rows;
+  bool interleaved_x;  // its 4-bit direct path reads QmmArgs::xi
+};
+
+// Every kernel family this CPU can run, fastest first. MLX_LOOM_NATIVE_SCALAR (any value) keeps
+// only the portable one; MLX_LOOM_NATIVE_ISA=<name> starts on that family if it is available.
+static const std::vector<Kernel>& available_kernels() {
+  static const std::vector<Kernel> kernels = [] {
+    std::vector<Kernel> k;
+    const bool scalar_only = std::getenv("MLX_LOOM_NATIVE_SCALAR") != nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    *isa = "avx2";
-    return qmm_rows_avx2;
-  }
+    const bool avx2 = !scalar_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && __builtin_cpu_supports("avx512f")) k.push_back({"avx512", qmm_rows_avx512, true});
+    if (avx2) k.push_back({"avx2", qmm_rows_avx2, false});
 #endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
-  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR")) {
-    *isa = "neon";
-    return qmm_rows_neon;
-  }
+    if (!scalar_only) k.push_back({"neon", qmm_rows_neon, false});
 #endif
-  *isa = "scalar";
-  return qmm_rows_scalar;
+    k.push_back({"scalar", qmm_rows_scalar, false});
+    return k;
+  }();
+  return kernels;
 }
 
-static const std::pair<RowsFn, std::string>& kernel() {
-  static const std::pair<RowsFn, std::string> k = [] {
-    std::string isa;
-    RowsFn fn = pick_kernel(&isa);
-    return std::make_pair(fn, isa);
-  }();
-  return k;
+static std::atomic<int> g_kernel{-1};  // index into available_kernels(); -1 = not chosen yet
+
+static const Kernel& kernel() {
+  const auto& ks = available_kernels();
+  int i = g_kernel.load(std::memory_order_acquire);
+  if (i < 0) {
+    i = 0;
+    if (const char* want = std::getenv("MLX_LOOM_NATIVE_ISA"))
+      for (size_t j = 0; j < ks.size(); ++j)
+        if (ks[j].isa == want) i = static_cast<int>(j);
+    g_kernel.store(i, std::memory_order_release);
+  }
+  return ks[i];
 }
 
 std::string kernel_isa() {
-  return kernel().second;
+  return kernel().isa;
+}
+
+std::vector<std::string> kernel_isas() {
+  std::vector<std::string> names;
+  for (const auto& k : available_kernels()) names.push_back(k.isa);
+  return names;
+}
+
+void set_kernel_isa(const std::string& isa) {
+  const auto& ks = available_kernels();
+  for (size_t j = 0; j < ks.size(); ++j)
+    if (ks[j].isa == isa) {
+      g_kernel.store(static_cast<int>(j), std::memory_order_release);
+      return;
+    }
+  throw std::invalid_argument("[affine_qmm] kernel family '" + isa + "' is not available on this CPU");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,13 +307,20 @@ void qmm_run(QmmArgs a) {
     std::fill(a.out, a.out + (size_t)M * N, 0.f);
     return;
   }
-  const RowsFn rows = kernel().first;
-  // The direct path (M <= kDirectMaxM) needs per-group sums of x; the tiled path takes any M.
-  thread_local std::vector<float> xsum;
+  const Kernel& k = kernel();
+  const RowsFn rows = k.rows;
+  // The direct path (M <= kDirectMaxM) needs per-group sums of x (and, for some kernels, x
+  // interleaved); the tiled path takes any M.
+  thread_local std::vector<float> xsum, xi;
   if (M <= kDirectMaxM) {
     xsum.resize((size_t)M * (K / gs));
     group_sums(a, xsum.data());
     a.xsum = xsum.data();
+    if (k.interleaved_x && a.bits == 4) {
+      xi.resize((size_t)M * interleaved_stride(K));
+      interleave_x(a, xi.data());
+      a.xi = xi.data();
+    }
   }
   // Split N into chunks of whole tiles; tiny problems stay on the calling thread.
   Pool& p = pool();

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -41,8 +42,11 @@ class AffineQMM : public mx::UnaryPrimitive {
   int bits_;
 };
 
-// Which kernel family eval_cpu runs on this CPU: "avx2", "neon" or "scalar".
+// Which kernel family eval_cpu runs on this CPU: "avx512", "avx2", "neon" or "scalar".
 std::string kernel_isa();
+// The families this CPU can run (fastest first) and a switch between them (tests, benchmarks).
+std::vector<std::string> kernel_isas();
+void set_kernel_isa(const std::string& isa);
 // Worker threads used per call (including the calling thread); set_num_threads(0) = default.
 int num_threads();
 void set_num_threads(int n);

@@ -9,7 +9,8 @@
 // Two loop shapes, picked by M:
 //   - direct (M <= kDirectMaxM): each row of w is unpacked in registers and dotted with up to 4
 //     rows of x; the scale is applied once per group and the bias term is sum_g b[n,g] * xsum[m,g]
-//     (xsum precomputed per call). Memory-bound matrix-vector product (decode).
+//     (xsum precomputed per call). Memory-bound matrix-vector product (decode). The AVX-512
+//     4-bit variant reads x in an interleaved order (xi, also precomputed per call).
 //   - tiled (M > kDirectMaxM): a tile of kTileN rows of w is dequantized (s * q + b) into a
 //     per-thread float buffer in L1, then a register-blocked float micro-kernel runs over all
 //     rows of x. The dequantization is paid once per weight per call, whatever M is.
@@ -29,6 +30,7 @@ struct QmmArgs {
   const float* scales;   // [N, K / group_size]
   const float* biases;   // [N, K / group_size]
   const float* xsum;     // [M, K / group_size]: per-group sums of x (direct path only)
+  const float* xi;       // [M, interleaved_stride(K)]: x interleaved (AVX-512 4-bit direct path only)
   float* out;            // [M, N]
   int M, N, K, group_size, bits;
 };
@@ -37,6 +39,7 @@ struct QmmArgs {
 void qmm_rows_scalar(const QmmArgs& a, int n0, int n1, float* scratch);
 #if defined(__x86_64__) || defined(_M_X64)
 void qmm_rows_avx2(const QmmArgs& a, int n0, int n1, float* scratch);
+void qmm_rows_avx512(const QmmArgs& a, int n0, int n1, float* scratch);
 #endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
 void qmm_rows_neon(const QmmArgs& a, int n0, int n1, float* scratch);
@@ -44,5 +47,12 @@ void qmm_rows_neon(const QmmArgs& a, int n0, int n1, float* scratch);
 
 // Per-group sums of x: xsum[m, g] = sum of x[m, g*gs : (g+1)*gs].
 void group_sums(const QmmArgs& a, float* xsum);
+
+// x in the order the AVX-512 4-bit kernel reads it: per run of 128 values (16 packed words),
+// xi[m, 128c + 16i + j] = x[m, 128c + 8j + i] (nibble i of word j), zeros past K.
+inline long long interleaved_stride(int K) {
+  return (K + 127LL) / 128 * 128;
+}
+void interleave_x(const QmmArgs& a, float* xi);
 
 }  // namespace loom

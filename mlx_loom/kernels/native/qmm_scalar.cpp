@@ -18,6 +18,20 @@ void group_sums(const QmmArgs& a, float* xsum) {
   }
 }
 
+void interleave_x(const QmmArgs& a, float* xi) {
+  const long long ld = interleaved_stride(a.K);
+  for (int m = 0; m < a.M; ++m) {
+    const float* xr = a.x + m * a.ldx;
+    float* dst = xi + m * ld;
+    for (long long c = 0; c < ld; c += 128)
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 16; ++j) {
+          const long long k = c + 8 * j + i;
+          dst[c + 16 * i + j] = k < a.K ? xr[k] : 0.f;
+        }
+  }
+}
+
 // Row n of w -> float [K]: s * q + b.
 static void dequant_row(const QmmArgs& a, int n, float* dst) {
   const int per = 32 / a.bits, G = a.K / a.group_size, wpg = a.group_size / per;

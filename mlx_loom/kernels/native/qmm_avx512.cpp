@@ -1,0 +1,116 @@
+// x86_64 AVX-512F kernels for the direct path (M <= kDirectMaxM, decode). Only this file is
+// compiled with -mavx512f; qmm.cpp calls it only after a runtime cpuid check. M > kDirectMaxM
+// (prefill) stays on the AVX2 tiled kernel, which is bound by its float micro-kernel, not by
+// the unpacking this file speeds up.
+//
+// 4-bit: a 512-bit load of 16 words holds 128 values; nibble i of lane j is k = 128c + 8j + i.
+// Shifting the whole vector right by 4i and looking the low 4 bits up in a 16-entry float table
+// (vpermps) gives those 16 values as floats in 2 instructions, against 4-5 per 8 values for a
+// broadcast + variable shift + mask + convert. x is pre-arranged once per call to the same
+// order (interleave_x), so each lookup is one FMA with a contiguous load.
+// 8-bit: 16 consecutive bytes zero-extend to 16 lanes (vpmovzxbd) in x's own order.
+#include <immintrin.h>
+
+#include "qmm_kernels.h"
+
+namespace loom {
+namespace {
+
+constexpr int kChunk = 128;  // 4-bit values per 512-bit load
+
+inline __mmask16 first_lanes(int n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// sum_g biases[g] * xsum[g] over G groups.
+inline float bias_dot(const float* b, const float* xs, int G) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int g = 0; g < G; g += 16) {
+    const __mmask16 m = first_lanes(G - g);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <int MB>
+void direct4(const QmmArgs& a, int n0, int n1) {
+  const int gs = a.group_size, G = a.K / gs;
+  const long long wpr = a.K / 8, ldxi = interleaved_stride(a.K);
+  const int chunks = static_cast<int>((wpr + 15) / 16);
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Lane j of chunk c lies in group 128c / gs + lane_group[j] (gs divides 128 or 128 divides gs).
+  alignas(64) int lane_group_v[16];
+  for (int j = 0; j < 16; ++j) lane_group_v[j] = gs <= kChunk ? 8 * j / gs : 0;
+  const __m512i lane_group = _mm512_load_si512(lane_group_v);
+  for (int n = n0; n < n1; ++n) {
+    const uint32_t* wr = a.w + n * wpr;
+    const float* sr = a.scales + (long long)n * G;
+    __m512 acc[MB];
+    for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
+    for (int c = 0; c < chunks; ++c) {
+      const __m512i v = _mm512_maskz_loadu_epi32(first_lanes(static_cast<int>(wpr - 16LL * c)), wr + 16 * c);
+      const float* xc = a.xi + (long long)kChunk * c;
+      __m512 t[MB];
+      const __m512 q0 = _mm512_permutexvar_ps(v, table);
+      for (int mb = 0; mb < MB; ++mb) t[mb] = _mm512_mul_ps(q0, _mm512_loadu_ps(xc + mb * ldxi));
+#pragma GCC unroll 7
+      for (int i = 1; i < 8; ++i) {
+        const __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * i), table);
+        for (int mb = 0; mb < MB; ++mb) t[mb] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xc + mb * ldxi + 16 * i), t[mb]);
+      }
+      // Lanes past K hold q = 0 and x = 0, so their (masked-off, zero) scale is never used.
+      const int g0 = kChunk * c / gs;
+      const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(first_lanes(G - g0), sr + g0));
+      for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_fmadd_ps(t[mb], s, acc[mb]);
+    }
+    const float* br = a.biases + (long long)n * G;
+    for (int mb = 0; mb < MB; ++mb)
+      a.out[(long long)mb * a.N + n] = _mm512_reduce_add_ps(acc[mb]) + bias_dot(br, a.xsum + (long long)mb * G, G);
+  }
+}
+
+template <int MB>
+void direct8(const QmmArgs& a, int n0, int n1) {
+  const int gs = a.group_size, G = a.K / gs;
+  const long long wpr = a.K / 4;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = reinterpret_cast<const uint8_t*>(a.w + n * wpr);
+    const float* sr = a.scales + (long long)n * G;
+    __m512 acc[MB];
+    for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) {
+      __m512 t[MB];
+      for (int mb = 0; mb < MB; ++mb) t[mb] = _mm512_setzero_ps();
+      for (int k = g * gs; k < (g + 1) * gs; k += 16) {  // gs is a multiple of 16
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))));
+        for (int mb = 0; mb < MB; ++mb) t[mb] = _mm512_fmadd_ps(q, _mm512_loadu_ps(a.x + mb * a.ldx + k), t[mb]);
+      }
+      const __m512 s = _mm512_set1_ps(sr[g]);
+      for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_fmadd_ps(t[mb], s, acc[mb]);
+    }
+    const float* br = a.biases + (long long)n * G;
+    for (int mb = 0; mb < MB; ++mb)
+      a.out[(long long)mb * a.N + n] = _mm512_reduce_add_ps(acc[mb]) + bias_dot(br, a.xsum + (long long)mb * G, G);
+  }
+}
+
+template <int MB>
+void direct(const QmmArgs& a, int n0, int n1) {
+  if (a.bits == 4) direct4<MB>(a, n0, n1);
+  else direct8<MB>(a, n0, n1);
+}
+
+}  // namespace
+
+void qmm_rows_avx512(const QmmArgs& a, int n0, int n1, float* scratch) {
+  static_assert(kDirectMaxM == 4, "direct<> is instantiated for M = 1..4");
+  switch (a.M) {
+    case 1: return direct<1>(a, n0, n1);
+    case 2: return direct<2>(a, n0, n1);
+    case 3: return direct<3>(a, n0, n1);
+    case 4: return direct<4>(a, n0, n1);
+    default: return qmm_rows_avx2(a, n0, n1, scratch);
+  }
+}
+
+}  // namespace loom
