@@ -36,15 +36,24 @@ inline float bias_dot(const float* b, const float* xs, int G) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// out[mb, n] = the row's scaled dot products + its bias term, for each of the MB rows of x.
+template <int MB>
+inline void store_row(const QmmArgs& a, int n, const __m512* acc) {
+  const int G = a.K / a.group_size;
+  const float* br = a.biases + (long long)n * G;
+  for (int mb = 0; mb < MB; ++mb)
+    a.out[(long long)mb * a.N + n] = _mm512_reduce_add_ps(acc[mb]) + bias_dot(br, a.xsum + (long long)mb * G, G);
+}
+
 template <int MB>
 void direct4(const QmmArgs& a, int n0, int n1) {
   const int gs = a.group_size, G = a.K / gs;
   const long long wpr = a.K / 8, ldxi = interleaved_stride(a.K);
   const int chunks = static_cast<int>((wpr + 15) / 16);
   const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // Lane j of chunk c lies in group 128c / gs + lane_group[j] (gs divides 128 or 128 divides gs).
+  // Lane j of chunk c lies in group 128c / gs + lane_group[j] (gs is 32, 64 or 128: divides 128).
   alignas(64) int lane_group_v[16];
-  for (int j = 0; j < 16; ++j) lane_group_v[j] = gs <= kChunk ? 8 * j / gs : 0;
+  for (int j = 0; j < 16; ++j) lane_group_v[j] = 8 * j / gs;
   const __m512i lane_group = _mm512_load_si512(lane_group_v);
   const int gs_shift = __builtin_ctz(gs);
   for (int n = n0; n < n1; ++n) {
@@ -65,13 +74,11 @@ void direct4(const QmmArgs& a, int n0, int n1) {
         for (int mb = 0; mb < MB; ++mb) t[mb] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xc + mb * ldxi + 16 * i), t[mb]);
       }
       // Lanes past K hold q = 0 and x = 0, so their (masked-off, zero) scale is never used.
-      const int g0 = (kChunk >> gs_shift) * c;  // gs <= 128 (a power of two): no division per chunk
+      const int g0 = (kChunk >> gs_shift) * c;  // no division per chunk
       const __m512 s = _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(first_lanes(G - g0), sr + g0));
       for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_fmadd_ps(t[mb], s, acc[mb]);
     }
-    const float* br = a.biases + (long long)n * G;
-    for (int mb = 0; mb < MB; ++mb)
-      a.out[(long long)mb * a.N + n] = _mm512_reduce_add_ps(acc[mb]) + bias_dot(br, a.xsum + (long long)mb * G, G);
+    store_row<MB>(a, n, acc);
   }
 }
 
@@ -95,9 +102,7 @@ void direct8(const QmmArgs& a, int n0, int n1) {
       const __m512 s = _mm512_set1_ps(sr[g]);
       for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_fmadd_ps(t[mb], s, acc[mb]);
     }
-    const float* br = a.biases + (long long)n * G;
-    for (int mb = 0; mb < MB; ++mb)
-      a.out[(long long)mb * a.N + n] = _mm512_reduce_add_ps(acc[mb]) + bias_dot(br, a.xsum + (long long)mb * G, G);
+    store_row<MB>(a, n, acc);
   }
 }
 
