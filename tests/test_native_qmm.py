@@ -109,6 +109,20 @@ def test_larger_groups(group_size, bits, isa):
 
 
 @needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_long_k_and_many_rows(bits, isa):
+    # K over several 512-value panel chunks (sums carried across chunks), rows of x past one
+    # ~1 MiB block (K = 2176: 120 rows a block), a panel cut short (N = 70 = 2 x 32 + 6).
+    rng = np.random.default_rng(bits)
+    K, N = 2176, 70
+    w, s, b = _quantized(rng, N, K, bits, 64)
+    for M in (5, 12, 13, 131):
+        x = mx.array(rng.standard_normal((M, K)).astype(np.float32))
+        ref = np.array(x, dtype=np.float64) @ _dequant_np(w, s, b, bits, 64).T
+        _check(native.affine_qmm(x, w, s, b, 64, bits), ref)
+
+
+@needs_native
 def test_kernel_family_switch():
     wanted = os.environ.get("MLX_LOOM_NATIVE_ISA")
     default = wanted if wanted in ISAS else ISAS[0]  # the fastest this CPU runs unless the env picks one

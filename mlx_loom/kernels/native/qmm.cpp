@@ -333,7 +333,7 @@ void qmm_run(QmmArgs a) {
     const int n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
     if (n0 >= n1) return;
     thread_local std::vector<float> scratch;
-    if (scratch.size() < (size_t)kTileN * K) scratch.resize((size_t)kTileN * K);
+    if (scratch.size() < (size_t)scratch_floats(K)) scratch.resize((size_t)scratch_floats(K));
     rows(a, n0, n1, scratch.data());
   });
 }

@@ -1,7 +1,6 @@
-// x86_64 AVX-512F kernels for the direct path (M <= kDirectMaxM, decode). Only this file is
-// compiled with -mavx512f; qmm.cpp calls it only after a runtime cpuid check. M > kDirectMaxM
-// (prefill) stays on the AVX2 tiled kernel, which is bound by its float micro-kernel, not by
-// the unpacking this file speeds up.
+// x86_64 AVX-512F kernels for the direct path (M <= kDirectMaxM, decode). Only this file and
+// qmm_avx512_panel.cpp (M > kDirectMaxM) are compiled with -mavx512f; qmm.cpp calls them only
+// after a runtime cpuid check.
 //
 // 4-bit: a 512-bit load of 16 words holds 128 values; nibble i of lane j is k = 128c + 8j + i.
 // Shifting the whole vector right by 4i and looking the low 4 bits up in a 16-entry float table
@@ -121,7 +120,7 @@ void qmm_rows_avx512(const QmmArgs& a, int n0, int n1, float* scratch) {
     case 2: return direct<2>(a, n0, n1);
     case 3: return direct<3>(a, n0, n1);
     case 4: return direct<4>(a, n0, n1);
-    default: return qmm_rows_avx2(a, n0, n1, scratch);
+    default: return qmm_panels_avx512(a, n0, n1, scratch);
   }
 }
 

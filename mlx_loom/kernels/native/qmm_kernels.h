@@ -13,7 +13,8 @@
 //     4-bit variant reads x in an interleaved order (xi, also precomputed per call).
 //   - tiled (M > kDirectMaxM): a tile of kTileN rows of w is dequantized (s * q + b) into a
 //     per-thread float buffer in L1, then a register-blocked float micro-kernel runs over all
-//     rows of x. The dequantization is paid once per weight per call, whatever M is.
+//     rows of x. The dequantization is paid once per weight per call, whatever M is. The
+//     AVX-512 variant dequantizes panels of kPanelN rows k-major instead (qmm_avx512_panel.cpp).
 #pragma once
 
 #include <cstdint>
@@ -22,6 +23,14 @@ namespace loom {
 
 constexpr int kDirectMaxM = 4;
 constexpr int kTileN = 4;
+constexpr int kPanelN = 32;    // rows of w per AVX-512 panel
+constexpr int kChunkK = 512;   // values of k per AVX-512 panel
+
+// Floats of per-thread scratch the kernels need for inner size K.
+inline long long scratch_floats(int K) {
+  const long long tile = (long long)kTileN * K, panel = (long long)kPanelN * kChunkK;
+  return tile > panel ? tile : panel;
+}
 
 struct QmmArgs {
   const float* x;        // [M, K], row stride ldx
@@ -35,11 +44,12 @@ struct QmmArgs {
   int M, N, K, group_size, bits;
 };
 
-// Each computes out[:, n0:n1]; scratch holds kTileN * K floats (tiled path).
+// Each computes out[:, n0:n1]; scratch holds scratch_floats(K) floats (tiled path).
 void qmm_rows_scalar(const QmmArgs& a, int n0, int n1, float* scratch);
 #if defined(__x86_64__) || defined(_M_X64)
 void qmm_rows_avx2(const QmmArgs& a, int n0, int n1, float* scratch);
 void qmm_rows_avx512(const QmmArgs& a, int n0, int n1, float* scratch);
+void qmm_panels_avx512(const QmmArgs& a, int n0, int n1, float* scratch);
 #endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
 void qmm_rows_neon(const QmmArgs& a, int n0, int n1, float* scratch);
