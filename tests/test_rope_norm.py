@@ -12,7 +12,8 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from mlx_loom.kernels import qmm
 from mlx_loom.kernels.decode_layer import rope_inv_freq
-from mlx_loom.kernels.rope_norm import rms_norm, rms_norm_reference, rope, rope_reference
+from mlx_loom.kernels.rope_norm import (NativeRMSNorm, NativeRoPE, rms_norm, rms_norm_reference, rope, rope_reference,
+                                        route_norm_rope_modules)
 
 NATIVE = qmm.native_module()
 
@@ -87,3 +88,59 @@ def test_norm_module_and_primitive_agree():
     norm.weight = mx.random.normal((96,), key=mx.random.key(11))
     x = mx.random.normal((4, 96), key=mx.random.key(12))
     _close(rms_norm(x, norm.weight, norm.eps), norm(x))
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("base,scale", [(10000.0, 1.0), (1000000.0, 1.0), (500000.0, 0.25)])
+@pytest.mark.parametrize("offset", [0, 17, "scalar array", "per row"])
+def test_routed_rope_is_mlx_rope(traditional, base, scale, offset):
+    """NativeRoPE on mlx-lm's shapes ([B, H, L, D] views of [B, L, H, D]) == nn.RoPE, far positions included."""
+    B, L, H, D = 4, 5, 3, 64
+    x = mx.random.normal((B, L, H, D), key=mx.random.key(21)).transpose(0, 2, 1, 3)
+    offset = {"scalar array": mx.array(40), "per row": mx.array([0, 7, 100, 3000])}.get(offset, offset)
+    plain = nn.RoPE(D, traditional=traditional, base=base, scale=scale)
+    holder = nn.Module()
+    holder.rope = nn.RoPE(D, traditional=traditional, base=base, scale=scale)
+    assert route_norm_rope_modules(holder) == 1 and type(holder.rope) is NativeRoPE
+    # exact inv_freq formula: ~1e-6 (scale folded into it: a few ulp more at position 3000)
+    _close(holder.rope(x, offset=offset), plain(x, offset=offset), tol=2e-6 if scale == 1.0 else 2e-5)
+
+
+def test_routed_rope_leaves_other_calls_to_nn_rope():
+    holder = nn.Module()
+    holder.partial = nn.RoPE(32)  # rotates half of a 64-wide head: nn.RoPE's own call
+    route_norm_rope_modules(holder)
+    x = mx.random.normal((2, 3, 4, 64), key=mx.random.key(22))
+    assert mx.array_equal(holder.partial(x, offset=5), nn.RoPE(32)(x, offset=5))
+    x3 = mx.random.normal((3, 4, 32), key=mx.random.key(23))  # 3-D input
+    assert mx.array_equal(holder.partial(x3, offset=2), nn.RoPE(32)(x3, offset=2))
+
+
+@pytest.mark.parametrize("shape", [(3, 576), (2, 5, 9, 64), (1, 600, 256)])
+def test_routed_rms_norm_is_mlx_rms_norm(shape):
+    holder = nn.Module()
+    holder.norm = nn.RMSNorm(shape[-1], eps=1e-6)
+    holder.norm.weight = mx.random.normal(shape[-1:], key=mx.random.key(24))
+    plain = nn.RMSNorm(shape[-1], eps=1e-6)
+    plain.weight = holder.norm.weight
+    assert route_norm_rope_modules(holder) == 1 and type(holder.norm) is NativeRMSNorm
+    x = mx.random.normal(shape, key=mx.random.key(25)) * 3
+    _close(holder.norm(x), plain(x))
+
+
+def test_routed_model_matches_mlx_lms_own_load(tmp_path):
+    """A model as our loader leaves it (norms and RoPE routed) gives the logits of mlx-lm's own load."""
+    from pathlib import Path
+
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    from mlx_loom.scheduler.model import load_model
+    from tiny_archs import make_tiny_arch_dir
+
+    path = make_tiny_arch_dir(tmp_path / "qwen3", "qwen3")
+    ours = load_model(str(path)).model
+    theirs, _ = mlx_lm_load(Path(path))
+    assert any(isinstance(m, NativeRoPE) for _, m in ours.named_modules())
+    assert not any(isinstance(m, (NativeRoPE, NativeRMSNorm)) for _, m in theirs.named_modules())
+    tokens = mx.array([[3 + (11 * i) % 200 for i in range(40)]], dtype=mx.int32)
+    _close(ours(tokens), theirs(tokens), tol=2e-5)

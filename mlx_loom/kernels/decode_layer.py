@@ -22,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_loom.kernels import qmm
+from mlx_loom.kernels.rope_norm import PLAIN_NORMS, PLAIN_ROPES
+from mlx_loom.kernels.rope_norm import rope_inv_freq as rope_inv_freq_of
 from mlx_loom.kernels.reference import paged_attention_reference, write_kv_reference
 
 _PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
@@ -118,9 +120,8 @@ def _rope(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: boo
 def rope_inv_freq(rope: nn.Module, head_dim: int) -> tuple[mx.array, bool] | None:
     """(inv_freq [D/2] float32 with the position scale folded in, traditional) for the RoPE modules
     whose call is a plain mx.fast.rope over the whole head; None for any other (e.g. scaled inputs)."""
-    if type(rope) is nn.RoPE and rope.dims == head_dim:
-        exponents = mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim
-        return (rope.scale / mx.power(rope.base, exponents)).astype(mx.float32), rope.traditional
+    if type(rope) in PLAIN_ROPES and rope.dims == head_dim:
+        return rope_inv_freq_of(head_dim, rope.base, rope.scale), rope.traditional
     if type(rope).__name__ == "Llama3RoPE" and getattr(rope, "dims", None) == head_dim:
         return (1.0 / rope._freqs).astype(mx.float32), rope.traditional
     return None
@@ -155,7 +156,7 @@ def _qk_norm_weights(attn: nn.Module | None) -> list[mx.array] | None | bool:
     norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
     if norms == [None, None]:
         return None
-    ok = all(type(n) is nn.RMSNorm and n.weight.dtype == mx.float32 and n.weight.ndim == 1 for n in norms)
+    ok = all(type(n) in PLAIN_NORMS and n.weight.dtype == mx.float32 and n.weight.ndim == 1 for n in norms)
     if not ok or norms[0].eps != norms[1].eps or norms[0].weight.shape != norms[1].weight.shape:
         return False
     return [norms[0].weight, norms[1].weight]

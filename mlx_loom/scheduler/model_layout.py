@@ -20,6 +20,7 @@ from mlx_lm.models import llama, qwen3
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
+from mlx_loom.kernels.rope_norm import PLAIN_NORMS
 from mlx_loom.scheduler.paged_cache import LayerKV
 
 # The architectures the conformance matrix (tests/test_architectures.py) checks token for token.
@@ -95,10 +96,10 @@ def flattened_llama_reason(model: nn.Module) -> str | None:
     for layer in model.model.layers:
         kinds = (type(layer), type(layer.self_attn), type(layer.mlp), type(layer.input_layernorm),
                  type(layer.post_attention_layernorm))
-        if kinds != (block, attention, mlp, nn.RMSNorm, nn.RMSNorm):
+        if kinds[:3] != (block, attention, mlp) or not set(kinds[3:]) <= set(PLAIN_NORMS):
             return f"layer classes {[k.__name__ for k in kinds]}"
-        if family == "qwen3" and not (type(layer.self_attn.q_norm) is nn.RMSNorm is type(layer.self_attn.k_norm)):
+        if family == "qwen3" and not {type(layer.self_attn.q_norm), type(layer.self_attn.k_norm)} <= set(PLAIN_NORMS):
             return "q/k norms are not RMSNorm"
-    if type(model.model.norm) is not nn.RMSNorm:
+    if type(model.model.norm) not in PLAIN_NORMS:
         return "final norm is not RMSNorm"
     return None
