@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_loom.kernels import qmm
+from mlx_loom.kernels.activations import unrouted_type
 from mlx_loom.kernels.rope_norm import PLAIN_NORMS, PLAIN_ROPES
 from mlx_loom.kernels.rope_norm import rope_inv_freq as rope_inv_freq_of
 from mlx_loom.kernels.reference import paged_attention_reference, write_kv_reference
@@ -134,7 +135,7 @@ def fused_layer_weights(layer: nn.Module) -> list[mx.array] | None:
     norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
     if not all(isinstance(n, nn.RMSNorm) and n.weight.dtype == mx.float32 for n in norms):
         return None
-    if not isinstance(getattr(layer, "mlp", None), nn.Module) or type(layer.mlp).__name__ != "MLP":
+    if not isinstance(getattr(layer, "mlp", None), nn.Module) or unrouted_type(layer.mlp).__name__ != "MLP":
         return None
     qk = _qk_norm_weights(getattr(layer, "self_attn", None))
     if qk is False:

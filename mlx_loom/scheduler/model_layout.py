@@ -20,6 +20,7 @@ from mlx_lm.models import llama, qwen3
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
+from mlx_loom.kernels.activations import unrouted_type
 from mlx_loom.kernels.rope_norm import PLAIN_NORMS
 from mlx_loom.scheduler.paged_cache import LayerKV
 
@@ -94,7 +95,7 @@ def flattened_llama_reason(model: nn.Module) -> str | None:
     if any(t != "full_attention" for t in getattr(model.model, "layer_types", ["full_attention"])):
         return "sliding-window layers"
     for layer in model.model.layers:
-        kinds = (type(layer), type(layer.self_attn), type(layer.mlp), type(layer.input_layernorm),
+        kinds = (type(layer), type(layer.self_attn), unrouted_type(layer.mlp), type(layer.input_layernorm),
                  type(layer.post_attention_layernorm))
         if kinds[:3] != (block, attention, mlp) or not set(kinds[3:]) <= set(PLAIN_NORMS):
             return f"layer classes {[k.__name__ for k in kinds]}"

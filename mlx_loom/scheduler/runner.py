@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx_loom.kernels import decode_layer as fused
 from mlx_loom.kernels.activations import silu_mul
 from mlx_loom.kernels.qmm import embedding_logits, linear, native_on_cpu
-from mlx_loom.kernels.rope_norm import rms_norm, rope
+from mlx_loom.kernels.rope_norm import PLAIN_NORMS, rms_norm, rope
 from mlx_loom.kernels.paged_attention import paged_attention_rows, write_kv
 from mlx_loom.kernels.sparse_patterns import SparsePatternConfig, should_use_sparse
 from mlx_loom.kernels.sparse_prefill import sparse_prefill_attention
@@ -147,7 +147,7 @@ def _fused_layers(model: nn.Module, ropes: list[tuple[mx.array, bool]] | None) -
 
 def _norm(module: nn.Module, x: mx.array) -> mx.array:
     """module(x); an nn.RMSNorm through rope_norm.rms_norm (native on the CPU, where MLX's is ~6 ops)."""
-    return rms_norm(x, module.weight, module.eps) if type(module) is nn.RMSNorm else module(x)
+    return rms_norm(x, module.weight, module.eps) if type(module) in PLAIN_NORMS else module(x)
 
 
 def _native_ropes(model: nn.Module) -> list[tuple[mx.array, bool]] | None:

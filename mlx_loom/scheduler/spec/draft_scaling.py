@@ -26,6 +26,7 @@ import mlx.nn as nn
 
 from mlx_loom.kernels.calibration import calibration_tokens
 from mlx_loom.kernels.qmm import linear
+from mlx_loom.kernels.rope_norm import PLAIN_NORMS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def scaling_unsupported(model: nn.Module) -> str | None:
         return f"model_type {model_type!r} is not one of {', '.join(sorted(SCALED_MODEL_TYPES))}"
     for i, layer in enumerate(model.layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            if type(getattr(layer, norm, None)) is not nn.RMSNorm:
+            if type(getattr(layer, norm, None)) not in PLAIN_NORMS:
                 return f"layer {i} {norm} is not an nn.RMSNorm"
     return None
 
