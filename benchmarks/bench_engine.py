@@ -5,7 +5,8 @@ when built, decode steps on the fused native decoder layer), "mlx-loom-ops" (sam
 matmul kernels, every layer as separate MLX ops: MLX_LOOM_NATIVE_DECODE=0), "mlx-loom-generic"
 (the model's own mlx-lm code over the paged pools even where a specialization applies:
 MLX_LOOM_GENERIC_FORWARD=1; not in the default set), "mlx-loom-f32" (weights dequantized to float32 through OpenBLAS: the path before
-the native kernels), "mlx-lm" (BatchGenerator on the float32 weights, its best CPU setup), and
+the native kernels), "mlx-lm" (BatchGenerator on the float32 weights, its best CPU setup, with MLX's and
+mlx-lm's own modules: the loader's switches to our kernels undone), and
 "llama.cpp" (llama-batched-bench on the same GGUF, 2 threads, N parallel sequences of a
 --llama-prompt-tokens prompt and --new-tokens generated tokens; built by
 benchmarks/build_llama_server.sh; its tok/s counts prompt processing + generation time, like ours).
@@ -62,9 +63,11 @@ def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
+    from mlx_loom.kernels.routing import unroute_model
     from mlx_loom.scheduler.model import describe_backend, load_model
 
     loaded = load_model(model_path, dequantize=mx.default_device() == mx.cpu)  # its fastest CPU setup
+    unroute_model(loaded.model)  # the peer runs MLX's and mlx-lm's own modules, not our kernels
 
     def once(run: int) -> float:
         prompts = chat_prompts(loaded.tokenizer, n, run)
@@ -167,7 +170,7 @@ def report(rows: list[dict], args) -> str:
         "weights and kernels, layers as separate MLX ops (before the fused layer); mlx-loom-generic: the model's own "
         "mlx-lm code over the paged pools, no specialization (its quantized layers, RMSNorms, RoPEs and SiLU-gated MLPs run as "
         "native-kernel subclasses the loader switches them to, each checked equal); mlx-loom-f32 and mlx-lm: dequantized to "
-        f"float32 through OpenBLAS; llama.cpp: llama-batched-bench on the GGUF. {args.new_tokens} greedy new "
+        f"float32 through OpenBLAS (mlx-lm on MLX's and mlx-lm's own modules); llama.cpp: llama-batched-bench on the GGUF. {args.new_tokens} greedy new "
         f"tokens per request (EOS ignored), varied chat prompts (llama.cpp: prompts of the same mean length, "
         f"its own tokens); tok/s = N x {args.new_tokens} / (prefill + decode time); median of {args.repeats} runs "
         "after a warm-up; each cell its own process.",

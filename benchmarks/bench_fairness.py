@@ -91,9 +91,11 @@ def run_mlx_lm(args) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
+    from mlx_loom.kernels.routing import unroute_model
     from mlx_loom.scheduler.model import describe_backend, load_model
 
     loaded = load_model(args.model, dequantize=mx.default_device() == mx.cpu)  # its fastest CPU setup
+    unroute_model(loaded.model)  # the peer runs MLX's and mlx-lm's own modules, not our kernels
 
     def once(run: int) -> dict:
         long, shorts = workload(loaded.tokenizer, args, run)

@@ -4,7 +4,8 @@ Each run is a fresh process: load the model, (mlx-loom) run the self-check and, 
 the warm-up that runs before /health says 200; then time the first request and a second one (new
 chat prompts, --new-tokens greedy tokens, EOS ignored): time to first token and total. Systems:
 "mlx-loom" (warm-up on, as served), "mlx-loom-no-warmup" (`--no-warmup`), "mlx-lm"
-(`mlx_lm.generate.generate_step` straight after loading: it has no warm-up). Medians over
+(`mlx_lm.generate.generate_step` straight after loading: it has no warm-up; MLX's and mlx-lm's own
+modules, so quantized layers on mx.quantized_matmul). Medians over
 --repeats processes. On a GPU backend the first request otherwise pays kernel JIT compilation.
 
     .venv/bin/python benchmarks/bench_first_request.py [--model PATH]
@@ -65,10 +66,12 @@ def run_mlx_lm(args) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
+    from mlx_loom.kernels.routing import unroute_model
     from mlx_loom.scheduler.model import describe_backend, load_model
 
     t0 = time.perf_counter()
     loaded = load_model(args.model)
+    unroute_model(loaded.model)  # the peer runs MLX's and mlx-lm's own modules, not our kernels
     load_s = time.perf_counter() - t0
     prompts = chat_prompts(loaded.tokenizer, 2, args.run)
 

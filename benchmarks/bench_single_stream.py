@@ -8,7 +8,7 @@ system in its own process. Systems: "mlx-loom-ops" (layers as separate MLX ops:
 MLX_LOOM_NATIVE_DECODE=0, the path GPU backends take), "mlx-loom-ops-sync" (the same with
 asynchronous decode steps off: each step's tokens read before the next is built), "mlx-loom"
 (default: the fused native decode layer where it applies), "mlx-lm" (`mlx_lm.generate.generate_step`, which builds step t+1
-while step t runs).
+while step t runs; MLX's and mlx-lm's own modules: the loader's switches to our kernels are undone).
 
     .venv/bin/python benchmarks/bench_single_stream.py
 """
@@ -79,9 +79,11 @@ def run_mlx_lm(args) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
+    from mlx_loom.kernels.routing import unroute_model
     from mlx_loom.scheduler.model import describe_backend, load_model
 
     loaded = load_model(str(checkpoint()))
+    unroute_model(loaded.model)  # the peer runs MLX's and mlx-lm's own modules, not our kernels
 
     def once(run: int) -> float:
         (prompt,) = chat_prompts(loaded.tokenizer, 1, run)

@@ -93,3 +93,21 @@ def test_routing_leaves_no_trace_in_parameters(tmp_path):
 
     assert [k for k, _ in tree_flatten(ours.parameters())] == [k for k, _ in tree_flatten(theirs.parameters())]
     assert any(isinstance(m, (NativeRoPE, NativeRMSNorm)) for _, m in ours.named_modules())
+
+
+@needs_native
+def test_half_precision_mlps_keep_their_own_call():
+    model = nn.Module()
+    model.layers = [SiluMLP()]
+    model.set_dtype(mx.bfloat16)
+    assert route_gated_mlps(model) == 0 and type(model.layers[0]) is SiluMLP
+
+
+def test_unroute_gives_every_module_its_own_class_back(tmp_path):
+    from mlx_loom.kernels.routing import unroute_model
+
+    path = make_tiny_arch_dir(tmp_path / "qwen3", "qwen3", bits=4)
+    ours = load_model(str(path)).model
+    theirs, _ = mlx_lm_load(Path(path))
+    assert unroute_model(ours) > 0
+    assert [type(m) for _, m in ours.named_modules()] == [type(m) for _, m in theirs.named_modules()]

@@ -23,8 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_loom.kernels import qmm
-from mlx_loom.kernels.activations import route_gated_mlps
-from mlx_loom.kernels.rope_norm import route_norm_rope_modules
+from mlx_loom.kernels.routing import route_model
 from mlx_loom.scheduler import blas, gguf_arch
 from mlx_loom.scheduler.model_layout import kv_layout
 from mlx_loom.scheduler.tokenizer import TextTokenizer
@@ -171,9 +170,7 @@ def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
 
 
 def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
-    qmm.route_quantized_modules(model)  # the model's own code then runs the native kernels where they apply
-    route_norm_rope_modules(model)  # and the native RMSNorm / RoPE (MLX's CPU ones are op compositions)
-    route_gated_mlps(model)  # and silu_mul in gated MLPs proven to compute down(silu(gate) * up)
+    route_model(model)  # the model's own code then runs the native kernels where they apply
     layout, _ = kv_layout(model)  # refuses models whose state is not a KV cache
     return LoadedModel(
         model=model,
