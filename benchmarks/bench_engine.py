@@ -158,7 +158,10 @@ def report(rows: list[dict], args) -> str:
     systems = [s for s in args.systems if any(r["system"] == s for r in rows)]
     ratio_to = [s for s in systems if s != "mlx-loom"]
     loom_systems = [s for s in systems if s.startswith("mlx-loom")]
+    # the model-generic path against the peer too (the architectures issue's target)
+    pairs = [("mlx-loom-generic", "mlx-lm")] if {"mlx-loom-generic", "mlx-lm"} <= set(systems) else []
     head = ["N"] + [f"{s} tok/s" for s in systems] + [f"mlx-loom / {s}" for s in ratio_to] + \
+        [f"{a} / {b}" for a, b in pairs] + \
         [f"{s} peak RSS MB" for s in systems if s != "llama.cpp"] + \
         [f"{s} prompt tokens / request" for s in systems] + \
         [f"{s} prompt tokens from cache" for s in loom_systems]
@@ -190,6 +193,8 @@ def report(rows: list[dict], args) -> str:
         cells = [str(n)] + [f"{by[(s, n)]['tok_per_s']:.1f}" if (s, n) in by else "-" for s in systems]
         cells += [f"{loom['tok_per_s'] / by[(s, n)]['tok_per_s']:.2f}x" if loom and (s, n) in by else "-"
                   for s in ratio_to]
+        cells += [f"{by[(a, n)]['tok_per_s'] / by[(b, n)]['tok_per_s']:.2f}x" if (a, n) in by and (b, n) in by
+                  else "-" for a, b in pairs]
         cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if (s, n) in by else "-" for s in systems if s != "llama.cpp"]
         cells += [f"{by[(s, n)]['prompt_tokens_per_run'] / n:.1f}" if (s, n) in by else "-" for s in systems]
         cells += [_cached(by.get((s, n))) for s in loom_systems]
