@@ -37,7 +37,7 @@ class _NativeGatedMLP:
 
 
 _ROUTED: dict[type, type] = {}
-GATED_KEYS = {"gate_proj", "up_proj", "down_proj"}
+_GATED_KEYS = {"gate_proj", "up_proj", "down_proj"}
 
 
 def unrouted_type(module: nn.Module) -> type:
@@ -50,11 +50,11 @@ def route_gated_mlps(model: nn.Module) -> int:
     down(silu(gate(x)) * up(x)) (checked on a probe input against its own call) to a subclass
     running silu_mul: mlx-lm's swiglu is an MLX CPU sigmoid at ~15 ns per value. Only where the
     native primitive runs (float32 on the CPU). Returns how many were switched."""
-    if not (qmm.native_on_cpu() and qmm.native_available()):
+    if not qmm.native_on_cpu():
         return 0
     switched = 0
     for _, module in model.named_modules():
-        if set(module.keys()) != GATED_KEYS or not all(isinstance(module[k], nn.Module) for k in GATED_KEYS):
+        if set(module.keys()) != _GATED_KEYS or not all(isinstance(module[k], nn.Module) for k in _GATED_KEYS):
             continue
         base = type(module)
         routed = _ROUTED.setdefault(base, type(f"NativeGated{base.__name__}", (_NativeGatedMLP, base),

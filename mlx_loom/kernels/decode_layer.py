@@ -23,9 +23,8 @@ import mlx.nn as nn
 
 from mlx_loom.kernels import qmm
 from mlx_loom.kernels.activations import unrouted_type
-from mlx_loom.kernels.rope_norm import PLAIN_NORMS, PLAIN_ROPES
-from mlx_loom.kernels.rope_norm import rope_inv_freq as rope_inv_freq_of
 from mlx_loom.kernels.reference import paged_attention_reference, write_kv_reference
+from mlx_loom.kernels.rope_norm import PLAIN_NORMS, PLAIN_ROPES, fast_rope_inv_freq
 
 _PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                 ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -122,7 +121,7 @@ def rope_inv_freq(rope: nn.Module, head_dim: int) -> tuple[mx.array, bool] | Non
     """(inv_freq [D/2] float32 with the position scale folded in, traditional) for the RoPE modules
     whose call is a plain mx.fast.rope over the whole head; None for any other (e.g. scaled inputs)."""
     if type(rope) in PLAIN_ROPES and rope.dims == head_dim:
-        return rope_inv_freq_of(head_dim, rope.base, rope.scale), rope.traditional
+        return fast_rope_inv_freq(head_dim, rope.base, rope.scale), rope.traditional
     if type(rope).__name__ == "Llama3RoPE" and getattr(rope, "dims", None) == head_dim:
         return (1.0 / rope._freqs).astype(mx.float32), rope.traditional
     return None

@@ -74,12 +74,12 @@ class NativeRoPE(nn.RoPE):
     def _inv_freq(self) -> mx.array:
         cached = getattr(self, "_loom_inv_freq", None)
         if cached is None:
-            cached = rope_inv_freq(self.dims, self.base, self.scale)
+            cached = fast_rope_inv_freq(self.dims, self.base, self.scale)
             object.__setattr__(self, "_loom_inv_freq", cached)  # not a parameter of the module
         return cached
 
 
-def rope_inv_freq(dims: int, base: float, scale: float = 1.0) -> mx.array:
+def fast_rope_inv_freq(dims: int, base: float, scale: float = 1.0) -> mx.array:
     """[dims/2] float32 as mx.fast.rope computes them (exp(-i * log(base) / (dims/2))), the position
     scale folded in (exact for scale 1). Another formula (base ** (-2i/dims)) differs by an ulp,
     which position 3000 turns into 3e-4 of rotated q/k."""
