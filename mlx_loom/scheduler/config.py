@@ -15,6 +15,11 @@ class CacheConfig:
     """Memory for the KV pool when num_blocks is None (0.5 GiB: ~11k tokens of the default model in float32)."""
     enable_prefix_caching: bool = True
     """Share full pages between requests with the same token prefix."""
+    dense_decode_kv_gb: float | None = None
+    """Cap on the dense copy of the decode group's KV that the generic path keeps across steps
+    (decode_mirror.py; its attention reads it instead of gathering pages every step). None: twice
+    the KV pool's memory (its rows are padded to the longest); 0: no copy. A group that does not
+    fit gathers its pages."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -23,6 +28,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.dense_decode_kv_gb is not None and not self.dense_decode_kv_gb >= 0:
+            raise ValueError(f"dense_decode_kv_gb must be >= 0, got {self.dense_decode_kv_gb}")
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,10 @@ class EngineCore:
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
         num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
+        dense_gb = cfg.cache.dense_decode_kv_gb
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
-                                  sparse=_sparse_config(cfg.sparse_prefill, loaded))
+                                  sparse=_sparse_config(cfg.sparse_prefill, loaded),
+                                  dense_decode_bytes=None if dense_gb is None else int(dense_gb * 2**30))
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
         log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
                  self.runner.path, check.max_error, check.positions, check.tolerance)
@@ -135,7 +137,7 @@ class EngineCore:
                 return []  # its tokens come with the next call
             except Exception:
                 log.exception("launching a pipelined step failed; running it synchronously")
-                _check_pools(self._pools(), RuntimeError("pipelined launch"))
+                self._recover(RuntimeError("pipelined launch"))
         return self._guarded(out, retry_alone=len(out.rows) > 1)
 
     def _pipelined(self, out: SchedulerOutput) -> bool:
@@ -168,7 +170,7 @@ class EngineCore:
                        if row.request_id in live}
             return self._apply(launched.out, sampled)
         except Exception as exc:
-            _check_pools(self._pools(), exc)
+            self._recover(exc)
             return self._fail_step(launched.out, exc)
 
     def _guarded(self, out: SchedulerOutput, retry_alone: bool) -> list[RequestOutput]:
@@ -176,7 +178,7 @@ class EngineCore:
         try:
             return self._step(out)
         except Exception as exc:
-            _check_pools(self._pools(), exc)
+            self._recover(exc)
             if retry_alone and not self._updating:
                 log.warning("step %d failed (%s: %s); retrying its %d rows one by one", self.steps,
                             type(exc).__name__, exc, len(out.rows))
@@ -201,6 +203,11 @@ class EngineCore:
         if self.spec is not None:
             self.spec.drafter.forget(row.request_id)
         return replace(out, rows=(row,), num_batched_tokens=len(row.token_ids))
+
+    def _recover(self, cause: Exception) -> None:
+        """After a failed step: drop state derived from the pools, then check the pools themselves."""
+        self.runner.discard_derived()
+        _check_pools(self._pools(), cause)
 
     def _pools(self) -> list:
         """The KV pools a step writes: the target's and each draft model's."""

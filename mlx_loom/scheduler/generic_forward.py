@@ -9,6 +9,9 @@ Only the positions that are sampled need logits. When the model's output is prov
 (`model.model`) followed by a plain head (`lm_head` or the tied embedding), checked once on a
 probe input, the head runs on those positions only; otherwise the whole model runs (softcapping,
 logit scales and other heads stay the model's own).
+
+The decode group (one query per row) reads its keys from a dense mirror kept across steps
+(decode_mirror.py) when one fits its byte cap, instead of gathering every row's pages each step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_loom.scheduler.decode_mirror import DecodeMirror
 from mlx_loom.scheduler.paged_cache import KVPools, PagedLayerCache, paged_batch
 from mlx_loom.scheduler.scheduler import ScheduledRow
 
@@ -46,10 +50,12 @@ def plain_head(model: nn.Module) -> Head | None:
 class GenericForward:
     """One step as calls of the model's own code, grouped by query length (engine thread only)."""
 
-    def __init__(self, model: nn.Module, pools: KVPools) -> None:
+    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0) -> None:
         self.model = model
         self.pools = pools
         self.head = plain_head(model)
+        self.mirror = DecodeMirror(pools, mirror_bytes) if mirror_bytes > 0 else None
+        """Dense KV of the decode group, at most mirror_bytes; None: every call gathers pages."""
         self.rows_per_call: int | None = None
         """None: a group is one call. 1: one call per row, for models whose own attention code does not
         batch rows at different positions (the self-check finds them: gemma2 broadcasts a [B, 1, N, L]
@@ -61,6 +67,8 @@ class GenericForward:
         groups: dict[object, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(i if self.rows_per_call == 1 else len(row.token_ids), []).append(i)
+        if self.mirror is not None and (self.rows_per_call == 1 or 1 not in groups):
+            self.mirror.drop()  # no decode group: free its memory
         picked: dict[int, mx.array] = {}
         for n, index in enumerate(groups.values()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
@@ -71,15 +79,35 @@ class GenericForward:
             return mx.zeros((0, 0), dtype=mx.float32), ()
         return mx.concatenate([picked[i] for i in sample_rows]).astype(mx.float32), sample_rows
 
+    def discard_derived(self) -> None:
+        """After a failed step: drop what is derived from the pools (the mirror may hold its error)."""
+        if self.mirror is not None:
+            self.mirror.drop()
+
     def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None) -> dict[int, mx.array]:
         group = [rows[i] for i in index]
+        plan = None
+        if self.mirror is not None and self.rows_per_call != 1 and len(group[0].token_ids) == 1:
+            plan = self.mirror.plan(group)
+        if plan is not None:  # the call's rows in the mirror's slot order
+            index = [index[b] for b in plan.order]
+            group = [rows[i] for i in index]
         batch = paged_batch(group, self.pools.block_size)
-        caches = [PagedLayerCache(self.pools, j, batch) for j in range(len(self.pools.layers))]
+        mirror = (self.mirror, plan) if plan is not None else None
+        caches = [PagedLayerCache(self.pools, j, batch, mirror) for j in range(len(self.pools.layers))]
         if device_tokens is None:
             tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
         else:  # decode rows: [B, 1]
             tokens = device_tokens[mx.array(index, dtype=mx.int32)][:, None]
-        L = batch.q_len
+        try:
+            return self._logits(rows, index, tokens, caches, batch.q_len)
+        finally:
+            if plan is not None:
+                self.mirror.finish()  # a call that did not write every layer voids the mirror
+
+    def _logits(self, rows: Sequence[ScheduledRow], index: list[int], tokens: mx.array,
+                caches: list[PagedLayerCache], L: int) -> dict[int, mx.array]:
+        """The model's call; logits of the sampled positions by row index."""
         wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
                   for b, i in enumerate(index) if rows[i].sample}
         if not wanted:  # mid-prompt chunks: the KV writes hang off the pools, evaluated by the caller

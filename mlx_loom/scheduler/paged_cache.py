@@ -11,12 +11,15 @@ so the model's own attention code runs over our pages. Nothing of mlx-lm is patc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 
 from mlx_loom.kernels.paged_attention import write_kv
 from mlx_loom.scheduler.scheduler import ScheduledRow
+
+if TYPE_CHECKING:
+    from mlx_loom.scheduler.decode_mirror import DecodeMirror, MirrorPlan
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,17 @@ class KVPools:
 
 
 class PagedLayerCache:
-    """Layer `index` of `pools` for one call over `batch` (the mlx-lm cache protocol)."""
+    """Layer `index` of `pools` for one call over `batch` (the mlx-lm cache protocol). With a decode
+    mirror (and its plan for this call, batch rows in its slot order) keys are read from the mirror
+    instead of gathered from the pages."""
 
-    def __init__(self, pools: KVPools, index: int, batch: PagedBatch) -> None:
+    def __init__(self, pools: KVPools, index: int, batch: PagedBatch,
+                 mirror: tuple[DecodeMirror, MirrorPlan] | None = None) -> None:
         self.pools = pools
         self.index = index
         self.batch = batch
         self.window = pools.layers[index].window
+        self.mirror = mirror
 
     @property
     def offset(self) -> mx.array:
@@ -88,12 +95,18 @@ class PagedLayerCache:
         p, i, b = self.pools, self.index, self.batch
         p.k[i] = write_kv(p.k[i], b.slots, _tokens_major(keys).astype(p.k[i].dtype))
         p.v[i] = write_kv(p.v[i], b.slots, _tokens_major(values).astype(p.v[i].dtype))
-        return _gather(p.k[i], b.block_tables), _gather(p.v[i], b.block_tables)
+        if self.mirror is not None:
+            mirror, plan = self.mirror
+            return mirror.update(i, plan, keys, values)
+        return gather_pages(p.k[i], b.block_tables), gather_pages(p.v[i], b.block_tables)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_: object) -> mx.array:
-        """bool [B, 1, N, MB*BS]: key j is visible to query i of row b iff j <= offset[b] + i
-        (and within the window). Padding pages sit past every row's last query, so they are masked."""
-        width = self.batch.block_tables.shape[1] * self.pools.block_size
+        """bool [B, 1, N, W]: key j is visible to query i of row b iff j <= offset[b] + i (and within
+        the window). W: MB*BS, or the mirror's width; padding sits past every row's last query."""
+        if self.mirror is not None:
+            width = self.mirror[1].width
+        else:
+            width = self.batch.block_tables.shape[1] * self.pools.block_size
         q_pos = self.batch.offset[:, None, None, None] + mx.arange(N)[:, None]  # [B, 1, N, 1]
         k_pos = mx.arange(width)  # [MB*BS]
         mask = k_pos <= q_pos
@@ -112,7 +125,7 @@ def _tokens_major(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(B * L, HKV, D)
 
 
-def _gather(pool: mx.array, tables: mx.array) -> mx.array:
+def gather_pages(pool: mx.array, tables: mx.array) -> mx.array:
     """pool [HKV, NB, BS, D] through tables [B, MB] -> [B, HKV, MB*BS, D]."""
     HKV, _, BS, D = pool.shape
     B, MB = tables.shape

@@ -168,7 +168,8 @@ class ModelRunner:
     """Owns the per-layer KV pools and runs the paged forward (engine thread only)."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype,
-                 sparse: SparsePatternConfig | None = None, force_generic: bool = False) -> None:
+                 sparse: SparsePatternConfig | None = None, force_generic: bool = False,
+                 dense_decode_bytes: int | None = None) -> None:
         self.model = model
         self.sparse = sparse
         """Per-head sparse prefill patterns (MInference); long prefill chunks use them when the cost
@@ -182,7 +183,9 @@ class ModelRunner:
         self.generic_reason = "forced" if forced else flattened_llama_reason(model)
         """None: the flattened llama path (and the fused decode layer) applies; else why the model runs
         its own code (GenericForward)."""
-        self.generic = GenericForward(model, self.pools) if self.generic_reason else None
+        if dense_decode_bytes is None:  # twice the pool: its rows are padded to the longest
+            dense_decode_bytes = 2 * KVPools.bytes_per_block(layout, block_size, dtype) * num_blocks
+        self.generic = GenericForward(model, self.pools, dense_decode_bytes) if self.generic_reason else None
         if self.generic is not None and sparse is not None:
             raise ValueError(f"sparse prefill patterns run on llama-shaped models only ({self.generic_reason})")
         if self.generic is None:
@@ -199,6 +202,11 @@ class ModelRunner:
         if self.generic is not None:
             return "generic (model's own code" + (", one row per call)" if self.generic.rows_per_call == 1 else ")")
         return "llama-flattened" + (" + fused native decode" if self.fused_layers else "")
+
+    def discard_derived(self) -> None:
+        """After a failed step: forget state derived from the pools (the generic path's decode mirror)."""
+        if self.generic is not None:
+            self.generic.discard_derived()
 
     @property
     def k_pools(self) -> list[mx.array]:

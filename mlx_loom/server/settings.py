@@ -44,6 +44,9 @@ class Settings:
     kv_cache_memory_gb: float = _opt(CacheConfig.kv_cache_memory_gb, "Memory for the paged KV cache, in GiB.")
     num_blocks: int | None = _opt(None, "Exact number of KV pages (overrides --kv-cache-memory-gb).")
     block_size: int = _opt(CacheConfig.block_size, "Tokens per KV page (a power of two).")
+    dense_decode_kv_gb: float | None = _opt(None, "Models on the generic path: cap in GiB on the dense copy "
+                                                  "of the decoding requests' KV kept across steps (default: "
+                                                  "twice the KV cache's memory; 0: gather pages every step).")
     enable_prefix_caching: bool = _opt(True, "Disable sharing KV pages between requests with the "
                                              "same prompt prefix.", flag="--no-prefix-caching")
     speculative: str | None = _opt(None, "Speculative decoding draft (ML-SpecQD): mxfp4, nvfp4 or mxfp8 (the "
@@ -105,7 +108,8 @@ class Settings:
             model=self.model,
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
                               kv_cache_memory_gb=self.kv_cache_memory_gb,
-                              enable_prefix_caching=self.enable_prefix_caching),
+                              enable_prefix_caching=self.enable_prefix_caching,
+                              dense_decode_kv_gb=self.dense_decode_kv_gb),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_model_len=self.max_model_len,
