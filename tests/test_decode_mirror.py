@@ -94,7 +94,7 @@ def test_rows_keep_their_slots_and_only_newcomers_are_copied_in():
     mirror = DecodeMirror(pools, max_bytes=1 << 30)
     rows = [ScheduledRow(f"r{i}", (0,), 3 + i, (2 * i, 2 * i + 1), True) for i in range(8)]
     first = mirror.plan(rows)
-    assert first.rebuild is not None and mirror.slots == 10  # a quarter to spare
+    assert first.rebuild is not None and mirror.slots == 16  # twice the rows
     step = [ScheduledRow(r.request_id, (0,), r.start_pos + 1, r.block_ids, True) for r in rows[2:]]
     step.append(ScheduledRow("new", (0,), 2, (20, 21), True))
     plan = mirror.plan(step)
@@ -108,11 +108,15 @@ def test_rows_keep_their_slots_and_only_newcomers_are_copied_in():
 def test_a_group_over_the_cap_uses_the_gather_and_frees_the_mirror():
     pools = KVPools(LAYERS, num_blocks=64, block_size=BS, dtype=mx.float32)
     column = sum(s.kv_heads * (s.k_dim + s.v_dim) for s in LAYERS) * 4
-    mirror = DecodeMirror(pools, max_bytes=2 * 8 * column)  # two rows of 8 positions, no more
-    assert mirror.plan([ScheduledRow("a", (0,), 5, (0, 1), True), ScheduledRow("b", (0,), 6, (2, 3), True)])
-    assert mirror.nbytes <= mirror.max_bytes
-    over = [ScheduledRow("a", (0,), 9, (0, 1, 4), True), ScheduledRow("b", (0,), 7, (2, 3), True)]
-    assert mirror.plan(over) is None  # two rows of 12 columns: over the cap
+    mirror = DecodeMirror(pools, max_bytes=3 * 72 * column)  # 3 slots of 72 positions, no more
+    two = [ScheduledRow("a", (0,), 5, (0, 1), True), ScheduledRow("b", (0,), 6, (2, 3), True)]
+    assert mirror.plan(two) is not None  # the smaller room: a quarter more slots (one), 64 more columns
+    assert (mirror.slots, mirror.cols) == (3, 72) and mirror.nbytes <= mirror.max_bytes
+    over = [ScheduledRow("a", (0,), 9, (0, 1, 4), True), ScheduledRow("c", (0,), 20, tuple(range(5, 11)), True),
+            ScheduledRow("b", (0,), 7, (2, 3), True)]
+    assert mirror.plan(over) is not None  # three rows still fit the columns it has
+    longer = [ScheduledRow("a", (0,), 80, tuple(range(20, 41)), True)]
+    assert mirror.plan(longer) is None  # 81 positions need a rebuild with room: over the cap
     assert mirror.slots == 0 and mirror.k == [None, None]
 
 

@@ -7,7 +7,7 @@ CPU. The decode group mostly keeps its rows from one step to the next, so the mi
 dense array: each step writes one new key/value per row into it (in place: MLX reuses the buffer),
 and only rows that join, or whose slot moves, are copied in from their pages. When it must grow
 (more rows, or a row past its columns) it is rebuilt from the pages in one gather, with room to
-spare: about one step's gather every 64 steps.
+spare (twice the rows, 128 more columns).
 
 The pools stay the truth: every write still goes to them first. A row is served from the mirror
 only while the mirror holds exactly its positions 0..start_pos-1 (the same request, one position
@@ -23,11 +23,12 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from mlx_loom.scheduler.paged_cache import KVPools, gather_pages
+from mlx_loom.scheduler.paged_cache import KVPools
 from mlx_loom.scheduler.scheduler import ScheduledRow
 
-COLUMN_STEP = 64
-"""Columns grow in steps of this many positions (a rebuild, one gather, every 64 decode steps)."""
+COLUMN_STEP = 128
+"""Columns grow with this many positions to spare (a rebuild every 128 decode steps; slots double).
+A rebuild writes the whole mirror into fresh memory: ~5 decode steps' time at N = 100 on a CPU."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class MirrorPlan:
 
 
 class DecodeMirror:
-    """Per layer k [slots, HKV, cols, Dk] and v [slots, HKV, cols, Dv] (engine thread only)."""
+    """Per layer k [HKV, slots, cols, Dk] and v [HKV, slots, cols, Dv] (engine thread only): head-major
+    like the pools, so a rebuild is one gather; the attention reads transposed views (no copy)."""
 
     def __init__(self, pools: KVPools, max_bytes: int) -> None:
         self.pools = pools
@@ -98,7 +100,8 @@ class DecodeMirror:
         self.k[layer] = self._write(self.k[layer], self.pools.k[layer], plan, keys)
         self.v[layer] = self._write(self.v[layer], self.pools.v[layer], plan, values)
         self._pending.discard(layer)
-        return self.k[layer][:n, :, : plan.width], self.v[layer][:n, :, : plan.width]
+        k, v = self.k[layer][:, :n, : plan.width], self.v[layer][:, :n, : plan.width]
+        return k.transpose(1, 0, 2, 3), v.transpose(1, 0, 2, 3)
 
     def finish(self) -> None:
         """After the model's call: a layer it did not write (a model that skips a cache) voids the mirror."""
@@ -107,18 +110,19 @@ class DecodeMirror:
 
     def _write(self, mirror: mx.array | None, pool: mx.array, plan: MirrorPlan, new: mx.array) -> mx.array:
         if plan.rebuild is not None:  # the pool already holds this call's keys
-            return mx.contiguous(gather_pages(pool, plan.rebuild))  # [slots, HKV, cols, D]
+            return _pages_of(pool, plan.rebuild)  # [HKV, slots, cols, D]
         if plan.fill_slots:
-            pages = gather_pages(pool, plan.fill_tables)[:, :, : plan.fill_width]  # [J, HKV, W, D]
+            pages = _pages_of(pool, plan.fill_tables)[:, :, : plan.fill_width]  # [HKV, J, W, D]
             for j, s in enumerate(plan.fill_slots):  # slice copies: MLX's scatter is ~3x slower here
-                mirror[s : s + 1, :, : plan.fill_width] = pages[j : j + 1]
-        # [slots, HKV, cols, D] as rows of D: slot s, head h, position p is row (s * HKV + h) * cols + p.
-        slots, HKV, cols, D = mirror.shape
+                mirror[:, s : s + 1, : plan.fill_width] = pages[:, j : j + 1]
+        # [HKV, slots, cols, D] as rows of D: head h, slot s, position p is row (h * slots + s) * cols + p.
+        HKV, slots, cols, D = mirror.shape
         n = len(plan.order)
-        heads = mx.arange(n, dtype=mx.int32)[:, None] * HKV + mx.arange(HKV, dtype=mx.int32)  # [n, HKV]
-        flat = mirror.reshape(slots * HKV * cols, D)
-        flat[(heads * cols + plan.positions[:, None]).reshape(-1)] = new.reshape(n * HKV, D).astype(mirror.dtype)
-        return flat.reshape(slots, HKV, cols, D)
+        rows = mx.arange(HKV, dtype=mx.int32)[:, None] * slots + mx.arange(n, dtype=mx.int32)  # [HKV, n]
+        flat = mirror.reshape(HKV * slots * cols, D)
+        new = new.transpose(1, 0, 2, 3).reshape(HKV * n, D)  # [n, HKV, 1, D] -> rows (h, s)
+        flat[(rows * cols + plan.positions).reshape(-1)] = new.astype(mirror.dtype)
+        return flat.reshape(HKV, slots, cols, D)
 
     def _assign(self, rows: Sequence[ScheduledRow]) -> tuple[tuple[int, ...], list[int]]:
         """(row index per slot 0..n-1, slots to copy in): a row held below slot n, one position further
@@ -137,15 +141,27 @@ class DecodeMirror:
         return tuple(by_slot), free  # type: ignore[arg-type]
 
     def _grow(self, n: int, width: int) -> bool:
-        """New sizes for at least n slots of width columns: room to grow where the cap allows it."""
+        """New sizes for n slots of width columns, with room to spare; False when even the smaller room
+        is over the cap: a mirror rebuilt every few steps would cost more than the gather it saves."""
         bs = self.pools.block_size  # columns are whole pages: a rebuild gathers them
-        roomy = -(-(width + COLUMN_STEP) // bs) * bs
-        for slots, cols in ((max(n + n // 4, self.slots), roomy), (n, roomy), (n, -(-width // bs) * bs)):
-            if slots * cols * self.column_bytes <= self.max_bytes:
-                self.drop()  # the old arrays go before the new ones are gathered
-                self.slots, self.cols = slots, cols
-                return True
+        slot_options = (self.slots,) if n <= self.slots else (max(2 * n, 8), n + max(1, n // 4))
+        col_options = (self.cols,) if width <= self.cols else tuple(
+            -(-(width + room) // bs) * bs for room in (COLUMN_STEP, COLUMN_STEP // 2))
+        for slots in slot_options:
+            for cols in col_options:
+                if slots * cols * self.column_bytes <= self.max_bytes:
+                    self.drop()  # the old arrays go before the new ones are gathered,
+                    mx.clear_cache()  # and their freed buffers back to the system (a larger size is needed)
+                    self.slots, self.cols = slots, cols
+                    return True
         return False
+
+
+def _pages_of(pool: mx.array, tables: mx.array) -> mx.array:
+    """pool [HKV, NB, BS, D] through tables [R, MB] -> [HKV, R, MB*BS, D] (one gather, no transpose)."""
+    HKV, _, BS, D = pool.shape
+    R, MB = tables.shape
+    return pool[:, tables].reshape(HKV, R, MB * BS, D)
 
 
 def _positions(rows: Sequence[ScheduledRow], order: Sequence[int]) -> mx.array:

@@ -98,7 +98,7 @@ class PagedLayerCache:
         if self.mirror is not None:
             mirror, plan = self.mirror
             return mirror.update(i, plan, keys, values)
-        return gather_pages(p.k[i], b.block_tables), gather_pages(p.v[i], b.block_tables)
+        return _gather(p.k[i], b.block_tables), _gather(p.v[i], b.block_tables)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_: object) -> mx.array:
         """bool [B, 1, N, W]: key j is visible to query i of row b iff j <= offset[b] + i (and within
@@ -125,7 +125,7 @@ def _tokens_major(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(B * L, HKV, D)
 
 
-def gather_pages(pool: mx.array, tables: mx.array) -> mx.array:
+def _gather(pool: mx.array, tables: mx.array) -> mx.array:
     """pool [HKV, NB, BS, D] through tables [B, MB] -> [B, HKV, MB*BS, D]."""
     HKV, _, BS, D = pool.shape
     B, MB = tables.shape
