@@ -52,6 +52,7 @@ class EngineCore:
                                   sparse=_sparse_config(cfg.sparse_prefill, loaded),
                                   dense_decode_bytes=None if dense_gb is None else int(dense_gb * 2**30))
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
+        self.runner.discard_derived()  # the check's rows are not requests
         log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
                  self.runner.path, check.max_error, check.positions, check.tolerance)
         backend_text = f"{backend_text}; forward: {self.runner.path}"
@@ -93,6 +94,7 @@ class EngineCore:
         result = warm_up(self.runner, self._vocab_size, sched.max_num_seqs, sched.max_num_batched_tokens,
                          self.info.max_model_len)
         self.runner.sparse_chunks, self.runner.sparse_tokens = sparse  # counters are for requests
+        self.runner.discard_derived()  # nothing of the warm-up's rows is kept for requests
         self.info = replace(self.info, warmup_seconds=result.seconds)
         return result
 
