@@ -24,11 +24,6 @@ BS = 4
 LAYERS = [LayerKV(2, 3, 3), LayerKV(1, 4, 2)]  # two layers of different shapes (MLA-like values)
 
 
-def _visible(keys: mx.array, rows: list[ScheduledRow]) -> list[mx.array]:
-    """Per row: its keys at positions 0..start_pos (what the causal mask lets its query see)."""
-    return [keys[b, :, : r.start_pos + 1] for b, r in enumerate(rows)]
-
-
 def _call(pools: KVPools, rows: list[ScheduledRow], mirror: DecodeMirror | None, new: dict[str, mx.array]):
     """One decode call over every layer; returns (rows in call order, per layer (keys, values), plan)."""
     plan = mirror.plan(rows) if mirror is not None else None

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from mlx_loom.scheduler.paged_cache import KVPools
+from mlx_loom.scheduler.paged_cache import KVPools, pad_pages, pages_of
 from mlx_loom.scheduler.scheduler import ScheduledRow
 
 COLUMN_STEP = 128
@@ -37,7 +37,7 @@ class MirrorPlan:
 
     order: tuple[int, ...]  # the group's row indices in slot order
     width: int  # columns the call attends to: the largest position + 1
-    positions: mx.array  # [n] int32 the column each slot's new key/value goes to
+    write_rows: dict[int, mx.array]  # per HKV: [HKV*n] int32 rows of D where each slot's new key/value goes
     rebuild: mx.array | None  # [slots, cols/BS] int32 every slot's pages: the mirror is gathered anew
     fill_slots: tuple[int, ...]  # otherwise: the slots copied in from their pages
     fill_tables: mx.array | None  # [J, MB] int32 their pages (padded with their first page)
@@ -78,15 +78,16 @@ class DecodeMirror:
                 return None
             order = tuple(range(n))
             pages = self.cols // bs
-            tables = [_padded(r.block_ids[:pages], pages) for r in rows]
+            tables = [pad_pages(r.block_ids[:pages], pages) for r in rows]
             tables += [tables[0]] * (self.slots - n)  # spare slots: any pages, never read unmasked
-            plan = MirrorPlan(order, width, _positions(rows, order), mx.array(tables, dtype=mx.int32), (), None, 0)
+            plan = MirrorPlan(order, width, self._write_rows(rows, order), mx.array(tables, dtype=mx.int32),
+                              (), None, 0)
         else:
             order, fills = self._assign(rows)
             pages = [rows[order[s]].block_ids[: rows[order[s]].start_pos // bs + 1] for s in fills]
             mb = max(map(len, pages), default=0)
-            plan = MirrorPlan(order, width, _positions(rows, order), None, tuple(fills),
-                              mx.array([_padded(p, mb) for p in pages], dtype=mx.int32) if fills else None,
+            plan = MirrorPlan(order, width, self._write_rows(rows, order), None, tuple(fills),
+                              mx.array([pad_pages(p, mb) for p in pages], dtype=mx.int32) if fills else None,
                               min(self.cols, mb * bs))
         self.ids = [rows[i].request_id for i in order] + [None] * (self.slots - n)
         self.lengths = [rows[i].start_pos + 1 for i in order] + [0] * (self.slots - n)
@@ -110,19 +111,23 @@ class DecodeMirror:
 
     def _write(self, mirror: mx.array | None, pool: mx.array, plan: MirrorPlan, new: mx.array) -> mx.array:
         if plan.rebuild is not None:  # the pool already holds this call's keys
-            return _pages_of(pool, plan.rebuild)  # [HKV, slots, cols, D]
+            return pages_of(pool, plan.rebuild)  # [HKV, slots, cols, D]
         if plan.fill_slots:
-            pages = _pages_of(pool, plan.fill_tables)[:, :, : plan.fill_width]  # [HKV, J, W, D]
+            pages = pages_of(pool, plan.fill_tables)[:, :, : plan.fill_width]  # [HKV, J, W, D]
             for j, s in enumerate(plan.fill_slots):  # slice copies: MLX's scatter is ~3x slower here
                 mirror[:, s : s + 1, : plan.fill_width] = pages[:, j : j + 1]
-        # [HKV, slots, cols, D] as rows of D: head h, slot s, position p is row (h * slots + s) * cols + p.
         HKV, slots, cols, D = mirror.shape
-        n = len(plan.order)
-        rows = mx.arange(HKV, dtype=mx.int32)[:, None] * slots + mx.arange(n, dtype=mx.int32)  # [HKV, n]
         flat = mirror.reshape(HKV * slots * cols, D)
-        new = new.transpose(1, 0, 2, 3).reshape(HKV * n, D)  # [n, HKV, 1, D] -> rows (h, s)
-        flat[(rows * cols + plan.positions).reshape(-1)] = new.astype(mirror.dtype)
+        flat[plan.write_rows[HKV]] = new.transpose(1, 0, 2, 3).reshape(-1, D).astype(mirror.dtype)  # rows (h, s)
         return flat.reshape(HKV, slots, cols, D)
+
+    def _write_rows(self, rows: Sequence[ScheduledRow], order: Sequence[int]) -> dict[int, mx.array]:
+        """Per kv-head count: where slot s's new key/value of head h goes in [HKV, slots, cols, D] seen as
+        rows of D, (h * slots + s) * cols + position; built once per call, not per layer."""
+        positions = mx.array([rows[i].start_pos for i in order], dtype=mx.int32)  # [n]
+        slot = mx.arange(len(order), dtype=mx.int32)
+        return {h: ((mx.arange(h, dtype=mx.int32)[:, None] * self.slots + slot) * self.cols + positions).reshape(-1)
+                for h in {s.kv_heads for s in self.pools.layers}}
 
     def _assign(self, rows: Sequence[ScheduledRow]) -> tuple[tuple[int, ...], list[int]]:
         """(row index per slot 0..n-1, slots to copy in): a row held below slot n, one position further
@@ -155,18 +160,3 @@ class DecodeMirror:
                     self.slots, self.cols = slots, cols
                     return True
         return False
-
-
-def _pages_of(pool: mx.array, tables: mx.array) -> mx.array:
-    """pool [HKV, NB, BS, D] through tables [R, MB] -> [HKV, R, MB*BS, D] (one gather, no transpose)."""
-    HKV, _, BS, D = pool.shape
-    R, MB = tables.shape
-    return pool[:, tables].reshape(HKV, R, MB * BS, D)
-
-
-def _positions(rows: Sequence[ScheduledRow], order: Sequence[int]) -> mx.array:
-    return mx.array([rows[i].start_pos for i in order], dtype=mx.int32)
-
-
-def _padded(pages: Sequence[int], width: int) -> list[int]:
-    return list(pages) + [pages[0]] * (width - len(pages))

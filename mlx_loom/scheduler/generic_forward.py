@@ -80,7 +80,7 @@ class GenericForward:
         return mx.concatenate([picked[i] for i in sample_rows]).astype(mx.float32), sample_rows
 
     def discard_derived(self) -> None:
-        """After a failed step: drop what is derived from the pools (the mirror may hold its error)."""
+        """Drop what is derived from the pools (after a failed step the mirror may hold its error)."""
         if self.mirror is not None:
             self.mirror.drop()
 

@@ -53,7 +53,7 @@ def paged_batch(rows: Sequence[ScheduledRow], block_size: int) -> PagedBatch:
     return PagedBatch(
         offset=mx.array([r.start_pos for r in rows], dtype=mx.int32),
         slots=mx.array(slots, dtype=mx.int32),
-        block_tables=mx.array([list(p) + [p[0]] * (width - len(p)) for p in pages], dtype=mx.int32),
+        block_tables=mx.array([pad_pages(p, width) for p in pages], dtype=mx.int32),
         q_len=q_len,
     )
 
@@ -125,8 +125,18 @@ def _tokens_major(x: mx.array) -> mx.array:
     return x.transpose(0, 2, 1, 3).reshape(B * L, HKV, D)
 
 
-def _gather(pool: mx.array, tables: mx.array) -> mx.array:
-    """pool [HKV, NB, BS, D] through tables [B, MB] -> [B, HKV, MB*BS, D]."""
+def pad_pages(pages: Sequence[int], width: int) -> list[int]:
+    """A block table padded to width with its first page (padding is read, then masked)."""
+    return list(pages) + [pages[0]] * (width - len(pages))
+
+
+def pages_of(pool: mx.array, tables: mx.array) -> mx.array:
+    """pool [HKV, NB, BS, D] through tables [B, MB] -> [HKV, B, MB*BS, D] (one gather, head-major)."""
     HKV, _, BS, D = pool.shape
     B, MB = tables.shape
-    return pool[:, tables].reshape(HKV, B, MB * BS, D).transpose(1, 0, 2, 3)
+    return pool[:, tables].reshape(HKV, B, MB * BS, D)
+
+
+def _gather(pool: mx.array, tables: mx.array) -> mx.array:
+    """pool [HKV, NB, BS, D] through tables [B, MB] -> [B, HKV, MB*BS, D]."""
+    return pages_of(pool, tables).transpose(1, 0, 2, 3)

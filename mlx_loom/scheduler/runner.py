@@ -204,7 +204,8 @@ class ModelRunner:
         return "llama-flattened" + (" + fused native decode" if self.fused_layers else "")
 
     def discard_derived(self) -> None:
-        """After a failed step: forget state derived from the pools (the generic path's decode mirror)."""
+        """Forget state derived from the pools (the generic path's decode mirror): after a failed step,
+        the self-check and the warm-up."""
         if self.generic is not None:
             self.generic.discard_derived()
 
