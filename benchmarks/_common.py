@@ -85,7 +85,7 @@ class BatchRun:
 
 def run_batch(core, prompts, params, tag: str) -> BatchRun:
     """An EngineCore finishing every prompt, each making exactly params.max_tokens."""
-    from mlx_loom.scheduler.messages import AddRequest
+    from mlx_loom.engine.messages import AddRequest
 
     hits0 = core.stats().prefix_cache_hits
     for i, p in enumerate(prompts):

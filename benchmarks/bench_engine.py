@@ -35,11 +35,11 @@ from _common import cache_note, chat_prompts, machine, median, peak_rss_mb, run_
 
 
 def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool | None = None) -> dict:
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-    from mlx_loom.scheduler.engine_core import EngineCore
-    from mlx_loom.scheduler.model import describe_backend, load_model
-    from mlx_loom.scheduler.params import SamplingParams
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.models.loader import describe_backend, load_model
+    from mlx_loom.sched.params import SamplingParams
 
     loaded = load_model(model_path, dequantize=dequantize)
     runs = [chat_prompts(loaded.tokenizer, n, run) for run in range(repeats + 1)]  # [0]: warm-up
@@ -59,12 +59,12 @@ def run_loom(model_path, n: int, new_tokens: int, repeats: int, dequantize: bool
 
 
 def run_mlx_lm(model_path, n: int, new_tokens: int, repeats: int) -> dict:
-    import mlx_loom.scheduler  # noqa: F401
+    import mlx_loom.kernels  # noqa: F401
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
-    from mlx_loom.kernels.routing import unroute_model
-    from mlx_loom.scheduler.model import describe_backend, load_model
+    from mlx_loom.models.routing import unroute_model
+    from mlx_loom.models.loader import describe_backend, load_model
 
     loaded = load_model(model_path, dequantize=mx.default_device() == mx.cpu)  # its fastest CPU setup
     unroute_model(loaded.model)  # the peer runs MLX's and mlx-lm's own modules, not our kernels
@@ -113,7 +113,7 @@ def measure_llama(n: int, args, rows: list[dict]) -> dict | None:
     if not LLAMA_BIN.exists():
         print(f"llama.cpp: {LLAMA_BIN} not built (bash benchmarks/build_llama_server.sh); skipped", flush=True)
         return None
-    from mlx_loom.scheduler.model import default_model_path
+    from mlx_loom.models.loader import default_model_path
 
     gguf = args.model or default_model_path()
     ours = next((r for r in rows if r["batch"] == n and r.get("prompt_tokens_per_run")), None)

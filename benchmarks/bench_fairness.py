@@ -47,12 +47,12 @@ def workload(tokenizer, args, run: int) -> tuple[list[int], list[list[int]]]:
 
 
 def run_loom(args, cap: int | None) -> dict:
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_loom.scheduler.config import EngineConfig, SchedulerConfig
-    from mlx_loom.scheduler.engine_core import EngineCore
-    from mlx_loom.scheduler.messages import AddRequest
-    from mlx_loom.scheduler.model import describe_backend, load_model
-    from mlx_loom.scheduler.params import SamplingParams
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.sched.config import EngineConfig, SchedulerConfig
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.engine.messages import AddRequest
+    from mlx_loom.models.loader import describe_backend, load_model
+    from mlx_loom.sched.params import SamplingParams
 
     loaded = load_model(args.model)
     sched = SchedulerConfig() if cap is None else SchedulerConfig(long_prefill_chunk=cap)
@@ -87,12 +87,12 @@ def run_loom(args, cap: int | None) -> dict:
 
 
 def run_mlx_lm(args) -> dict:
-    import mlx_loom.scheduler  # noqa: F401
+    import mlx_loom.kernels  # noqa: F401
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
-    from mlx_loom.kernels.routing import unroute_model
-    from mlx_loom.scheduler.model import describe_backend, load_model
+    from mlx_loom.models.routing import unroute_model
+    from mlx_loom.models.loader import describe_backend, load_model
 
     loaded = load_model(args.model, dequantize=mx.default_device() == mx.cpu)  # its fastest CPU setup
     unroute_model(loaded.model)  # the peer runs MLX's and mlx-lm's own modules, not our kernels

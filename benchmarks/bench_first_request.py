@@ -30,12 +30,12 @@ SYSTEMS = ("mlx-loom", "mlx-loom-no-warmup", "mlx-lm")
 
 
 def run_loom(args, warmup: bool) -> dict:
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_loom.scheduler.config import EngineConfig
-    from mlx_loom.scheduler.engine_core import EngineCore
-    from mlx_loom.scheduler.messages import AddRequest
-    from mlx_loom.scheduler.model import describe_backend, load_model
-    from mlx_loom.scheduler.params import SamplingParams
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.sched.config import EngineConfig
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.engine.messages import AddRequest
+    from mlx_loom.models.loader import describe_backend, load_model
+    from mlx_loom.sched.params import SamplingParams
 
     t0 = time.perf_counter()
     loaded = load_model(args.model)
@@ -62,12 +62,12 @@ def run_loom(args, warmup: bool) -> dict:
 
 
 def run_mlx_lm(args) -> dict:
-    import mlx_loom.scheduler  # noqa: F401
+    import mlx_loom.kernels  # noqa: F401
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from mlx_loom.kernels.routing import unroute_model
-    from mlx_loom.scheduler.model import describe_backend, load_model
+    from mlx_loom.models.routing import unroute_model
+    from mlx_loom.models.loader import describe_backend, load_model
 
     t0 = time.perf_counter()
     loaded = load_model(args.model)

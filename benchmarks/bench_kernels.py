@@ -28,13 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx_loom.scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from _common import machine, write_results  # noqa: E402
 from mlx_loom.kernels import qmm  # noqa: E402
-from mlx_loom.scheduler import blas  # noqa: E402
-from mlx_loom.scheduler.model import _dequantize  # noqa: E402  (the loader's float32 dequantization)
+from mlx_loom.kernels import blas  # noqa: E402
+from mlx_loom.models.loader import _dequantize  # noqa: E402  (the loader's float32 dequantization)
 
 # (name, in K, out N, bits): the default model's projections; its lm_head is tied to the Q8_0
 # token embedding, so it is measured both as 4-bit (the target) and as shipped (8-bit).

@@ -50,12 +50,12 @@ def random_prompt(vocab: int, skip: frozenset[int], n: int, seed: int) -> list[i
 
 def child(system: str, args) -> dict:
     """One mlx-loom system at one budget, every length: runs inside its own process."""
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_loom.scheduler.config import EngineConfig, SchedulerConfig
-    from mlx_loom.scheduler.engine_core import EngineCore
-    from mlx_loom.scheduler.messages import AddRequest
-    from mlx_loom.scheduler.model import describe_backend, load_model
-    from mlx_loom.scheduler.params import SamplingParams
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.sched.config import EngineConfig, SchedulerConfig
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.engine.messages import AddRequest
+    from mlx_loom.models.loader import describe_backend, load_model
+    from mlx_loom.sched.params import SamplingParams
 
     loaded = load_model(args.model)
     sched = SchedulerConfig(max_num_batched_tokens=args.budget)
@@ -105,7 +105,7 @@ def run_llama(args) -> dict | None:
     if not LLAMA_BENCH.exists():
         print(f"llama.cpp: {LLAMA_BENCH} not built (bash benchmarks/build_llama_server.sh); skipped", flush=True)
         return None
-    from mlx_loom.scheduler.model import default_model_path
+    from mlx_loom.models.loader import default_model_path
 
     cmd = [str(LLAMA_BENCH), "-m", args.model or default_model_path(), "-p", ",".join(map(str, args.lengths)),
            "-n", "0", "-t", "2", "-r", str(args.repeats), "-o", "json"]

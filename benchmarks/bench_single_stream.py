@@ -38,7 +38,7 @@ CKPT = ROOT / "benchmarks" / ".cache" / "proxy-llama-16x256"
 
 def checkpoint() -> Path:
     if not (CKPT / "model.safetensors").exists():
-        import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+        import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
         from tiny_model import make_tiny_llama_dir
 
         make_tiny_llama_dir(CKPT, seed=0, **SHAPE)
@@ -46,12 +46,12 @@ def checkpoint() -> Path:
 
 
 def run_loom(args, async_decode: bool) -> dict:
-    import mlx_loom.scheduler  # noqa: F401
-    from mlx_loom.scheduler.config import CacheConfig, EngineConfig
-    from mlx_loom.scheduler.engine_core import EngineCore
-    from mlx_loom.scheduler.messages import AddRequest
-    from mlx_loom.scheduler.model import describe_backend, load_model
-    from mlx_loom.scheduler.params import SamplingParams
+    import mlx_loom.kernels  # noqa: F401
+    from mlx_loom.sched.config import CacheConfig, EngineConfig
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.engine.messages import AddRequest
+    from mlx_loom.models.loader import describe_backend, load_model
+    from mlx_loom.sched.params import SamplingParams
 
     loaded = load_model(str(checkpoint()))
     # Prefix caching off: generate_step starts every prompt cold, so every system does.
@@ -75,12 +75,12 @@ def run_loom(args, async_decode: bool) -> dict:
 
 
 def run_mlx_lm(args) -> dict:
-    import mlx_loom.scheduler  # noqa: F401
+    import mlx_loom.kernels  # noqa: F401
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from mlx_loom.kernels.routing import unroute_model
-    from mlx_loom.scheduler.model import describe_backend, load_model
+    from mlx_loom.models.routing import unroute_model
+    from mlx_loom.models.loader import describe_backend, load_model
 
     loaded = load_model(str(checkpoint()))
     unroute_model(loaded.model)  # the peer runs MLX's and mlx-lm's own modules, not our kernels

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx_loom.scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from _common import machine, median, write_results  # noqa: E402
@@ -115,7 +115,7 @@ def _markdown(kern: list[dict], model: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from mlx_loom.scheduler.model import load_model
+    from mlx_loom.models.loader import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     config = load_config(path, lm.num_heads)
     kern = kernel_sweep(config, args.kernel_repeats)
     model = [] if args.no_model else model_sweep(lm, config, args.lengths, args.repeats)
-    from mlx_loom.scheduler.model import describe_backend
+    from mlx_loom.models.loader import describe_backend
 
     meta = {"model": lm.name, "config": Path(path).name, "repeats": args.repeats, "machine": machine(),
             "backend": describe_backend()}

@@ -2,13 +2,13 @@
 
 For each of --prompts chat prompts the target greedily generates --new-tokens tokens (plain mlx-lm
 forward with mlx-lm's KV cache). Over prompt + continuation, teacher-forced:
-  (a) top-1 agreement of each self-draft kind (mlx_loom/scheduler/spec/draft_model.py, with the activation-aware
-      scaling of mlx_loom/scheduler/spec/draft_scaling.py as the engine builds it) with that continuation, and of
+  (a) top-1 agreement of each self-draft kind (mlx_loom/spec/draft_model.py, with the activation-aware
+      scaling of mlx_loom/spec/draft_scaling.py as the engine builds it) with that continuation, and of
       the plain casts without scaling;
   (b) greedy speculation simulated exactly for k in --k, as tokens per target forward
       (= accepted + 1 per verification, the last step capped by the token budget):
         - draft:        the MXFP4 draft proposes its own k greedy tokens from the true prefix;
-        - ngram:        mlx_loom/scheduler/spec/ngram.py proposes k tokens straight to the target;
+        - ngram:        mlx_loom/spec/ngram.py proposes k tokens straight to the target;
         - 2-level:      ML-SpecQD: the draft produces the same k tokens, but drafts them with the
                         n-gram proposer as its own level 2 (greedy verification by the draft), so the
                         target sees what it sees with `draft`; reported: draft forwards per
@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx_loom.scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,11 +55,11 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache  # noqa: E4
 
 from _common import chat_prompts, machine, median, write_results  # noqa: E402
 from mlx_loom.kernels.calibration import calibration_tokens  # noqa: E402
-from mlx_loom.scheduler.spec import draft_scaling# noqa: E402
-from mlx_loom.scheduler.spec.draft_model import DRAFT_KINDS, build_draft_model  # noqa: E402
-from mlx_loom.scheduler.spec.draft_scaling import input_means  # noqa: E402
-from mlx_loom.scheduler.model import describe_backend, load_model  # noqa: E402
-from mlx_loom.scheduler.spec.ngram import NgramProposer  # noqa: E402
+from mlx_loom.spec import draft_scaling# noqa: E402
+from mlx_loom.spec.draft_model import DRAFT_KINDS, build_draft_model  # noqa: E402
+from mlx_loom.spec.draft_scaling import input_means  # noqa: E402
+from mlx_loom.models.loader import describe_backend, load_model  # noqa: E402
+from mlx_loom.spec.ngram import NgramProposer  # noqa: E402
 
 NGRAM = NgramProposer(1, 4)
 
@@ -352,7 +352,7 @@ def markdown(res: dict) -> str:
         "",
         f"Model: {m['model']} (GGUF Q4_1: 4-bit affine linears, tied 8-bit embedding as lm_head). "
         f"{m['prompts']} chat prompts, {m['new_tokens']} greedy tokens each. Drafts: the target's q/k/v/o and "
-        "gate/up/down cast to each kind (mlx_loom/scheduler/spec/draft_model.py), embedding / final norm / lm_head shared, "
+        "gate/up/down cast to each kind (mlx_loom/spec/draft_model.py), embedding / final norm / lm_head shared, "
         "per-layer norms the draft's own scaled copies. "
         "Acceptance is evaluated through float32 twins of the quantized modules (same weight values); "
         "costs are plain mlx-lm forwards of the real quantized modules at batch 1 with the KV cache.",
@@ -365,7 +365,7 @@ def markdown(res: dict) -> str:
     ]
     lines += [f"| {kind} | {a:.3f} | {'>= 0.70' if kind == 'mxfp4' else ''} |" for kind, a in res["agreement"].items()]
     lines += ["", f"The drafts are built as the engine builds them: activation-aware scaling (alpha "
-              f"{m['alphas']}, {m['calibration_tokens']} calibration tokens, mlx_loom/scheduler/spec/draft_scaling.py); "
+              f"{m['alphas']}, {m['calibration_tokens']} calibration tokens, mlx_loom/spec/draft_scaling.py); "
               "'plain cast' is the same cast without it (alpha 0).", "",
               "## Scaling strength per kind (chosen by the held-out calibration text column)", "",
               "| kind | calibration tokens | alpha | agreement on held-out calibration text | "

@@ -35,9 +35,9 @@ CONFIGS = {
 
 
 def measure(loaded, name: str, n: int, args) -> dict:
-    from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
-    from mlx_loom.scheduler.engine_core import EngineCore
-    from mlx_loom.scheduler.params import SamplingParams
+    from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.sched.params import SamplingParams
 
     spec = SpecConfig(**CONFIGS[name]) if CONFIGS[name] else SpecConfig()
     cfg = EngineConfig(cache=CacheConfig(num_blocks=64 + n * 16), spec=spec,
@@ -105,8 +105,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_speculative")
     args = ap.parse_args()
 
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_loom.scheduler.model import describe_backend, load_model
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.models.loader import describe_backend, load_model
 
     loaded = load_model(None)
     rows = [measure(loaded, c, n, args) for n in args.batch for c in args.configs]

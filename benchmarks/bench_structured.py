@@ -45,9 +45,9 @@ class Timer:
 
 
 def measure_n(loaded, n: int, args) -> dict:
-    from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-    from mlx_loom.scheduler.engine_core import EngineCore
-    from mlx_loom.scheduler.params import SamplingParams
+    from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.sched.params import SamplingParams
     from mlx_loom.schemas.grammar import GrammarSpec
 
     runs = [chat_prompts(loaded.tokenizer, n, r) for r in range(2 * args.repeats + 2)]  # new prompts per run
@@ -129,10 +129,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_structured")
     args = ap.parse_args()
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_loom.scheduler.model import load_model
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.models.loader import load_model
 
-    from mlx_loom.scheduler.model import describe_backend
+    from mlx_loom.models.loader import describe_backend
 
     loaded = load_model(None)
     args.backend = describe_backend()

@@ -1,11 +1,11 @@
 """mlx_lm.server on the same footing as mlx-loom: the same float32 weights, the same OpenBLAS.
 
 `mlx_lm.server` cannot read GGUF, so `convert` writes the default model (or any GGUF) as an
-mlx-lm model directory once: weights exactly as mlx_loom/scheduler/model.py loads them (dequantized to
+mlx-lm model directory once: weights exactly as mlx_loom/models/loader.py loads them (dequantized to
 float32, q/k rows already un-permuted), saved with mlx-lm's own `save_model` / `save_config`,
 plus a tokenizer.json from our tokenizer and a tokenizer_config.json carrying the chat
 template and the bos/eos tokens. `serve` preloads the same system OpenBLAS that mlx-loom uses
-(mlx_loom/scheduler/blas.py: ctypes, RTLD_GLOBAL, before mlx is imported) and then runs
+(mlx_loom/kernels/blas.py: ctypes, RTLD_GLOBAL, before mlx is imported) and then runs
 `mlx_lm.server`'s own main() with the remaining arguments.
 
     .venv/bin/python benchmarks/mlx_lm_server.py convert --out benchmarks/.cache/smollm2-mlx-f32
@@ -39,11 +39,11 @@ def convert(out: Path, gguf: str | None = None, force: bool = False) -> Path:
         except ValueError:
             pass
     sys.path.insert(0, str(ROOT))
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
     import mlx.core as mx
     from mlx_lm.utils import save_config, save_model
 
-    from mlx_loom.scheduler.model import default_model_path, load_model
+    from mlx_loom.models.loader import default_model_path, load_model
 
     src = gguf or default_model_path()
     loaded = load_model(src, dequantize=True)
@@ -82,7 +82,7 @@ def convert(out: Path, gguf: str | None = None, force: bool = False) -> Path:
 
 def serve(argv: list[str]) -> None:
     sys.path.insert(0, str(ROOT))
-    from mlx_loom.scheduler import blas  # ctypes only; importing the package already preloads
+    from mlx_loom.kernels import blas  # ctypes only; importing the package already preloads
 
     path = blas.loaded_path() or blas.preload()
     print(f"mlx_lm_server wrapper: BLAS preloaded: {path}", file=sys.stderr, flush=True)

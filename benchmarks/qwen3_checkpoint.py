@@ -27,7 +27,7 @@ OUT = ROOT / "benchmarks" / ".cache" / "qwen3-135m-random-4bit"
 
 def checkpoint() -> Path:
     if not (OUT / "model.safetensors").exists():
-        import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+        import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
         from tiny_archs import make_tiny_arch_dir
 
         make_tiny_arch_dir(OUT, "qwen3", bits=4, overrides=SHAPE)

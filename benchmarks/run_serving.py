@@ -57,7 +57,7 @@ VENV_BIN = Path(sys.executable).parent
 
 def _loom_defaults_note() -> str:
     sys.path.insert(0, str(ROOT))
-    from mlx_loom.scheduler.config import CacheConfig, SchedulerConfig  # pure Python, no mlx
+    from mlx_loom.sched.config import CacheConfig, SchedulerConfig  # pure Python, no mlx
 
     return (f"other settings at their defaults (kv-cache-memory-gb {CacheConfig.kv_cache_memory_gb}, "
             f"max-num-batched-tokens {SchedulerConfig.max_num_batched_tokens}, prefix caching on)")
@@ -175,7 +175,7 @@ class RunningServer:
 
 def default_gguf() -> str:
     sys.path.insert(0, str(ROOT))
-    from mlx_loom.scheduler.model import default_model_path  # no mlx import
+    from mlx_loom.models.loader import default_model_path  # no mlx import
 
     return default_model_path()
 
@@ -213,7 +213,7 @@ def make_spec(name: str, args, gguf: str) -> ServerSpec | None:
             "decode_concurrency": args.mlx_lm_decode_concurrency,
             "prompt_concurrency": args.mlx_lm_prompt_concurrency,
             "weights": f"float32 mlx-lm directory {model_dir.name} converted by benchmarks/mlx_lm_server.py",
-            "blas": "system OpenBLAS preloaded RTLD_GLOBAL before mlx (mlx_loom/scheduler/blas.py)"})
+            "blas": "system OpenBLAS preloaded RTLD_GLOBAL before mlx (mlx_loom/kernels/blas.py)"})
     if name == "llama-cpp-python":
         try:
             import llama_cpp

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx_loom.scheduler  # noqa: E402,F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from mlx_loom.kernels.model_prefill import dense_attention, greedy_continue, prefill, sparse_attention  # noqa: E402
@@ -143,7 +143,7 @@ def _markdown(fid: dict, pk: list[dict], meta: dict) -> str:
 def main(argv=None) -> int:
     from _common import machine, write_results
     from mlx_loom.kernels.calibration import calibration_tokens
-    from mlx_loom.scheduler.model import load_model
+    from mlx_loom.models.loader import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--length", type=int, default=8192)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     fid = compare_prefill(lm.model, calibration_tokens(lm.tokenizer, args.length, skip=SEARCH_TOKENS), config)
     print(fid, flush=True)
     pk = passkey(lm, args.passkey_lengths, args.depths, config)
-    from mlx_loom.scheduler.model import describe_backend
+    from mlx_loom.models.loader import describe_backend
 
     meta = {"model": lm.name, "length": args.length, "config": str(Path(path).name), "machine": machine(),
             "backend": describe_backend(),

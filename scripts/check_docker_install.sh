@@ -94,7 +94,7 @@ VPY="$WORK/venv/bin/python"
     || fail "the venv imports 'mlx_loom' from outside itself (not a non-editable install?)"
 if [ "${MLX_LOOM_NATIVE_BUILD:-1}" != 0 ]; then
     step "the native CPU kernels the image claims are built and load"
-    (cd "$WORK" && "$VPY" -c "import sys, mlx_loom.scheduler; from mlx_loom.kernels import qmm; \
+    (cd "$WORK" && "$VPY" -c "import sys, mlx_loom.kernels; from mlx_loom.kernels import qmm; \
 print(qmm.describe()); sys.exit(0 if qmm.native_available() else 1)") \
         || fail "the installed package has no working native kernels"
 fi

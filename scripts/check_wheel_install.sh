@@ -71,7 +71,7 @@ import importlib, pkgutil, sys
 venv, native = sys.argv[1], sys.argv[2] == "1"
 import kernels  # Hugging Face's: installed first, must be untouched by ours
 assert kernels.__file__.startswith(venv) and hasattr(kernels, "get_kernel"), kernels.__file__
-import mlx_loom, mlx_loom.scheduler  # the scheduler package preloads OpenBLAS before mlx
+import mlx_loom, mlx_loom.kernels  # the kernels package preloads OpenBLAS before mlx
 for m in pkgutil.walk_packages(mlx_loom.__path__, "mlx_loom."):
     if m.name.endswith(".__main__") or m.name == "mlx_loom.kernels.native.build":
         continue

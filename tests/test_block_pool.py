@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_loom.scheduler.block_pool import BlockPool, hash_block_tokens
+from mlx_loom.sched.block_pool import BlockPool, hash_block_tokens
 
 
 def test_new_blocks_come_from_the_front_in_id_order():

@@ -6,9 +6,9 @@ import time
 import pytest
 
 from engine_driver import chat_ids
-from mlx_loom.scheduler.client import EngineClient, EngineDeadError, RequestRejected
-from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.engine.client import EngineClient, EngineDeadError, RequestRejected
+from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig
+from mlx_loom.sched.params import SamplingParams
 
 CONFIG = EngineConfig(cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=512))
 

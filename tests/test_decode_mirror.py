@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import random
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import pytest
 
 from engine_driver import run
-from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-from mlx_loom.scheduler.decode_mirror import DecodeMirror
-from mlx_loom.scheduler.engine_core import EngineCore
-from mlx_loom.scheduler.model import load_model
-from mlx_loom.scheduler.paged_cache import KVPools, LayerKV, PagedLayerCache, paged_batch
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.scheduler import ScheduledRow
+from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig
+from mlx_loom.worker.decode_mirror import DecodeMirror
+from mlx_loom.engine.core import EngineCore
+from mlx_loom.models.loader import load_model
+from mlx_loom.models.layout import LayerKV
+from mlx_loom.worker.kv_pools import KVPools
+from mlx_loom.worker.paged_cache import PagedLayerCache, paged_batch
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.sched.scheduler import ScheduledRow
 from tiny_archs import make_tiny_arch_dir
 
 BS = 4

@@ -1,6 +1,6 @@
-"""Self-drafts (mlx_loom/scheduler/spec/draft_model.py) on tiny random-weight llama models."""
+"""Self-drafts (mlx_loom/spec/draft_model.py) on tiny random-weight llama models."""
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,8 +8,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from mlx_loom.scheduler.spec import draft_model
-from mlx_loom.scheduler.spec.draft_model import DRAFT_KINDS, build_draft_model, load_draft_model
+from mlx_loom.spec import draft_model
+from mlx_loom.spec.draft_model import DRAFT_KINDS, build_draft_model, load_draft_model
 from tiny_model import make_tiny_llama_dir
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

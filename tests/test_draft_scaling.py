@@ -1,8 +1,8 @@
-"""Activation-aware scaling of self-drafts (mlx_loom/scheduler/spec/draft_scaling.py) on tiny random-weight llamas."""
+"""Activation-aware scaling of self-drafts (mlx_loom/spec/draft_scaling.py) on tiny random-weight llamas."""
 
 import logging
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -10,9 +10,9 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 
-from mlx_loom.scheduler.spec import draft_model, draft_scaling
-from mlx_loom.scheduler.spec.draft_model import build_draft_model
-from mlx_loom.scheduler.spec.draft_scaling import (ALPHAS, LayerScales, activation_scales, channel_scales, input_means,
+from mlx_loom.spec import draft_model, draft_scaling
+from mlx_loom.spec.draft_model import build_draft_model
+from mlx_loom.spec.draft_scaling import (ALPHAS, LayerScales, activation_scales, channel_scales, input_means,
                                      scales_from_means)
 from test_draft_model import tiny_target, tokens
 
@@ -143,7 +143,7 @@ def test_scaling_helps_where_large_activations_meet_small_weights():
 def test_unsupported_architecture_is_a_logged_plain_cast(caplog):
     target = tiny_target()
     target.model.layers[1].post_attention_layernorm = nn.LayerNorm(64)
-    with caplog.at_level(logging.WARNING, logger="mlx_loom.scheduler.spec.draft_scaling"):
+    with caplog.at_level(logging.WARNING, logger="mlx_loom.spec.draft_scaling"):
         assert activation_scales(target, tokenizer=None, alpha=0.25) is None
     assert "layer 1 post_attention_layernorm is not an nn.RMSNorm" in caplog.text
     target = tiny_target()

@@ -3,7 +3,7 @@
 import pytest
 
 from engine_driver import chat_ids, make_core, run
-from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.sched.params import SamplingParams
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -93,7 +93,7 @@ def test_request_that_can_never_fit_gets_clear_error(default_model, prompts):
 
 def test_abort_frees_blocks(default_model, prompts):
     core = make_core(default_model)
-    from mlx_loom.scheduler.messages import AddRequest
+    from mlx_loom.engine.messages import AddRequest
 
     core.add(AddRequest("x", tuple(prompts[7]), SamplingParams(max_tokens=50)))
     for _ in range(3):

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import time
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import httpx
 import mlx.core as mx
 import pytest
 from mlx_lm.models.base import create_causal_mask
 
 from engine_driver import make_core
-from mlx_loom.scheduler import runner as runner_module
-from mlx_loom.scheduler.generic_forward import plain_head
-from mlx_loom.scheduler.model import load_model
-from mlx_loom.scheduler.model_layout import flattened_llama_reason, kv_layout
-from mlx_loom.scheduler.paged_cache import KVPools, LayerKV, PagedLayerCache, paged_batch
-from mlx_loom.scheduler.runner import ModelRunner
-from mlx_loom.scheduler.scheduler import ScheduledRow
-from mlx_loom.scheduler.self_check import ModelCheckError, check_engine_matches_model
+from mlx_loom.worker import runner as runner_module
+from mlx_loom.worker.generic_forward import plain_head
+from mlx_loom.models.loader import load_model
+from mlx_loom.models.layout import flattened_llama_reason, kv_layout
+from mlx_loom.models.layout import LayerKV
+from mlx_loom.worker.kv_pools import KVPools
+from mlx_loom.worker.paged_cache import PagedLayerCache, paged_batch
+from mlx_loom.worker.runner import ModelRunner
+from mlx_loom.sched.scheduler import ScheduledRow
+from mlx_loom.worker.self_check import ModelCheckError, check_engine_matches_model
 from mlx_loom.server.app import create_app
 from mlx_loom.server.settings import Settings
 from server_fixtures import serve_in_thread
@@ -109,7 +111,7 @@ def test_self_check_refuses_a_fast_path_that_disagrees(tmp_path, monkeypatch):
 @pytest.mark.parametrize("vocab_size", [2, 8, 16, 17, 100, 50000])
 def test_self_check_tokens_stay_inside_the_vocabulary(vocab_size):
     """An id past the embedding table reads arbitrary memory (a flaky self-check on tiny vocabularies)."""
-    from mlx_loom.scheduler.self_check import _sequences
+    from mlx_loom.worker.self_check import _sequences
 
     ids = [t for seq in _sequences(vocab_size) for t in seq]
     assert 0 <= min(ids) and max(ids) < vocab_size and len(set(ids)) > 1

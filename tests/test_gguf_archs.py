@@ -5,7 +5,7 @@ generates mlx-lm's tokens from them."""
 
 from __future__ import annotations
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import gguf
 import mlx.core as mx
 import numpy as np
@@ -14,9 +14,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load as mlx_lm_load
 
 from mlx_loom.kernels import qmm
-from mlx_loom.scheduler import gguf_arch
-from mlx_loom.scheduler.model import load_model
-from mlx_loom.scheduler.model_layout import UnsupportedModelError
+from mlx_loom.models import gguf_arch
+from mlx_loom.models.loader import load_model
+from mlx_loom.models.layout import UnsupportedModelError
 from test_architectures import _conformance
 from tiny_archs import ARCHS, make_tiny_arch_dir
 from tiny_gguf import write_gguf

@@ -11,17 +11,17 @@ from __future__ import annotations
 import heapq
 import random
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
 import sentencepiece as spm
 from mlx_lm.utils import load as mlx_lm_load
 
-from mlx_loom.scheduler import gguf_arch
-from mlx_loom.scheduler.model import load_model
-from mlx_loom.scheduler.model_layout import UnsupportedModelError
-from mlx_loom.scheduler.tokenizer import IncrementalDetokenizer, TextTokenizer
+from mlx_loom.models import gguf_arch
+from mlx_loom.models.loader import load_model
+from mlx_loom.models.layout import UnsupportedModelError
+from mlx_loom.models.tokenizer import IncrementalDetokenizer, TextTokenizer
 from mlx_loom.schemas.grammar import GrammarSpec
 from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
 from tiny_archs import make_tiny_arch_dir

@@ -1,4 +1,4 @@
-"""One import namespace (mlx_loom), and the pure-Python parts (scheduler core, server) import without mlx."""
+"""One import namespace (mlx_loom), and the pure-Python parts (sched, the engine's client side, server) import without mlx."""
 
 import importlib.util
 import subprocess
@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = ["mlx_loom.scheduler.block_pool", "mlx_loom.scheduler.pipeline", "mlx_loom.scheduler.kv_cache_manager", "mlx_loom.scheduler.scheduler",
-        "mlx_loom.scheduler.request", "mlx_loom.scheduler.params", "mlx_loom.scheduler.messages",
-        "mlx_loom.scheduler.config", "mlx_loom.scheduler.tokenizer", "mlx_loom.scheduler.engine_info",
-        "mlx_loom.scheduler.engine", "mlx_loom.scheduler.client", "mlx_loom.scheduler.spec.controller",
-        "mlx_loom.scheduler.spec.acceptance", "mlx_loom.scheduler.spec.ngram", "mlx_loom.server.app"]
+PURE = ["mlx_loom.sched", "mlx_loom.sched.block_pool", "mlx_loom.engine.pipeline", "mlx_loom.sched.kv_cache_manager", "mlx_loom.sched.scheduler",
+        "mlx_loom.sched.request", "mlx_loom.sched.params", "mlx_loom.engine.messages",
+        "mlx_loom.sched.config", "mlx_loom.models.tokenizer", "mlx_loom.engine.info",
+        "mlx_loom.engine.thread", "mlx_loom.engine.client", "mlx_loom.spec.controller",
+        "mlx_loom.spec.acceptance", "mlx_loom.spec.ngram", "mlx_loom.server.app"]
 
 
 def test_pure_modules_import_without_mlx():
@@ -31,17 +31,14 @@ def test_pure_modules_import_without_mlx():
 
 
 def test_subpackages_resolve_to_this_repo():
+    import importlib
+
     import mlx_loom
-    import mlx_loom.kernels
-    import mlx_loom.scheduler
-    import mlx_loom.scheduler.spec
-    import mlx_loom.schemas
-    import mlx_loom.server
 
     assert Path(mlx_loom.__file__).resolve().parent == ROOT / "mlx_loom"
-    for pkg in (mlx_loom.kernels, mlx_loom.schemas, mlx_loom.scheduler, mlx_loom.server):
-        assert Path(pkg.__file__).resolve().parent.parent == ROOT / "mlx_loom"
-    assert Path(mlx_loom.scheduler.spec.__file__).resolve().parent.parent == ROOT / "mlx_loom" / "scheduler"
+    for name in ("engine", "sched", "models", "worker", "sample", "spec", "kernels", "schemas", "server"):
+        pkg = importlib.import_module(f"mlx_loom.{name}")
+        assert Path(pkg.__file__).resolve().parent == ROOT / "mlx_loom" / name
 
 
 def test_no_other_top_level_package_in_the_repo():

@@ -1,8 +1,8 @@
 """Exact-state tests of the KV cache manager: tables, prefix hits, freeing tail first."""
 
-from mlx_loom.scheduler.kv_cache_manager import KVCacheManager
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.request import Request
+from mlx_loom.sched.kv_cache_manager import KVCacheManager
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.sched.request import Request
 
 BS = 4
 

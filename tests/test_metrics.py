@@ -152,7 +152,7 @@ def test_openmetrics_accept_still_gets_the_text_format_with_colons():
 
 
 def test_speculative_decoding_series_and_usage_extension():
-    from mlx_loom.scheduler.messages import EngineStats
+    from mlx_loom.engine.messages import EngineStats
     from mlx_loom.server.metrics import engine_families
     from mlx_loom.server.output import ChoiceEvent, ChoiceSpec, Collector
 

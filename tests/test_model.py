@@ -2,12 +2,12 @@
 
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
-from mlx_loom.scheduler import model as model_mod  # noqa: E402
-from mlx_loom.scheduler.model import describe_backend, load_model  # noqa: E402
+from mlx_loom.models import loader as model_mod  # noqa: E402
+from mlx_loom.models.loader import describe_backend, load_model  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 

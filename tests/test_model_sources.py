@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
-from mlx_loom.scheduler.model import load_model
+from mlx_loom.models.loader import load_model
 from tiny_archs import make_tiny_arch_dir
 
 
@@ -37,7 +37,7 @@ def test_hub_id_resolves_through_the_offline_cache(tmp_path):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    code = ("from mlx_loom.scheduler.model import load_model; m = load_model('tiny-org/tiny-qwen3'); "
+    code = ("from mlx_loom.models.loader import load_model; m = load_model('tiny-org/tiny-qwen3'); "
             "print(m.name, m.num_layers)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -16,7 +16,7 @@ from mlx_lm.utils import load_model as mlx_lm_load
 from mlx_loom.kernels import qmm
 from mlx_loom.kernels.activations import route_gated_mlps, unrouted_type
 from mlx_loom.kernels.rope_norm import NativeRMSNorm, NativeRoPE
-from mlx_loom.scheduler.model import load_model
+from mlx_loom.models.loader import load_model
 from tiny_archs import make_tiny_arch_dir
 
 needs_native = pytest.mark.skipif(not qmm.native_available(), reason="native kernels not built")
@@ -104,7 +104,7 @@ def test_half_precision_mlps_keep_their_own_call():
 
 
 def test_unroute_gives_every_module_its_own_class_back(tmp_path):
-    from mlx_loom.kernels.routing import unroute_model
+    from mlx_loom.models.routing import unroute_model
 
     path = make_tiny_arch_dir(tmp_path / "qwen3", "qwen3", bits=4)
     ours = load_model(str(path)).model

@@ -4,7 +4,7 @@ own positions, every head size of the supported architectures, and scores far fr
 
 from __future__ import annotations
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest

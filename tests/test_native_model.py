@@ -2,10 +2,10 @@
 
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 from mlx_loom.kernels import qmm  # noqa: E402
-from mlx_loom.scheduler.model import load_model  # noqa: E402
-from mlx_loom.scheduler.params import SamplingParams  # noqa: E402
+from mlx_loom.models.loader import load_model  # noqa: E402
+from mlx_loom.sched.params import SamplingParams  # noqa: E402
 
 from engine_driver import make_core, run  # noqa: E402
 

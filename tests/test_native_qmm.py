@@ -1,7 +1,7 @@
 """Native affine quantized matmul (mlx_loom/kernels/native via mlx_loom.kernels.qmm) against mx.quantized_matmul
 and a float64 numpy dequantize reference. Skipped when the extension is not built."""
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -203,7 +203,7 @@ def test_dispatcher_reports_and_falls_back():
 def test_reference_path_without_the_extension():
     """MLX_LOOM_NATIVE=0 (as when the build failed): same answers through mx.quantized_matmul."""
     code = (
-        "import mlx_loom.scheduler, mlx.core as mx\n"
+        "import mlx_loom.kernels, mlx.core as mx\n"
         "from mlx_loom.kernels import qmm\n"
         "assert not qmm.native_available() and 'reference' in qmm.active_path(), qmm.describe()\n"
         "W = mx.random.normal((24, 64), key=mx.random.key(0))\n"

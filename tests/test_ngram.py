@@ -1,4 +1,4 @@
-"""Prompt-lookup proposer (mlx_loom/scheduler/spec/ngram.py): exact cases, both search paths against a brute force."""
+"""Prompt-lookup proposer (mlx_loom/spec/ngram.py): exact cases, both search paths against a brute force."""
 
 import random
 import statistics
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from mlx_loom.scheduler.spec import ngram
-from mlx_loom.scheduler.spec.ngram import NgramProposer
+from mlx_loom.spec import ngram
+from mlx_loom.spec.ngram import NgramProposer
 
 
 def brute_force(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:

@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 from fastapi.testclient import TestClient
 
-from mlx_loom.scheduler.messages import RequestOutput
-from mlx_loom.scheduler.tokenizer import TextTokenizer, _byte_decoder
+from mlx_loom.engine.messages import RequestOutput
+from mlx_loom.models.tokenizer import TextTokenizer, _byte_decoder
 from mlx_loom.server.app import create_app
 from mlx_loom.server.settings import Settings
 from server_fixtures import ByteTokenizer, FakeEngineClient

@@ -1,6 +1,6 @@
 """Paged attention (mlx_loom/kernels/) against plain dense causal attention."""
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest

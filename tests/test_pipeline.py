@@ -1,4 +1,4 @@
-"""Asynchronous decode steps (mlx_loom/scheduler/pipeline.py): the next step is launched before the
+"""Asynchronous decode steps (mlx_loom/engine/pipeline.py): the next step is launched before the
 previous step's tokens are read. Same tokens as synchronous steps, nothing emitted past a stop,
 every KV block freed."""
 
@@ -9,13 +9,13 @@ from dataclasses import replace
 import pytest
 
 from engine_driver import chat_ids, run
-from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig
-from mlx_loom.scheduler.engine_core import EngineCore
-from mlx_loom.scheduler.messages import AddRequest
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.pipeline import PLACEHOLDER, next_decode_step, rows_sample_on_device
-from mlx_loom.scheduler.request import Request
-from mlx_loom.scheduler.scheduler import Scheduler
+from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig
+from mlx_loom.engine.core import EngineCore
+from mlx_loom.engine.messages import AddRequest
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.engine.pipeline import PLACEHOLDER, next_decode_step, rows_sample_on_device
+from mlx_loom.sched.request import Request
+from mlx_loom.sched.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 TEXTS = ["What is the capital of France?", "Name three colors.", "Say hello in Spanish.", "What is 2 + 2?",

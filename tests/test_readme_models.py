@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mlx_loom.scheduler.model_layout import TESTED_ARCHITECTURES
+from mlx_loom.models.layout import TESTED_ARCHITECTURES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

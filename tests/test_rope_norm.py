@@ -3,7 +3,7 @@ mx.fast.rope applies), and the references against the models' own RoPE modules."
 
 from __future__ import annotations
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

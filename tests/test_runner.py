@@ -1,14 +1,14 @@
 """The paged, flattened forward equals mlx-lm's own forward on a tiny random llama."""
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_loom.scheduler.runner import ModelRunner
-from mlx_loom.scheduler.scheduler import ScheduledRow
+from mlx_loom.worker.runner import ModelRunner
+from mlx_loom.sched.scheduler import ScheduledRow
 
 BS = 4
 

@@ -1,15 +1,15 @@
-"""mlx_loom.scheduler.sampler against numpy references (float64) on random logits."""
+"""mlx_loom.sample.sampler against numpy references (float64) on random logits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.sampler import CANDIDATES, SamplingRow, sample, uniform
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.sample.sampler import CANDIDATES, SamplingRow, sample, uniform
 
 V_SMALL = 64
 V_BIG = 49152

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from mlx_loom.scheduler.params import SamplingParams  # noqa: E402
-from mlx_loom.scheduler.sampler import CANDIDATES, SamplingRow, sample  # noqa: E402
+from mlx_loom.sched.params import SamplingParams  # noqa: E402
+from mlx_loom.sample.sampler import CANDIDATES, SamplingRow, sample  # noqa: E402
 
 INT64 = 2**63
 

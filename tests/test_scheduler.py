@@ -2,10 +2,10 @@
 
 import pytest
 
-from mlx_loom.scheduler.config import CacheConfig, SchedulerConfig
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.request import Request, RequestStatus
-from mlx_loom.scheduler.scheduler import Scheduler
+from mlx_loom.sched.config import CacheConfig, SchedulerConfig
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.sched.request import Request, RequestStatus
+from mlx_loom.sched.scheduler import Scheduler
 
 EOS = 2
 

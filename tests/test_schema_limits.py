@@ -14,10 +14,10 @@ import jsonschema
 import pytest
 
 from engine_driver import chat_ids, make_core
-from mlx_loom.scheduler.client import RequestRejected
-from mlx_loom.scheduler.messages import AddRequest
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.structured import StructuredOutput
+from mlx_loom.engine.client import RequestRejected
+from mlx_loom.engine.messages import AddRequest
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.sample.structured import StructuredOutput
 from mlx_loom.schemas.grammar import CompiledGrammar, GrammarError, GrammarSpec, short_error
 from mlx_loom.schemas.schema_checks import recursion_problem, string_constraints
 from mlx_loom.server.routes.common import as_api_error

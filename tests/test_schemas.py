@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
-from mlx_loom.scheduler.model import default_model_path
-from mlx_loom.scheduler.tokenizer import TextTokenizer
+from mlx_loom.models.loader import default_model_path
+from mlx_loom.models.tokenizer import TextTokenizer
 from mlx_loom.schemas.grammar import GrammarError, GrammarSpec
 from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
 from structured_schemas import PERSON, SCHEMAS

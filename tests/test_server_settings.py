@@ -99,7 +99,7 @@ def test_serve_passes_backlog_and_shutdown_backstop():
 
 
 def test_speculative_options_reach_the_engine_config():
-    from mlx_loom.scheduler.config import SpecConfig
+    from mlx_loom.sched.config import SpecConfig
 
     s = load_settings(["--speculative", "mxfp4", "--spec-k", "2", "--spec-level2", "ngram", "--spec-mode", "always"],
                       env={})

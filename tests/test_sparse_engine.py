@@ -2,12 +2,12 @@
 
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 from mlx_loom.kernels.calibration import calibration_text  # noqa: E402
 from mlx_loom.kernels.sparse_patterns import MIN_KV_LEN  # noqa: E402
-from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from mlx_loom.scheduler.engine_core import EngineCore  # noqa: E402
-from mlx_loom.scheduler.params import SamplingParams  # noqa: E402
+from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from mlx_loom.engine.core import EngineCore  # noqa: E402
+from mlx_loom.sched.params import SamplingParams  # noqa: E402
 
 from engine_driver import chat_ids, run  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Sparse prefill attention (mlx_loom/kernels/sparse_prefill) against its masked references, the pattern
 config, the cost model and the pattern search on synthetic heads."""
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest

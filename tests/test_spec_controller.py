@@ -1,4 +1,4 @@
-"""The speculation cost model and controller (mlx_loom/scheduler/spec/controller.py), without a model.
+"""The speculation cost model and controller (mlx_loom/spec/controller.py), without a model.
 
 Expected values are worked out by hand in the comments, or independently of the code's closed form
 (enumerating accept/reject patterns, or simulating greedy verification), never by calling the
@@ -10,8 +10,8 @@ from itertools import product
 import numpy as np
 import pytest
 
-from mlx_loom.scheduler.spec.acceptance import greedy_accept
-from mlx_loom.scheduler.spec.controller import (LinearCost, SpecController, SpecCosts, expected_tokens,
+from mlx_loom.spec.acceptance import greedy_accept
+from mlx_loom.spec.controller import (LinearCost, SpecController, SpecCosts, expected_tokens,
                                                 modelled_speedup)
 
 # A GPU-like table in arbitrary time units: a verification forward over k+1 tokens per row costs

@@ -1,4 +1,4 @@
-"""Greedy verification and speculative sampling (mlx_loom/scheduler/spec/acceptance.py).
+"""Greedy verification and speculative sampling (mlx_loom/spec/acceptance.py).
 
 The distribution tests use a Markov "model": the target's next-token distribution given the last
 token c is P[c], the draft's is Q[c]. Speculation must emit tokens distributed exactly as sampling
@@ -11,7 +11,7 @@ from itertools import product
 import numpy as np
 import pytest
 
-from mlx_loom.scheduler.spec.acceptance import accept_probability, greedy_accept, rejection_accept, residual, sample
+from mlx_loom.spec.acceptance import accept_probability, greedy_accept, rejection_accept, residual, sample
 
 
 class ScriptedRng:

@@ -6,12 +6,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from mlx_loom.scheduler.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig  # noqa: E402
-from mlx_loom.scheduler.engine_core import EngineCore  # noqa: E402
-from mlx_loom.scheduler.params import SamplingParams  # noqa: E402
+from mlx_loom.sched.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig  # noqa: E402
+from mlx_loom.engine.core import EngineCore  # noqa: E402
+from mlx_loom.sched.params import SamplingParams  # noqa: E402
 
 from engine_driver import chat_ids, run  # noqa: E402
 
@@ -107,9 +107,9 @@ def test_auto_mode_speculates_when_the_measured_costs_say_it_pays(monkeypatch):
     forward costs a tenth of a decode step, verification tokens nearly free): the controller turns
     speculation on, and the greedy tokens are those of plain decoding. A tiny random-weight target,
     drafted by its own real MXFP4 cast (which disagrees with it now and then)."""
-    import mlx_loom.scheduler.spec.draft_scaling as draft_scaling
-    import mlx_loom.scheduler.spec.speculator as speculator
-    from mlx_loom.scheduler.spec.controller import LinearCost, SpecCosts
+    import mlx_loom.spec.draft_scaling as draft_scaling
+    import mlx_loom.spec.speculator as speculator
+    from mlx_loom.spec.controller import LinearCost, SpecCosts
 
     target = _tiny(0, 6.0)
     monkeypatch.setattr(draft_scaling, "activation_scales", lambda model, tokenizer, alpha: None)  # _Tok has no text
@@ -168,7 +168,7 @@ def _tiny(seed: int, scale: float):
     import mlx.nn as nn
     from mlx_lm.models import llama
 
-    from mlx_loom.scheduler.model import LoadedModel
+    from mlx_loom.models.loader import LoadedModel
 
     args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=V,
@@ -199,8 +199,8 @@ def _exact_marginals(loaded, prompt: list[int], steps: int = 3) -> list[np.ndarr
 
 
 def test_sampling_distribution_is_the_targets(monkeypatch):
-    import mlx_loom.scheduler.spec.draft_model as draft_model
-    import mlx_loom.scheduler.spec.draft_scaling as draft_scaling
+    import mlx_loom.spec.draft_model as draft_model
+    import mlx_loom.spec.draft_scaling as draft_scaling
 
     target = _tiny(0, 6.0)
     draft = _tiny(1, 6.0).model  # unrelated weights: q far from p, so only correct rejection sampling passes
@@ -226,7 +226,7 @@ def test_sampling_distribution_is_the_targets(monkeypatch):
 def test_rows_with_fewer_slots_draft_only_what_fits(default_model):
     """Regression (IndexError in build_step_batch): one propose call with k = the largest row's budget
     drafted every row to k, writing KV past the slots of rows allocated for fewer tokens."""
-    from mlx_loom.scheduler.spec.drafter import DraftItem, ModelDrafter, NgramLevel
+    from mlx_loom.spec.drafter import DraftItem, ModelDrafter, NgramLevel
 
     block = 4
     drafter = ModelDrafter(default_model.model, 64, block, default_model.dtype, sub=NgramLevel())

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from engine_driver import chat_ids, make_core, run
-from mlx_loom.scheduler.messages import AddRequest
-from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.engine.messages import AddRequest
+from mlx_loom.sched.params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 TEXTS = ["What is the capital of France?", "Name three colors.", "Say hello in Spanish.", "What is 2 + 2?"]
@@ -79,7 +79,7 @@ def test_a_failure_after_state_changed_fails_the_whole_step(default_model, promp
 
 
 def test_a_failed_add_fails_that_request_not_the_engine(default_model, prompts):
-    from mlx_loom.scheduler.engine import EngineThread
+    from mlx_loom.engine.thread import EngineThread
 
     thread = EngineThread.__new__(EngineThread)  # only _apply: no model load, no thread
     core = make_core(default_model)
@@ -90,8 +90,8 @@ def test_a_failed_add_fails_that_request_not_the_engine(default_model, prompts):
 
 
 def test_client_maps_blame_to_the_right_exception():
-    from mlx_loom.scheduler.client import EngineDeadError, RequestFailed, RequestRejected, _error
-    from mlx_loom.scheduler.messages import RequestOutput
+    from mlx_loom.engine.client import EngineDeadError, RequestFailed, RequestRejected, _error
+    from mlx_loom.engine.messages import RequestOutput
 
     def err(blame):
         return _error(RequestOutput("r", (), finish_reason="error", error="why", blame=blame))
@@ -104,7 +104,7 @@ def test_client_maps_blame_to_the_right_exception():
 def test_server_answers_a_step_failure_with_500_and_keeps_serving():
     from fastapi.testclient import TestClient
 
-    from mlx_loom.scheduler.client import RequestFailed
+    from mlx_loom.engine.client import RequestFailed
     from mlx_loom.server.app import create_app
     from mlx_loom.server.settings import Settings
     from server_fixtures import ByteTokenizer, FakeEngineClient

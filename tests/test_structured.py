@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from engine_driver import chat_ids, make_core, run
-from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.sched.params import SamplingParams
 from mlx_loom.schemas.grammar import GrammarSpec
 from structured_schemas import PERSON, SCHEMAS
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
-from mlx_loom.scheduler.tokenizer import IncrementalDetokenizer, TextTokenizer, render_chat_template
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+from mlx_loom.models.tokenizer import IncrementalDetokenizer, TextTokenizer, render_chat_template
 
 TEXTS = [
     "Hello world",
@@ -19,7 +19,7 @@ TEXTS = [
 def tok() -> TextTokenizer:
     import mlx.core as mx
 
-    from mlx_loom.scheduler.model import default_model_path
+    from mlx_loom.models.loader import default_model_path
 
     _, metadata = mx.load(default_model_path(), return_metadata=True)
     return TextTokenizer.from_gguf_metadata(metadata)

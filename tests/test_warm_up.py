@@ -6,15 +6,15 @@ from __future__ import annotations
 import threading
 import time
 
-import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before mlx)
+import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import httpx
 import pytest
 
 from engine_driver import make_core, run
-from mlx_loom.scheduler import engine_core
-from mlx_loom.scheduler.model import load_model
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.warm_up import batch_buckets
+from mlx_loom.engine import core as engine_core
+from mlx_loom.models.loader import load_model
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.engine.warm_up import batch_buckets
 from mlx_loom.server.app import create_app
 from mlx_loom.server.settings import Settings
 from server_fixtures import serve_in_thread

@@ -2,7 +2,7 @@
 
 Used by the pattern search (to capture each layer's q/k/v on calibration text), the model-level
 fidelity checks and benchmarks/bench_sparse_prefill.py. It runs an mlx-lm llama-family model's
-public submodules the way mlx_loom/scheduler/runner.py does for one prefill chunk (projections through
+public submodules the way mlx_loom/worker/runner.py does for one prefill chunk (projections through
 mlx_loom.kernels.qmm, RoPE at the chunk's offset, exp2 silu), but keeps K/V as dense [1, HKV, N, D]
 arrays instead of the engine's paged pools: the attention callback sees exactly what the
 engine's attention sees for a chunk (its queries and every key up to its last one).

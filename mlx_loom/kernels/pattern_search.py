@@ -12,19 +12,16 @@ Calibration text: the Python language reference shipped with every CPython
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_loom.kernels.calibration import calibration_tokens
 from mlx_loom.kernels.model_prefill import prefill
-from mlx_loom.kernels.sparse_patterns import HeadPattern, SparsePatternConfig, head_cost, save_config
-from mlx_loom.kernels.search_settings import SearchSettings, from_namespace
+from mlx_loom.kernels.search_settings import SearchSettings
+from mlx_loom.kernels.sparse_patterns import HeadPattern, SparsePatternConfig, head_cost
 from mlx_loom.kernels.sparse_prefill import dense_prefill_attention, run_pattern
 
 TIE_MARGIN = 0.01
@@ -124,19 +121,3 @@ def summary(config: SparsePatternConfig) -> str:
         for p in heads:
             counts[p.kind] = counts.get(p.kind, 0) + 1
     return ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))
-
-
-# -- `mlx-loom search-patterns` --
-
-def run(ns: argparse.Namespace) -> int:
-    import mlx_loom.scheduler  # noqa: F401  (OpenBLAS before the model's first GEMM)
-    from mlx_loom.scheduler.model import load_model
-
-    loaded = load_model(ns.model)
-    if ns.length > loaded.max_model_len:
-        raise SystemExit(f"--length {ns.length} exceeds the model's context ({loaded.max_model_len})")
-    settings = from_namespace(ns)
-    result = search_model(loaded.model, calibration_tokens(loaded.tokenizer, ns.length), settings)
-    path = save_config(result.config, Path(ns.output))
-    print(f"{path}: {summary(result.config)} ({result.seconds:.0f} s)")
-    return 0

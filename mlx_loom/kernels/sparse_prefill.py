@@ -19,7 +19,7 @@ masked. MLX's CPU exp is scalar; power(2, .) on log2e-scaled scores is ~2x cheap
 - block-sparse: per query tile the top key tiles by mean-pooled q . k (own, previous and first
   tile always).
 
-Engine plug-in (mlx_loom/scheduler/runner.py, one prefill chunk of layer i, queries at start .. start+LQ-1):
+Engine plug-in (mlx_loom/worker/runner.py, one prefill chunk of layer i, queries at start .. start+LQ-1):
     if should_use_sparse(start + LQ, config, q_len=LQ):      # mlx_loom.kernels.sparse_patterns, host ints only
         k = k_pool[:, table].reshape(1, HKV, -1, D)          # pages [HKV, MB, BS, D], no transpose
         v = v_pool[:, table].reshape(1, HKV, -1, D)

@@ -13,7 +13,7 @@ mask, a token, next mask, ...), so a limit the first tokens hit (a huge forced r
 unbounded forced prefix) or an empty first mask is a GrammarError; and each string constraint
 (pattern, lengths) gets the same dry run alone, since a nested one is only lexed when reached.
 Refusals are cached like grammars, so a hostile schema sent again costs nothing. A limit hit
-later anyway ends only that request, with a short error (mlx_loom/scheduler/structured.py).
+later anyway ends only that request, with a short error (mlx_loom/sample/structured.py).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class LLGuidanceMatcher:
 
 class LLGuidanceBackend:
     def __init__(self, tokenizer, vocab_size: int | None = None) -> None:
-        """tokenizer: mlx_loom.scheduler.tokenizer.TextTokenizer (its .backend is a `tokenizers.Tokenizer`)."""
+        """tokenizer: mlx_loom.models.tokenizer.TextTokenizer (its .backend is a `tokenizers.Tokenizer`)."""
         backend = getattr(tokenizer, "backend", None) or getattr(tokenizer, "inner", None)
         if backend is None or not hasattr(backend, "to_str"):
             raise ValueError("structured output needs a fast (tokenizers) tokenizer")

@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None, client=None) -> FastAPI:
     """The ASGI app; `client` defaults to a real EngineClient built from `settings`."""
     settings = settings or Settings()
     if client is None:
-        from mlx_loom.scheduler.client import EngineClient
+        from mlx_loom.engine.client import EngineClient
 
         client = EngineClient(settings.engine_config())
     app = FastAPI(title="mlx-loom", version="0.1.0", lifespan=_lifespan,

@@ -1,5 +1,5 @@
 """`mlx-loom` console script: `mlx-loom serve [options]` (options documented by --help), and
-`mlx-loom search-patterns` (offline sparse-prefill pattern search, mlx_loom/kernels/pattern_search.py)."""
+`mlx-loom search-patterns` (offline sparse-prefill pattern search, mlx_loom/models/search_patterns.py)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     ns = parser.parse_args(argv)
     if ns.command == "search-patterns":
-        from mlx_loom.kernels.pattern_search import run  # imports mlx: only for this command
+        from mlx_loom.models.search_patterns import run  # imports mlx: only for this command
 
         return run(ns)
     try:

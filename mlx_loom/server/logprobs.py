@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from mlx_loom.scheduler.messages import TokenLogprob
+from mlx_loom.engine.messages import TokenLogprob
 
 
 class TokenText:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from mlx_loom.scheduler.messages import EngineStats, RequestOutput
+from mlx_loom.engine.messages import EngineStats, RequestOutput
 
 PREFIX = "mlx_loom:"
 

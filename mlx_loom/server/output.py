@@ -13,15 +13,15 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol, Sequence
 
-from mlx_loom.scheduler.client import EngineDeadError, RequestRejected
-from mlx_loom.scheduler.messages import RequestOutput, TokenLogprob
-from mlx_loom.scheduler.params import SamplingParams
-from mlx_loom.scheduler.tokenizer import IncrementalDetokenizer
+from mlx_loom.engine.client import EngineDeadError, RequestRejected
+from mlx_loom.engine.messages import RequestOutput, TokenLogprob
+from mlx_loom.sched.params import SamplingParams
+from mlx_loom.models.tokenizer import IncrementalDetokenizer
 from mlx_loom.server.stop import StopMatcher
 
 
 class Engine(Protocol):
-    """The part of mlx_loom.scheduler.client.EngineClient the routes use."""
+    """The part of mlx_loom.engine.client.EngineClient the routes use."""
 
     def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                  request_id: str | None = None) -> AsyncIterator[RequestOutput]: ...

@@ -2,7 +2,7 @@
 
 Requests accept extra fields at parse time so that `unsupported_fields` can name them in a
 400: an unknown field that would change behaviour is refused, never silently ignored.
-Value ranges mirror mlx_loom.scheduler.params.SamplingParams (the engine's own checks still run).
+Value ranges mirror mlx_loom.sched.params.SamplingParams (the engine's own checks still run).
 Numbers and booleans are strict (StrictInt / StrictFloat / StrictBool): "4", "yes" or 1.5 for an
 integer are refused with a 400 naming the field, never coerced, as OpenAI does. StrictFloat still
 takes a JSON integer (temperature: 1).

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from mlx_loom.scheduler.params import SamplingParams
+from mlx_loom.sched.params import SamplingParams
 from mlx_loom.server.errors import bad_request
 from mlx_loom.server.protocol import ChatCompletionRequest, CompletionRequest
 

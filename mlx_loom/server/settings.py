@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping, Sequence
 
-from mlx_loom.scheduler.config import SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from mlx_loom.sched.config import SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 
 ENV_PREFIX = "MLX_LOOM_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")

@@ -9,7 +9,7 @@ from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Sequence
 
-from mlx_loom.scheduler.client import EngineDeadError, RequestFailed, RequestRejected
+from mlx_loom.engine.client import EngineDeadError, RequestFailed, RequestRejected
 from mlx_loom.schemas.grammar import CompiledGrammar
 from mlx_loom.server.errors import ApiError, bad_request
 from mlx_loom.server.logprobs import TokenText

@@ -1,0 +1,400 @@
+"""EngineCore: the step logic of the engine, with no thread of its own.
+
+add / abort / step are called by one thread only (the engine thread in the server, the
+caller in tests and benchmarks). Everything MLX happens here or below.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from itertools import accumulate
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_loom.engine.info import EngineInfo
+from mlx_loom.engine.messages import (
+    AddRequest,
+    EngineStats,
+    RequestOutput,
+    TokenLogprob,
+)
+from mlx_loom.engine.pipeline import next_decode_step, rows_sample_on_device
+from mlx_loom.engine.warm_up import WarmUpResult, warm_up
+from mlx_loom.models.loader import LoadedModel, describe_backend, load_model
+from mlx_loom.sample.sampler import (
+    SampledToken,
+    SamplingRow,
+    device_tokens,
+    sample,
+    samples_on_device,
+)
+from mlx_loom.sample.structured import StructuredOutput
+from mlx_loom.sched.config import EngineConfig
+from mlx_loom.sched.request import Request
+from mlx_loom.sched.scheduler import Scheduler, SchedulerOutput
+from mlx_loom.worker.runner import ModelRunner
+from mlx_loom.worker.self_check import check_or_unbatch
+
+log = logging.getLogger("mlx_loom.engine")
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A launched decode step: its rows and its sampled tokens, still on the device."""
+
+    out: SchedulerOutput
+    tokens: mx.array  # [B] int32
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        cfg = config
+        if loaded is None:
+            loaded = load_model(cfg.model, dequantize=None if cfg.dequantize_on_cpu else False)
+        backend_text = describe_backend()
+        log.info("backend: %s", backend_text)
+        block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
+        num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
+        max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
+        dense_gb = cfg.cache.dense_decode_kv_gb
+        self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
+                                  sparse=_sparse_config(cfg.sparse_prefill, loaded),
+                                  dense_decode_bytes=None if dense_gb is None else int(dense_gb * 2**30))
+        check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
+        self.runner.discard_derived()  # the check's rows are not requests
+        log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
+                 self.runner.path, check.max_error, check.positions, check.tolerance)
+        backend_text = f"{backend_text}; forward: {self.runner.path}"
+        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
+        self.spec = None
+        if cfg.spec.method is not None:
+            from mlx_loom.spec.draft_model import DRAFT_KINDS
+            from mlx_loom.spec.speculator import build_speculator
+
+            if self.runner.generic is not None and {cfg.spec.method, cfg.spec.level2} & set(DRAFT_KINDS):
+                raise ValueError(f"speculative self-drafts ({', '.join(DRAFT_KINDS)}) are built from llama layers; "
+                                 f"this model runs its own code ({self.runner.generic_reason}): use a draft model")
+
+            self.spec = build_speculator(cfg.spec, loaded, self.runner, num_blocks, cfg.cache.block_size, max_len)
+            log.info("speculative decoding: %s, k=%d, level 2 %s, mode %s (costs %s)", cfg.spec.method,
+                     cfg.spec.k, cfg.spec.level2, cfg.spec.mode, self.spec.controller.costs)
+        self.eos = frozenset(loaded.tokenizer.eos_token_ids)
+        backend = _grammar_backend(loaded)
+        self.structured = StructuredOutput(backend)
+        self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend,
+                               backend_text)
+        self._config, self._vocab_size = cfg, loaded.vocab_size
+        self.steps = 0
+        self.async_decode = cfg.async_decode
+        self._inflight: _InFlight | None = None  # a launched step whose tokens are not read yet
+        self.pipelined_steps = 0
+        vocab = loaded.vocab_size
+        self._on_device = lambda params: samples_on_device(params, vocab)
+        self._updating = False  # set once a step starts changing request state
+        self._emitted: dict[str, int] = {}  # request id -> output tokens already reported
+        self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
+        log.info("KV pool: %d blocks x %d tokens (%.0f MB)", num_blocks, cfg.cache.block_size,
+                 num_blocks * block_bytes / 2**20)
+
+    def warm_up(self) -> WarmUpResult:
+        """Run every step shape once before the first request (warm_up.py); recorded in self.info."""
+        assert not self.has_unfinished(), "warm up before taking requests"
+        sched, sparse = self._config.scheduler, (self.runner.sparse_chunks, self.runner.sparse_tokens)
+        result = warm_up(self.runner, self._vocab_size, sched.max_num_seqs, sched.max_num_batched_tokens,
+                         self.info.max_model_len)
+        self.runner.sparse_chunks, self.runner.sparse_tokens = sparse  # counters are for requests
+        self.runner.discard_derived()  # nothing of the warm-up's rows is kept for requests
+        self.info = replace(self.info, warmup_seconds=result.seconds)
+        return result
+
+    def add(self, msg: AddRequest) -> RequestOutput | None:
+        """Queue a request; an error output (and nothing queued) if it can never run."""
+        req = Request(msg.request_id, list(msg.prompt_token_ids), msg.params, eos_token_ids=self.eos)
+        try:
+            if msg.params.grammar is not None:
+                self.structured.add(req.request_id, msg.params.grammar)
+            self.scheduler.add_request(req)
+        except ValueError as exc:
+            self.structured.remove(req.request_id)
+            return RequestOutput(msg.request_id, (), finish_reason="error", error=str(exc),
+                                 num_prompt_tokens=len(msg.prompt_token_ids), blame="request")
+        self._emitted[req.request_id] = 0
+        return None
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort_request(request_id)
+        self._forget(request_id)
+        return self._output(req) if req is not None else None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one batched forward, sample, update; the deltas of this step.
+
+        Decode steps whose rows all sample on the device are pipelined (pipeline.py): the next step
+        is launched before this one's tokens are read, so host work overlaps the device. An
+        exception past scheduling fails only the requests that cause it: the step's rows are
+        retried one by one (while no request state changed yet), and a row that fails alone gets
+        an error output; the engine serves on."""
+        if self._inflight is not None:
+            return self._pipelined_step()
+        out = self.scheduler.schedule()
+        if not out.rows:
+            return []
+        if self._pipelined(out):
+            try:
+                self._inflight = self._launch(out, None)
+                return []  # its tokens come with the next call
+            except Exception:
+                log.exception("launching a pipelined step failed; running it synchronously")
+                self._recover(RuntimeError("pipelined launch"))
+        return self._guarded(out, retry_alone=len(out.rows) > 1)
+
+    def _pipelined(self, out: SchedulerOutput) -> bool:
+        return (self.async_decode and self.spec is None
+                and rows_sample_on_device(out, self.scheduler.requests, self._on_device))
+
+    def _launch(self, out: SchedulerOutput, tokens: mx.array | None) -> _InFlight:
+        """Build the step and start it on the device; its sampled tokens stay there ([B] int32)."""
+        logits, _ = self.runner.execute(out.rows, tokens)  # [B, V]
+        sampled = device_tokens(logits)
+        mx.async_eval(sampled)
+        self.pipelined_steps += 1
+        return _InFlight(out, sampled)
+
+    def _pipelined_step(self) -> list[RequestOutput]:
+        """Launch the step after the one in flight (when it is determined), then read and apply the
+        one in flight while the new one runs."""
+        launched, self._inflight = self._inflight, None
+        try:
+            after = next_decode_step(self.scheduler, launched.out)
+            if after is not None:
+                self._inflight = self._launch(after, launched.tokens)
+        except Exception:
+            log.exception("launching a pipelined step failed; the next step runs synchronously")
+            self._inflight = None
+        try:
+            ids = launched.tokens.tolist()
+            live = self.scheduler.requests  # rows of requests ended meanwhile are dropped unread
+            sampled = {row.request_id: [SampledToken(t, None)] for row, t in zip(launched.out.rows, ids)
+                       if row.request_id in live}
+            return self._apply(launched.out, sampled)
+        except Exception as exc:
+            self._recover(exc)
+            return self._fail_step(launched.out, exc)
+
+    def _guarded(self, out: SchedulerOutput, retry_alone: bool) -> list[RequestOutput]:
+        self._updating = False
+        try:
+            return self._step(out)
+        except Exception as exc:
+            self._recover(exc)
+            if retry_alone and not self._updating:
+                log.warning("step %d failed (%s: %s); retrying its %d rows one by one", self.steps,
+                            type(exc).__name__, exc, len(out.rows))
+                return [o for row in out.rows for o in self._guarded(self._alone(out, row), False)]
+            return self._fail_step(out, exc)
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """Every request of the step gets its error, also one that finished before the failure (its
+        final output was never returned)."""
+        log.error("step %d failed; failing its %d row(s)", self.steps, len(out.rows), exc_info=exc)
+        message = f"the engine failed while running this request ({type(exc).__name__}: {exc})"
+        outputs = []
+        for rid in dict.fromkeys(r.request_id for r in out.rows):
+            req = self.scheduler.requests.get(rid)
+            n = req.num_prompt_tokens if req is not None else 0
+            outputs.append(self._fail(rid, message, "engine") or RequestOutput(
+                rid, (), finish_reason="error", error=message, num_prompt_tokens=n, blame="engine"))
+        return outputs
+
+    def _alone(self, out: SchedulerOutput, row) -> SchedulerOutput:
+        """The step of one of out's rows; its draft KV is rebuilt (the failed step may have moved it)."""
+        if self.spec is not None:
+            self.spec.drafter.forget(row.request_id)
+        return replace(out, rows=(row,), num_batched_tokens=len(row.token_ids))
+
+    def _recover(self, cause: Exception) -> None:
+        """After a failed step: drop state derived from the pools, then check the pools themselves."""
+        self.runner.discard_derived()
+        _check_pools(self._pools(), cause)
+
+    def _pools(self) -> list:
+        """The KV pools a step writes: the target's and each draft model's."""
+        pools, level = [self.runner.pools], getattr(self.spec, "drafter", None)
+        while level is not None:
+            if hasattr(level, "runner"):
+                pools.append(level.runner.pools)
+            level = getattr(level, "sub", None)
+        return pools
+
+    def _step(self, out: SchedulerOutput) -> list[RequestOutput]:
+        if self.spec is not None:
+            out = self.spec.extend(out, self.scheduler)
+        return self._apply(out, self._run(out))
+
+    def _apply(self, out: SchedulerOutput, sampled: dict[str, list[SampledToken]]) -> list[RequestOutput]:
+        """A step's sampled tokens into the requests: grammar, stops, finishes; the outputs."""
+        self.steps += 1
+        for rid, toks in sampled.items():
+            for tok in toks:
+                if tok.logprob is not None:
+                    self._pending_logprobs.setdefault(rid, []).append(
+                        TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs))
+        tokens = {rid: [t.token_id for t in toks] for rid, toks in sampled.items()}
+        reqs = self.scheduler.requests
+        self._updating = True  # from here on request state changes: a retry would repeat it
+        advance = self.structured.advance(tokens, lambda rid, t: reqs[rid].is_stop_token(t))
+        changed = self.scheduler.update_from_output(out, advance.kept(tokens), advance.stop_after)
+        outputs = [self._output(req) for req in changed]
+        for rid, message in advance.errors.items():
+            failed = self._fail(rid, message, "request")
+            outputs.extend([failed] if failed is not None else [])
+        for req in changed:
+            if req.is_finished:
+                self._forget(req.request_id)
+        return outputs
+
+    def _forget(self, request_id: str) -> None:
+        self.structured.remove(request_id)
+        if self.spec is not None:
+            self.spec.forget(request_id)
+
+    def _fail(self, request_id: str, message: str, blame: str) -> RequestOutput | None:
+        """End a request with an error (None if it is no longer in the scheduler)."""
+        req = self.scheduler.abort_request(request_id)
+        self._forget(request_id)
+        self._emitted.pop(request_id, None)
+        self._pending_logprobs.pop(request_id, None)
+        if req is None:
+            return None
+        return RequestOutput(request_id, (), finish_reason="error", error=message,
+                             num_prompt_tokens=req.num_prompt_tokens, blame=blame)
+
+    def _run(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
+        logits, sample_rows = self.runner.execute(out.rows)  # [S', V]
+        if not sample_rows:  # only mid-prompt chunks: just materialize their KV writes
+            mx.eval(self.runner.k_pools, self.runner.v_pools)
+            return {}
+        reqs = [self.scheduler.requests[out.rows[i].request_id] for i in sample_rows]
+        counts = [out.rows[i].num_draft + 1 for i in sample_rows]
+        if max(counts) == 1:
+            return self._sample(logits, reqs)
+        starts = [0, *accumulate(counts)][:-1]
+        plain = [j for j, c in enumerate(counts) if c == 1]
+        spec = [j for j, c in enumerate(counts) if c > 1]
+        result = self._sample(logits[mx.array([starts[j] for j in plain], dtype=mx.int32)],
+                              [reqs[j] for j in plain]) if plain else {}
+        # Host copy of the speculative rows' logits only: [sum of their k+1, V].
+        rows = mx.array([i for j in spec for i in range(starts[j], starts[j] + counts[j])], dtype=mx.int32)
+        x, at = np.array(logits[rows]), 0
+        for j in spec:
+            result[reqs[j].request_id] = self._verify(reqs[j], x[at : at + counts[j]])
+            at += counts[j]
+        return result
+
+    def _sample(self, logits: mx.array, reqs: list[Request]) -> dict[str, list[SampledToken]]:
+        logits = self.structured.apply_masks(logits, [r.request_id for r in reqs])
+        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.sample_seed) for r in reqs]
+        return {r.request_id: [t] for r, t in zip(reqs, sample(logits, rows))}
+
+    def _verify(self, req: Request, logits: np.ndarray) -> list[SampledToken]:
+        """logits [k+1, V] of a speculative row: grammar masks per position, then acceptance."""
+        drafts = self.spec.draft_tokens(req.request_id)
+        num_valid, logits = self.structured.mask_drafts(req.request_id, drafts, logits)
+        return [SampledToken(t, None) for t in self.spec.verify(req, logits, num_valid)]
+
+    def _output(self, req: Request) -> RequestOutput:
+        """Delta since the last output of this request (tokens and their logprobs)."""
+        sent = self._emitted.get(req.request_id, 0)
+        new = tuple(req.output_token_ids[sent:])
+        self._emitted[req.request_id] = sent + len(new)
+        pending = self._pending_logprobs.pop(req.request_id, None)
+        if req.is_finished:
+            self._emitted.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new,
+            logprobs=tuple(pending[: len(new)]) if pending is not None else None,
+            finish_reason=req.finish_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            error=req.error,
+            spec_proposed=req.spec_proposed,
+            spec_accepted=req.spec_accepted,
+        )
+
+    def fail_all(self, message: str, reason: str = "error") -> list[RequestOutput]:
+        self._inflight = None
+        outputs = []
+        for rid in list(self.scheduler.requests):
+            req = self.scheduler.abort_request(rid)
+            self._forget(rid)
+            if req is not None:
+                outputs.append(RequestOutput(rid, (), finish_reason=reason, error=message,
+                                             num_prompt_tokens=req.num_prompt_tokens))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_blocks_total=s.num_blocks,
+            num_blocks_free=s.num_free_blocks,
+            num_preemptions=s.num_preemptions,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            steps=self.steps,
+            sparse_prefill_chunks=self.runner.sparse_chunks,
+            sparse_prefill_tokens=self.runner.sparse_tokens,
+            **(self._spec_stats() if self.spec is not None else {}),
+        )
+
+    def _spec_stats(self) -> dict:
+        s = self.spec.stats()
+        return dict(spec_enabled=True, spec_num_drafts=s.num_drafts, spec_proposed=s.proposed,
+                    spec_accepted=s.accepted)
+
+
+def _check_pools(pools: list, cause: Exception) -> None:
+    """After a failed step: the KV it wrote must still evaluate, else the cache is lost for every
+    request and the engine stops loudly. (No copy of the pools is kept to roll back to: holding the
+    old arrays would stop MLX from updating them in place, a full pool copy per step.)"""
+    try:
+        mx.eval([a for p in pools for a in (*p.k, *p.v)])
+    except Exception as exc:
+        raise RuntimeError(f"the KV cache cannot be evaluated after a failed step ({cause!r}): {exc}") from exc
+
+
+def _sparse_config(setting: str, loaded: LoadedModel):
+    """The sparse-prefill pattern config to use, or None (off, or no config for this model)."""
+    if setting == "off":
+        return None
+    from mlx_loom.kernels.sparse_patterns import load_config, shipped_config_path
+
+    path = shipped_config_path(loaded.name) if setting == "auto" else setting
+    if path is None:
+        log.warning("sparse prefill: no pattern config shipped for %s; prefill stays dense "
+                    "(write one with `mlx-loom search-patterns` and pass its path)", loaded.name)
+        return None
+    config = load_config(path, num_heads=loaded.num_heads)
+    if config.num_layers != loaded.num_layers:
+        raise ValueError(f"sparse prefill config {path} has {config.num_layers} layers, the model "
+                         f"{loaded.num_layers}: it was searched for another model")
+    log.info("sparse prefill: per-head patterns from %s", path)
+    return config
+
+
+def _grammar_backend(loaded: LoadedModel):
+    """The structured-output backend for this tokenizer, or None (then constrained requests get a 400)."""
+    try:
+        from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
+
+        return LLGuidanceBackend(loaded.tokenizer, vocab_size=loaded.vocab_size)
+    except Exception as exc:  # an unsupported tokenizer must not stop free-text serving
+        log.warning("structured output disabled: %s", exc)
+        return None

