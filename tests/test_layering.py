@@ -22,6 +22,7 @@ RANKS = {
     "sample": 3,
     "worker": 3,
     "spec": 4,
+    "dist": 4,
     "engine": 5,
     "server": 6,
 }

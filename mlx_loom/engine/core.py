@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from itertools import accumulate
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_loom.dist.group import HEARTBEAT_S, open_group
 from mlx_loom.engine.info import EngineInfo
 from mlx_loom.engine.messages import (
     AddRequest,
@@ -51,7 +53,11 @@ class _InFlight:
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         cfg = config
-        if loaded is None:
+        self.group = open_group(cfg) if cfg.parallel is not None and loaded is None else None
+        """This process's place in a multi-rank group (mlx_loom/dist/), or None: one process."""
+        if self.group is not None:
+            loaded = self.group.model.loaded
+        elif loaded is None:
             loaded = load_model(cfg.model, dequantize=None if cfg.dequantize_on_cpu else False)
         backend_text = describe_backend()
         log.info("backend: %s", backend_text)
@@ -59,9 +65,13 @@ class EngineCore:
         num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
         dense_gb = cfg.cache.dense_decode_kv_gb
-        self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
-                                  sparse=_sparse_config(cfg.sparse_prefill, loaded),
-                                  dense_decode_bytes=None if dense_gb is None else int(dense_gb * 2**30))
+        dense_bytes = None if dense_gb is None else int(dense_gb * 2**30)
+        if self.group is not None:  # every rank builds the same pools over its own heads / layers
+            num_blocks = self.group.model.num_blocks
+            self.runner = self.group.make_runner(num_blocks, cfg.cache.block_size, loaded.dtype, dense_bytes)
+        else:
+            self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
+                                      sparse=_sparse_config(cfg.sparse_prefill, loaded), dense_decode_bytes=dense_bytes)
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
         self.runner.discard_derived()  # the check's rows are not requests
         log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
@@ -87,7 +97,7 @@ class EngineCore:
                                backend_text)
         self._config, self._vocab_size = cfg, loaded.vocab_size
         self.steps = 0
-        self.async_decode = cfg.async_decode
+        self.async_decode = cfg.async_decode and self.group is None  # a group sends token ids, not device arrays
         self._inflight: _InFlight | None = None  # a launched step whose tokens are not read yet
         self.pipelined_steps = 0
         vocab = loaded.vocab_size
@@ -108,6 +118,27 @@ class EngineCore:
         self.runner.discard_derived()  # nothing of the warm-up's rows is kept for requests
         self.info = replace(self.info, warmup_seconds=result.seconds)
         return result
+
+    def begin_serving(self, on_group_stall: Callable[[str], None]) -> None:
+        """After start-up (load, self-check, warm-up ran on every rank alike): rank 0 of a group sends
+        every step from here on, and reports a step past the group timeout through on_group_stall."""
+        if self.group is not None:
+            self.group.lead(self._config.group_timeout_s, on_group_stall)
+
+    @property
+    def idle_tick_s(self) -> float | None:
+        """How often idle() wants to run while no request is open (None: never)."""
+        return HEARTBEAT_S if self.group is not None else None
+
+    def idle(self) -> None:
+        """No request open: a group pings every rank (a rank that died meanwhile fails loudly here)."""
+        if self.group is not None:
+            self.group.runner.ping()
+
+    def close(self) -> None:
+        """Shutting down: every other rank of a group stops too."""
+        if self.group is not None:
+            self.group.close()
 
     def add(self, msg: AddRequest) -> RequestOutput | None:
         """Queue a request; an error output (and nothing queued) if it can never run."""
@@ -352,6 +383,7 @@ class EngineCore:
             sparse_prefill_chunks=self.runner.sparse_chunks,
             sparse_prefill_tokens=self.runner.sparse_tokens,
             **(self._spec_stats() if self.spec is not None else {}),
+            group=self.group.describe() if self.group is not None else None,
         )
 
     def _spec_stats(self) -> dict:

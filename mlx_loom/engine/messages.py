@@ -76,3 +76,6 @@ class EngineStats:
     spec_proposed: tuple[int, ...] = ()
     """Draft tokens proposed per level (level 1: verified by the target; level 2: by the draft)."""
     spec_accepted: tuple[int, ...] = ()
+    group: dict | None = None
+    """Over several ranks: world_size, mode, each rank's share (heads or layers), the step channel's
+    frames / bytes / seconds (mlx_loom/dist/). None in one process."""

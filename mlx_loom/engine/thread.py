@@ -65,6 +65,7 @@ class EngineThread(threading.Thread):
             log.exception("model failed to %s", what)
             self._on_ready(RuntimeError(self.dead_reason))
             return
+        self.core.begin_serving(self._group_stalled)
         self.stats = self.core.stats()
         self.phase = "ready"
         self._on_ready(self.core.info)
@@ -81,6 +82,7 @@ class EngineThread(threading.Thread):
             if not self._drain(block=not core.has_unfinished()):
                 self.dead_reason = "engine stopped"
                 self._emit(core.fail_all("server is shutting down", "abort") + self._fail_inbox("server is shutting down"))
+                core.close()
                 return
             outputs = core.step()
             self.stats = core.stats()
@@ -89,9 +91,12 @@ class EngineThread(threading.Thread):
 
     def _drain(self, block: bool) -> bool:
         """Apply queued messages; False once a stop was requested."""
+        tick = self.core.idle_tick_s if block else None
         try:
-            msg = self.inbox.get(block=block)
+            msg = self.inbox.get(block=block, timeout=tick)
         except queue.Empty:
+            if tick is not None:
+                self.core.idle()
             return True
         outputs = []
         while True:
@@ -119,6 +124,16 @@ class EngineThread(threading.Thread):
                 return None
             return RequestOutput(msg.request_id, (), finish_reason="error", blame="engine",
                                  error=f"the engine failed to queue this request ({type(exc).__name__}: {exc})")
+
+    def _group_stalled(self, reason: str) -> None:
+        """From the group's watchdog thread while this thread is stuck in a collective: /health turns
+        503 with the reason and every open request ends with an error now (the core is not touched
+        beyond reading which requests it holds)."""
+        self.dead_reason = reason
+        log.error("%s", reason)
+        open_ids = list(self.core.scheduler.requests)
+        self._emit([RequestOutput(rid, (), finish_reason="error", error=reason) for rid in open_ids]
+                   + self._fail_inbox(reason))
 
     def _fail_inbox(self, message: str) -> list[RequestOutput]:
         """Requests still queued never reached the scheduler: fail them too."""

@@ -103,3 +103,9 @@ class EngineConfig:
     async_decode: bool = True
     """Launch a decode step before the previous step's tokens are read when it is determined
     without them (every row greedy, no grammar/logprobs/penalties, nobody waiting: pipeline.py)."""
+    parallel: str | None = None
+    """Under `mlx.launch` with more than one rank: "tensor" (mlx-lm's shard()) or "pipeline" (its
+    pipeline()); None: one process (mlx_loom/dist/)."""
+    group_timeout_s: float = 30.0
+    """Over several ranks: a step (or idle ping) running longer than this means a rank is dead or
+    stuck; rank 0 then answers /health 503 and fails every request."""

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Sequence
 
-from mlx_loom.server.settings import Settings, add_arguments, from_namespace
+from mlx_loom.server.settings import Settings, add_arguments, from_namespace, launched_rank
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,11 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=_py_level(settings.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if launched_rank():  # rank 1, 2, ... of an mlx.launch group: run rank 0's steps, no HTTP
+        from mlx_loom.engine.follower import run_follower
+
+        run_follower(settings.engine_config())
+        return
     app = create_app(settings)
     make_server(app, settings.host, settings.port, settings.log_level).run()
 

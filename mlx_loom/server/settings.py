@@ -49,6 +49,11 @@ class Settings:
                                                   "twice the KV cache's memory; 0: gather pages every step).")
     enable_prefix_caching: bool = _opt(True, "Disable sharing KV pages between requests with the "
                                              "same prompt prefix.", flag="--no-prefix-caching")
+    pipeline: bool = _opt(False, "Under mlx.launch with several ranks: pipeline parallel (each rank runs a "
+                                 "contiguous share of the layers) instead of tensor parallel (each rank runs a "
+                                 "share of every layer's heads). Ignored in one process.")
+    group_timeout: float = _opt(EngineConfig.group_timeout_s, "Under mlx.launch: seconds a step may run before "
+                                "rank 0 declares the group stalled (/health 503, every request failed).")
     speculative: str | None = _opt(None, "Speculative decoding draft (ML-SpecQD): mxfp4, nvfp4 or mxfp8 (the "
                                          "model's own linear layers cast at load, no extra files) or a path to "
                                          "a smaller model with the same tokenizer. Off by default.")
@@ -117,7 +122,19 @@ class Settings:
             spec=SpecConfig(method=self.speculative, k=self.spec_k, level2=self.spec_level2, mode=self.spec_mode),
             sparse_prefill=self.sparse_prefill,
             warmup=self.warmup,
+            parallel=None if launched_rank() is None else "pipeline" if self.pipeline else "tensor",
+            group_timeout_s=self.group_timeout,
         )
+
+
+def launched_rank(env: Mapping[str, str] | None = None) -> int | None:
+    """This process's rank when a distributed launcher started it (mlx.launch's ring and JACCL set
+    MLX_RANK, mpirun OMPI_COMM_WORLD_RANK / PMI_RANK); None when started alone."""
+    env = os.environ if env is None else env
+    for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env.get(name, "").strip().isdigit():
+            return int(env[name])
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
