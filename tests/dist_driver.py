@@ -4,7 +4,7 @@ Rank 0 drives an EngineCore over the group exactly as tests/engine_driver.py doe
 (requests joining at chosen steps) and writes the tokens as JSON; the other ranks follow. Run
 without a launcher it is the one-process reference.
 
-argv: model_dir mode out.json
+argv: out.json then mode:model_dir pairs (one EngineCore per model, one after the other, in one launch)
 """
 
 from __future__ import annotations
@@ -36,11 +36,20 @@ def config(model: str, mode: str | None) -> EngineConfig:
                         warmup=False, parallel=mode)
 
 
-def main(model: str, mode: str, out: str) -> None:
-    cfg = config(model, mode if launched_rank() is not None else None)
-    if launched_rank():
-        run_follower(cfg)
-        return
+def main(out: str, *cases: str) -> None:
+    results = {}
+    for case in cases:
+        mode, model = case.split(":", 1)
+        cfg = config(model, mode if launched_rank() is not None else None)
+        if launched_rank():
+            run_follower(cfg)
+        else:
+            results[case] = serve_case(cfg)
+    if not launched_rank():
+        Path(out).write_text(json.dumps(results))
+
+
+def serve_case(cfg: EngineConfig) -> dict:
     core = EngineCore(cfg)
     core.begin_serving(lambda reason: print("stalled:", reason, flush=True))
     greedy = {rid: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for rid, (_, n, _) in PROMPTS.items()}
@@ -49,14 +58,14 @@ def main(model: str, mode: str, out: str) -> None:
                   join_step={rid: j for rid, (_, _, j) in PROMPTS.items()})
     stats = core.stats()
     core.close()
-    Path(out).write_text(json.dumps({
+    return {
         "alone": alone["a"].tokens,
         "batched": {rid: r.tokens for rid, r in batched.items()},
         "errors": [r.error for r in [*alone.values(), *batched.values()] if r.error],
         "group": stats.group,
         "path": core.runner.path,
-    }))
+    }
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

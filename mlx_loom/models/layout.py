@@ -63,6 +63,7 @@ class _ShapeProbe:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.shapes = (keys.shape, values.shape, keys.dtype)
+        self.keys = keys  # mlx-lm's pipeline() ties a stage's send to its last cache's keys
         return keys, values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_: object) -> mx.array:
@@ -72,6 +73,9 @@ class _ShapeProbe:
 def kv_layout(model: nn.Module) -> tuple[list[LayerKV], mx.Dtype]:
     """Per cache entry: kv heads, key/value widths and sliding window; and the KV dtype."""
     caches = make_prompt_cache(model)
+    staged = getattr(getattr(model, "model", None), "pipeline_layers", None)
+    if staged is not None:  # mlx-lm's pipeline(): this rank's layers only (earlier ones are None)
+        caches = caches[:len(staged)]
     other = sorted({type(c).__name__ for c in caches if type(c) not in (KVCache, RotatingKVCache)})
     if other:
         raise UnsupportedModelError(

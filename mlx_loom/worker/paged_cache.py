@@ -66,6 +66,16 @@ class PagedLayerCache:
     def offset(self) -> mx.array:
         return self.batch.offset  # [B]: RoPE adds it per row
 
+    @property
+    def keys(self) -> mx.array:
+        """The layer's key pool. mlx-lm's pipeline() ties a stage's send to its last cache
+        (`cache[-1].keys = mx.depends(cache[-1].keys, h)`), so evaluating the pools runs the send."""
+        return self.pools.k[self.index]
+
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        self.pools.k[self.index] = value
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """keys [B, HKV, L, Dk], values [B, HKV, L, Dv] -> every key of each row's pages [B, HKV, MB*BS, D]."""
         p, i, b = self.pools, self.index, self.batch
