@@ -52,7 +52,7 @@ def _config(parallel: str | None, new_tokens: int):
 
     return EngineConfig(model=str(CKPT), cache=CacheConfig(block_size=16, num_blocks=32 * 40 + 64),
                         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512),
-                        warmup=False, parallel=parallel)
+                        warmup=False, parallel=parallel, group_timeout_s=3600.0)  # a shared host is slow
 
 
 def _weight_bytes(model) -> int:
@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default="bench_distributed")
+    ap.add_argument("--rank-blas-threads", type=int, default=1,
+                    help="OPENBLAS_NUM_THREADS of each rank (both share this host's cores; 0: BLAS default)")
+    ap.add_argument("--reuse-one", action="store_true", help="keep the one-process results of the last run")
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.new_tokens)
@@ -113,13 +116,17 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     me = [sys.executable, str(Path(__file__).resolve()), "--new-tokens", str(args.new_tokens), "--worker"]
-    _run([*me, str(tmp / "one.json")], env)
-    _run([*me, str(tmp / "one_generic.json")], {**env, "MLX_LOOM_GENERIC_FORWARD": "1"})
+    if not args.reuse_one:
+        _run([*me, str(tmp / "one.json")], env)
+        _run([*me, str(tmp / "one_generic.json")], {**env, "MLX_LOOM_GENERIC_FORWARD": "1"})
     launcher = Path(sys.executable).with_name("mlx.launch")
-    _run([str(launcher), "--backend", "ring", "-n", "2", "--python", sys.executable, *me[1:], str(tmp / "two.json")], env)
+    threads = ["--env", f"OPENBLAS_NUM_THREADS={args.rank_blas_threads}"] if args.rank_blas_threads else []
+    _run([str(launcher), "--backend", "ring", "-n", "2", *threads, "--python", sys.executable, *me[1:],
+          str(tmp / "two.json")], env)
     one, generic, two = (json.loads((tmp / f).read_text()) for f in ("one.json", "one_generic.json", "two.json"))
     two["rank1"] = json.loads((tmp / "two.json.rank1").read_text())
-    payload = {"machine": machine(), "shape": SHAPE, "new_tokens": args.new_tokens, "one_process": one,
+    payload = {"machine": machine(), "shape": SHAPE, "new_tokens": args.new_tokens,
+               "rank_blas_threads": args.rank_blas_threads or "default", "one_process": one,
                "one_process_generic": generic, "two_ranks": two, **_derived(one, generic, two)}
     write_results(args.out, payload, _markdown(payload))
 
@@ -145,7 +152,8 @@ def _markdown(p: dict) -> str:
         "# bench_distributed: one model over 2 ranks (tensor parallel, ring on loopback) vs one process",
         "",
         f"Machine: {p['machine']['platform']}, {p['machine']['cpus']} CPUs (shared by both ranks), "
-        f"{p['machine']['date']}. Model: random qwen3, float32, {p['shape']}. {p['new_tokens']} greedy tokens "
+        f"{p['machine']['date']}; each rank OPENBLAS_NUM_THREADS={p['rank_blas_threads']}, one process "
+        f"the default. Model: random qwen3, float32, {p['shape']}. {p['new_tokens']} greedy tokens "
         "per request, prefill included; one warm-up batch, one timed batch.",
         "",
         "| | one process | one process, generic path | 2 ranks (rank 0) |",

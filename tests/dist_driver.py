@@ -33,7 +33,7 @@ PROMPTS = {  # id -> (prompt ids, max tokens, join step)
 def config(model: str, mode: str | None) -> EngineConfig:
     return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=64),
                         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-                        warmup=False, parallel=mode)
+                        warmup=True, parallel=mode)  # warm-up runs on every rank alike
 
 
 def main(out: str, *cases: str) -> None:
@@ -51,6 +51,8 @@ def main(out: str, *cases: str) -> None:
 
 def serve_case(cfg: EngineConfig) -> dict:
     core = EngineCore(cfg)
+    if cfg.warmup:  # as EngineThread does; the followers warm up in run_follower
+        core.warm_up()
     core.begin_serving(lambda reason: print("stalled:", reason, flush=True))
     greedy = {rid: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for rid, (_, n, _) in PROMPTS.items()}
     alone = run(core, [("a", PROMPTS["a"][0], greedy["a"])])

@@ -79,6 +79,8 @@ class EngineThread(threading.Thread):
     def _loop(self) -> None:
         core = self.core
         while True:
+            if self.dead_reason is not None:  # the group's watchdog failed every request meanwhile
+                return
             if not self._drain(block=not core.has_unfinished()):
                 self.dead_reason = "engine stopped"
                 self._emit(core.fail_all("server is shutting down", "abort") + self._fail_inbox("server is shutting down"))
