@@ -61,6 +61,27 @@ def _weight_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def _all_sum_latency(reps: int = 50) -> dict:
+    """Median seconds of one evaluated all_sum on this group: a step frame, and the [T, hidden]
+    float32 the model sums twice per layer at T = 1 and 32 (every rank runs this in step)."""
+    import statistics
+    import time
+
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    out = {}
+    for name, shape, dtype in (("frame_2KB", (512,), mx.int32), ("hidden_T1", (1, SHAPE["hidden_size"]), mx.float32),
+                               ("hidden_T32", (32, SHAPE["hidden_size"]), mx.float32)):
+        x, times = mx.zeros(shape, dtype=dtype), []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            mx.eval(mx.distributed.all_sum(x, group=group, stream=mx.cpu))
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
 def worker(out: str, new_tokens: int) -> None:
     """One process, or one rank of the group (rank 0 drives, the others follow)."""
     import mlx_loom.kernels  # noqa: F401
@@ -71,6 +92,7 @@ def worker(out: str, new_tokens: int) -> None:
 
     rank = launched_rank()
     cfg = _config("tensor" if rank is not None else None, new_tokens)
+    latency = _all_sum_latency() if rank is not None else None
     if rank:
         steps = run_follower(cfg)
         Path(f"{out}.rank{rank}").write_text(json.dumps({"rank": rank, "steps": steps, "peak_rss_mb": peak_rss_mb()}))
@@ -79,7 +101,8 @@ def worker(out: str, new_tokens: int) -> None:
     core.begin_serving(lambda reason: print("stalled:", reason, flush=True))
     tok = core.info.tokenizer
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    result = {"path": core.runner.path, "weight_bytes": _weight_bytes(core.runner.model), "batches": {}}
+    result = {"path": core.runner.path, "weight_bytes": _weight_bytes(core.runner.model), "batches": {},
+              "all_sum_latency_s": latency}
     for n in BATCHES:
         run_batch(core, chat_prompts(tok, n, 0), params, f"warm{n}")
         before = core.stats().group
@@ -174,6 +197,11 @@ def _markdown(p: dict) -> str:
         d, ch = p["per_batch"][n], two["batches"][n]["channel"]
         lines.append(f"| {n} | {ch['frames']} | {d['channel_bytes_per_step']:.0f} | {d['channel_ms_per_step']:.2f} | "
                      f"{100 * d['channel_share_of_time']:.1f}% | {d['model_all_sum_bytes_per_decode_step']} |")
+    lat = two.get("all_sum_latency_s") or {}
+    if lat:
+        lines += ["", "One evaluated all_sum on this group (median of 50, both ranks idle otherwise): "
+                  + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in lat.items())
+                  + f". A decode step runs {2 * SHAPE['num_hidden_layers']} of the model's own plus one frame."]
     lines += ["", f"Forward on the group: {two['path']}; one process: {one['path']}.", ""]
     return "\n".join(lines)
 
