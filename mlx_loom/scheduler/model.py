@@ -2,8 +2,9 @@
 architectures) or an mlx-lm directory (any architecture whose state is a KV cache;
 mlx_loom/scheduler/model_layout.py says which).
 
-GGUF Q4_0/Q4_1/Q8_0 blocks arrive from `mx.load` already in MLX's affine layout
-(weight uint32 + scales + biases, group size 32), so they drop into `nn.QuantizedLinear`
+GGUF files are read by mlx_loom/scheduler/gguf_reader.py (read-only, unlike `mx.load`, which opens
+a GGUF file for writing): Q4_0/Q4_1/Q8_0 blocks arrive in MLX's affine layout (weight uint32 +
+scales + biases, group size 32), as from `mx.load`, so they drop into `nn.QuantizedLinear`
 unchanged, or are dequantized once at load. Import `scheduler` before this module so
 OpenBLAS is loaded before mlx (see mlx_loom/scheduler/blas.py).
 """
@@ -25,6 +26,7 @@ import mlx.nn as nn
 from mlx_loom.kernels import qmm
 from mlx_loom.kernels.routing import route_model
 from mlx_loom.scheduler import blas, gguf_arch
+from mlx_loom.scheduler.gguf_reader import read_gguf
 from mlx_loom.scheduler.model_layout import kv_layout
 from mlx_loom.scheduler.tokenizer import TextTokenizer
 
@@ -146,7 +148,7 @@ def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: m
 
 
 def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
-    weights, metadata = mx.load(path, return_metadata=True)
+    weights, metadata = read_gguf(path)  # never needs write access to the file
     model, args, arch = gguf_arch.build_model(metadata, weights)
     weights = _convert_gguf_weights(weights, args, arch)
     if hasattr(model, "sanitize"):  # as mlx-lm's own loader: e.g. gemma3_text drops its head when tied
