@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # mlx-loom on MLX's Linux CPU backend (mlx[cpu] + Debian OpenBLAS), for linux/amd64 and linux/arm64.
 #   docker build -t mlx-loom .
 #   docker buildx build --platform linux/arm64,linux/amd64 -t mlx-loom .
