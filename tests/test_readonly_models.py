@@ -110,6 +110,13 @@ def test_reader_refuses_a_broken_file_by_name(tmp_path, content):
         read_gguf(path)
 
 
+def test_reader_refuses_a_truncated_file_by_name(tmp_path):
+    path = _write(tmp_path / "whole.gguf", {"f32.weight": (np.ones((4, 64), np.float32), None)})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(GgufReadError, match="runs past the end of the file"):
+        read_gguf(path)
+
+
 # -- read-only files, served by a process that cannot write them --
 
 @pytest.fixture

@@ -54,10 +54,13 @@ def read_gguf(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     try:
         raw = np.memmap(path, dtype=np.uint8, mode="r")
         metadata, infos, start = _Cursor(memoryview(raw)).header()
-    except (struct.error, UnicodeDecodeError, ValueError, KeyError) as exc:
-        raise GgufReadError(f"{path}: not a readable GGUF file ({exc})") from None
+        found = _tensors(raw, infos, start)
+    except GgufReadError:
+        raise
+    except (struct.error, UnicodeDecodeError, ValueError, KeyError) as exc:  # incl. an unknown tensor type
+        raise GgufReadError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     tensors: dict[str, mx.array] = {}
-    for t in _tensors(raw, infos, start):
+    for t in found:
         tensors.update(_tensor_arrays(t))
     return tensors, metadata
 
