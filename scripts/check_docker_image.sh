@@ -120,9 +120,15 @@ build_image() {
     # The classic builder where BuildKit (buildx) is missing, as with Debian's docker.io.
     docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
     step "docker build -t $IMAGE ${args[*]} . (log: tail on failure)"
-    local t=$(date +%s)
-    docker build "${args[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; fail "docker build"; }
+    local t=$(date +%s) previous
+    previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+    docker build --force-rm "${args[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
+        || { tail -n 40 "$WORK/build.log" >&2; fail "docker build"; }
     BUILD_S=$(( $(date +%s) - t ))
+    # the previous build of this tag, now untagged (kept if a container still uses it)
+    if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+        docker rmi "$previous" >/dev/null 2>&1 || true
+    fi
     step "built $IMAGE in ${BUILD_S}s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
 }
 
