@@ -125,17 +125,21 @@ build_image() {
     docker build --force-rm "${args[@]}" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
         || { tail -n 40 "$WORK/build.log" >&2; fail "docker build"; }
     BUILD_S=$(( $(date +%s) - t ))
+    step "built $IMAGE in ${BUILD_S}s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
     # the previous build of this tag, now untagged (kept if a container still uses it)
     if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]; then
         docker rmi "$previous" >/dev/null 2>&1 || true
     fi
-    step "built $IMAGE in ${BUILD_S}s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
 }
 
 # wait_healthy: polls /health from the host (ready time) and Docker's own health status.
 wait_healthy() {
     local t=$(date +%s) status ready=""
     while :; do
+        if [ -z "$ready" ] && curl -fs -o /dev/null "http://127.0.0.1:$PORT/health"; then
+            ready=$(( $(date +%s) - t ))
+            step "/health 200 after ${ready}s (Docker's check runs every 30 s)"
+        fi
         status=$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$CONTAINER")
         case "$status" in
             "running healthy") break ;;
@@ -143,10 +147,6 @@ wait_healthy() {
             running*) ;;
             *) fail "container is $status" ;;
         esac
-        if [ -z "$ready" ] && curl -fs -o /dev/null "http://127.0.0.1:$PORT/health"; then
-            ready=$(( $(date +%s) - t ))
-            step "/health 200 after ${ready}s (Docker's check runs every 30 s)"
-        fi
         [ $(( $(date +%s) - t )) -lt "$HEALTHY_TIMEOUT" ] || fail "not healthy after ${HEALTHY_TIMEOUT}s ($status)"
         sleep 2
     done
