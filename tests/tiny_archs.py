@@ -112,6 +112,11 @@ ARCHS: dict[str, dict] = {
                    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, **_MOE, "decoder_sparse_step": 1,
                    "mlp_only_layers": [], "shared_expert_intermediate_size": 32, "partial_rotary_factor": 0.25,
                    "norm_topk_prob": True, "tie_word_embeddings": False},
+    # Step-3.5: layer 0 a dense MLP, layer 1 MoE with a shared expert; both MLPs clamp (swiglu limits)
+    "step3p5": {"model_type": "step3p5", "num_attention_groups": 2, "moe_layers_enum": "1", "moe_num_experts": 4,
+                "moe_top_k": 2, "moe_intermediate_size": 32, "share_expert_dim": 64, "sliding_window": SLIDING_WINDOW,
+                "layer_types": ["sliding_attention", "full_attention"], "swiglu_limits": [0.0, 10.0],
+                "swiglu_limits_shared": [10.0, 10.0], "tie_word_embeddings": False},
     "lfm2": {"model_type": "lfm2", "num_hidden_layers": 4, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
              "block_dim": 64, "block_ff_dim": 128, "block_multiple_of": 32, "block_ffn_dim_multiplier": 1.0,
              "block_auto_adjust_ff_dim": False, "layer_types": ["conv", "conv", "full_attention", "conv"]},
@@ -198,3 +203,4 @@ def make_tiny_arch_dir(path: str | Path, case: str, *, seed: int = 0, bits: int 
     _byte_tokenizer().save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
     return out
+

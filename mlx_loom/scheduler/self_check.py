@@ -3,8 +3,10 @@
 Two short sequences go through the runner the way the scheduler runs them (prefill chunks of
 different lengths, a step mixing a chunk with a decode row, batched decode rows at different
 positions, a row alone) and every sampled position is compared with the model's plain forward
-(`model(tokens)`, no cache). A fast path that computes something else, or an architecture the
-generic path gets wrong, is refused before the server takes a request.
+(`model(tokens)`, no cache) run with every module in its own class: the model as mlx-lm's loader
+builds it, none of the native kernels the loader routed in (each of those was checked on its own at
+load, on inputs up to 4096: mlx_loom/kernels/route_check.py). A fast path that computes something
+else, or an architecture the generic path gets wrong, is refused before the server takes a request.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_loom.kernels.route_check import own_classes
 from mlx_loom.scheduler.runner import ModelRunner
 from mlx_loom.scheduler.scheduler import ScheduledRow
 
@@ -64,7 +67,9 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
         raise ModelCheckError(f"the KV pool ({runner.pools.k[0].shape[1]} blocks) cannot hold the self-check's "
                               f"{sum(per_seq)} blocks; give the cache more memory")
     blocks = [tuple(range(sum(per_seq[:s]), sum(per_seq[: s + 1]))) for s in range(len(seqs))]
-    plain = [model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32) for s in seqs]  # [L, V] each
+    with own_classes(model):  # the reference: mlx-lm's own modules, not the routed ones
+        plain = [model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32) for s in seqs]  # [L, V] each
+        mx.eval(plain)
     worst, count = 0.0, 0
     for step in STEPS:
         rows = [ScheduledRow(f"check-{s}", tuple(seqs[s][start : start + n]), start, blocks[s], sample)
