@@ -135,13 +135,13 @@ def _dequantize(q: mx.array, scales: mx.array, biases: mx.array, bits: int) -> m
 
 
 def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: mx.Dtype) -> dict[str, mx.array]:
-    out = {}
+    """Each quantized module's packed weight / scales / biases become one float weight; every other
+    tensor stays, a quantized module's own `bias` (qwen2's q/k/v projections) included."""
+    packed = {f"{module}.{k}" for module in bits for k in ("weight", "scales", "biases")}
+    out = {name: w.astype(dtype) for name, w in weights.items() if name not in packed}
     for module, b in bits.items():
         w, s, z = (weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
         out[f"{module}.weight"] = _dequantize(w, s, z, b).astype(dtype)
-    for name, w in weights.items():
-        if name.rsplit(".", 1)[0] not in bits:
-            out[name] = w.astype(dtype)
     return out
 
 
