@@ -82,3 +82,19 @@ def test_self_check_catches_a_mis_routed_module(tmp_path):
     runner = ModelRunner(loaded.model, 16, 16, loaded.dtype)
     with pytest.raises(ModelCheckError, match="differ from the model's own"):
         check_engine_matches_model(runner, loaded.model, loaded.vocab_size, loaded.dtype)
+
+
+@pytest.mark.skipif(not qmm.native_available(), reason="native kernels not built")
+def test_engine_falls_back_to_the_models_own_modules_when_a_routed_one_differs(tmp_path, caplog):
+    """The same mis-route at engine start: the self-check fails, the model's own modules pass it, and
+    the engine serves them (reason logged) with mlx-lm's tokens."""
+    path = _clamping_step3p5(tmp_path / "step3p5")
+    loaded = load_model(str(path))
+    loaded.model.model.layers[0].mlp.__class__ = routed_class(step3p5.Step3p5MLP)
+    with caplog.at_level("WARNING", logger="mlx_loom.engine"):
+        core = make_core(loaded, max_num_seqs=4, budget=16)
+    assert "own modules" in caplog.text and core.runner.generic.rows_per_call is None
+    assert type(loaded.model.model.layers[0].mlp) is step3p5.Step3p5MLP
+    prompt = [3 + (17 * i) % 250 for i in range(21)]
+    got = run(core, [("r", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))])["r"]
+    assert got.tokens == _mlx_lm_tokens(path, prompt, 12)

@@ -58,4 +58,6 @@ def plain_head(model: nn.Module) -> Head | None:
     rule = next((r for r, classes in HEAD_RULES.items() if type(model) in classes), None)
     if rule is None:
         return None
-    return model.model.embed_tokens.as_linear if _tied(model, rule) else model.lm_head
+    if _tied(model, rule):  # looked up per call: the self-check may give the embedding its own class back
+        return lambda h: model.model.embed_tokens.as_linear(h)
+    return model.lm_head

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_loom.kernels.route_check import own_classes
+from mlx_loom.kernels.routing import unroute_model
 from mlx_loom.scheduler.runner import ModelRunner
 from mlx_loom.scheduler.scheduler import ScheduledRow
 
@@ -105,18 +106,28 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
 
 
 def check_or_unbatch(runner: ModelRunner, model: nn.Module, vocab_size: int, dtype: mx.Dtype) -> CheckResult:
-    """The self-check; a generic-path model that fails it batched is checked again one row per call
-    and served that way if it then passes (slower, never wrong). Raises ModelCheckError otherwise."""
+    """The self-check, with the generic path's fallbacks, each slower and never wrong, taken only when
+    the one before fails: one row per call (a model whose own code batches rows wrongly), then the
+    model's own modules instead of the routed native ones, batched and then one row per call. The
+    reason is logged. Raises the first ModelCheckError when none passes (or on the flattened path)."""
     try:
         return check_engine_matches_model(runner, model, vocab_size, dtype)
-    except ModelCheckError as batched:
+    except ModelCheckError as first:
         if runner.generic is None:
             raise
-        runner.generic.rows_per_call = 1
-        try:
-            result = check_engine_matches_model(runner, model, vocab_size, dtype)
-        except ModelCheckError:
-            raise batched from None
-        log.warning("this model's own code gives wrong logits for batched rows (%s); serving one row per call",
-                    batched)
-        return result
+        unrouted = False
+        for rows, unroute in ((1, False), (None, True), (1, True)):
+            if unroute and not unrouted:
+                unrouted = True
+                if not unroute_model(model):
+                    break  # nothing was routed: the checks left would repeat the ones that failed
+            runner.generic.rows_per_call = rows
+            try:
+                result = check_engine_matches_model(runner, model, vocab_size, dtype)
+            except ModelCheckError:
+                continue
+            how = ("one row per call" if rows == 1 else "batched rows") + (
+                " with the model's own modules, not the routed native ones" if unrouted else "")
+            log.warning("the engine's logits differed from the model's own forward (%s); serving %s", first, how)
+            return result
+        raise first from None
