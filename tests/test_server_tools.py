@@ -230,3 +230,47 @@ def test_bad_tool_messages_are_400(api):
     assert_error(http.post("/v1/chat/completions", json=body), 400, "messages.1.tool_calls.0.function.arguments")
     body = {"messages": [{"role": "user", "content": "x", "tool_calls": [{**call, "function": {"name": "f", "arguments": "{}"}}]}]}
     assert_error(http.post("/v1/chat/completions", json=body), 400, "messages.0.tool_calls")
+
+
+def _nested_tool(name: str, inner: dict) -> dict:
+    """Parameters as pydantic writes a nested model: the inner model under $defs, a $ref to it,
+    a self-reference ("#"), and data ("const") that merely looks like a ref."""
+    return {"name": name, "parameters": {
+        "type": "object", "$defs": {"Item": inner},
+        "properties": {"item": {"$ref": "#/$defs/Item"}, "again": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+                       "tag": {"const": {"$ref": "#/$defs/Item"}}},
+        "required": ["item"]}}
+
+
+def test_required_wrapper_keeps_each_tools_local_refs():
+    """Two tools whose $defs share a name with different schemas: each call's arguments are checked
+    against its own tool's definitions, recursion included."""
+    import jsonschema
+
+    from mlx_loom.server.protocol import ChatCompletionRequest
+    from mlx_loom.server.tools import tool_plan
+
+    tools = [{"type": "function", "function": _nested_tool("a", {"type": "integer"})},
+             {"type": "function", "function": _nested_tool("b", {"type": "string"})}]
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools, tool_choice="required")
+    schema = tool_plan(req)._calls_schema()
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    ok = [{"name": "a", "arguments": {"item": 1, "again": {"item": 2}}}, {"name": "b", "arguments": {"item": "s"}},
+          {"name": "a", "arguments": {"item": 3, "tag": {"$ref": "#/$defs/Item"}}}]
+    jsonschema.validate(ok, schema)
+    for bad in ([{"name": "a", "arguments": {"item": "s"}}], [{"name": "b", "arguments": {"item": 1}}],
+                [{"name": "a", "arguments": {"item": 1, "again": {"item": "s"}}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_required_with_nested_refs_compiles(api):
+    http, _ = api
+    tool = {"type": "function", "function": _nested_tool("a", {"type": "object", "properties": {
+        "name": {"type": "string"}}, "required": ["name"]})}
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": 'ECHO:[{"name": "a", "arguments": {"item": {"name": "x"}}}]'}],
+        "tools": [tool], "tool_choice": "required", "max_tokens": 64})
+    assert r.status_code == 200, r.text
+    call = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "a" and json.loads(call["arguments"]) == {"item": {"name": "x"}}

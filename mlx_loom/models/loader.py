@@ -133,13 +133,13 @@ def _dequantize(q: mx.array, scales: mx.array, biases: mx.array, bits: int) -> m
 
 
 def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: mx.Dtype) -> dict[str, mx.array]:
-    out = {}
+    """Each quantized module's packed weight / scales / biases become one float weight; every other
+    tensor stays, a quantized module's own `bias` (qwen2's q/k/v projections) included."""
+    packed = {f"{module}.{k}" for module in bits for k in ("weight", "scales", "biases")}
+    out = {name: w.astype(dtype) for name, w in weights.items() if name not in packed}
     for module, b in bits.items():
         w, s, z = (weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
         out[f"{module}.weight"] = _dequantize(w, s, z, b).astype(dtype)
-    for name, w in weights.items():
-        if name.rsplit(".", 1)[0] not in bits:
-            out[name] = w.astype(dtype)
     return out
 
 
@@ -167,9 +167,20 @@ def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
     return _loaded(model, TextTokenizer.from_gguf_metadata(metadata), name, args, dtype)
 
 
+def text_model_args(model: nn.Module, args: Any) -> Any:
+    """The settings of the model that generates the text. Wrappers (mistral3 for Ministral 3 and
+    Mistral Small 4, gemma4, ...) keep them in `text_config` and build a `language_model` from it;
+    their own top level lacks the context length (and mistral3 the vocabulary size)."""
+    inner = model
+    while isinstance(getattr(inner, "language_model", None), nn.Module) and hasattr(inner.language_model, "args"):
+        inner = inner.language_model
+    return inner.args if inner is not model else args
+
+
 def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
     route_model(model)  # the model's own code then runs the native kernels where they apply
     layout, _ = kv_layout(model)  # refuses models whose state is not a KV cache
+    args = text_model_args(model, args)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
