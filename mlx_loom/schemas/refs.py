@@ -1,0 +1,95 @@
+"""Walking a JSON Schema: the subschemas a document can reach, with their JSON pointers, and local $refs.
+
+Only keywords that hold schemas are followed (never `enum`, `const`, `default`, `examples` or
+unknown keywords, whose values are data), and `$defs` / `definitions` only through a `$ref`, so
+a feature in an unused definition is never reported.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from mlx_loom.schemas.features import child
+
+SCHEMA_VALUED = ("additionalProperties", "additionalItems", "items", "contains", "propertyNames", "not", "if",
+                 "then", "else", "unevaluatedProperties", "unevaluatedItems")
+SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas", "dependencies")
+
+
+def resolve(root: object, ref: object) -> tuple[str, object] | None:
+    """(pointer, subschema) for a $ref into this document ("#/$defs/a", or the root's own $id + "#/...")."""
+    if not isinstance(ref, str) or not isinstance(root, dict) or "#" not in ref:
+        return None
+    base, frag = ref.split("#", 1)
+    if base and base not in (root.get("$id"), root.get("id")):
+        return None
+    if frag and not frag.startswith("/"):
+        return None
+    node: object = root
+    pointer = ""
+    for part in frag[1:].split("/") if frag else ():
+        part = unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+        pointer = child(pointer, part)
+    return pointer, node
+
+
+def subschemas(pointer: str, node: dict) -> list[tuple[str, object]]:
+    """The direct subschemas of `node` (not through $ref), with their pointers."""
+    out: list[tuple[str, object]] = []
+    for key in SCHEMA_VALUED:
+        value = node.get(key)
+        if isinstance(value, (dict, bool)):
+            out.append((child(pointer, key), value))
+    for key in SCHEMA_LISTS:
+        value = node.get(key)
+        if isinstance(value, list):
+            out.extend((child(pointer, key, i), sub) for i, sub in enumerate(value))
+    for key in SCHEMA_MAPS:
+        value = node.get(key)
+        if isinstance(value, dict):
+            out.extend((child(pointer, key, name), sub) for name, sub in value.items()
+                       if isinstance(sub, (dict, bool)))
+    return out
+
+
+def reachable(root: object) -> list[tuple[str, dict]]:
+    """Every object subschema a document can reach, each once (by identity), root first."""
+    seen: set[int] = set()
+    found: list[tuple[str, dict]] = []
+    todo: list[tuple[str, object]] = [("", root)]
+    while todo:
+        pointer, node = todo.pop()
+        if not isinstance(node, dict) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        found.append((pointer, node))
+        target = resolve(root, node.get("$ref"))
+        if target is not None:
+            todo.append(target)
+        todo.extend(reversed(subschemas(pointer, node)))
+    return found
+
+
+def facts(root: object, node: object, depth: int = 8) -> list[dict]:
+    """Subschemas every instance of `node` must match: itself, its $ref target and allOf members, transitively."""
+    out: list[dict] = []
+    todo = [(node, depth)]
+    while todo:
+        cur, d = todo.pop()
+        if not isinstance(cur, dict) or d < 0 or any(cur is seen for seen in out):
+            continue
+        out.append(cur)
+        target = resolve(root, cur.get("$ref"))
+        if target is not None:
+            todo.append((target[1], d - 1))
+        members = cur.get("allOf")
+        if isinstance(members, list):
+            todo.extend((sub, d - 1) for sub in members)
+    return out
