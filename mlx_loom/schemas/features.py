@@ -80,3 +80,26 @@ def escape(part: object) -> str:
 
 def child(pointer: str, *parts: object) -> str:
     return pointer + "".join("/" + escape(p) for p in parts)
+
+
+MAX_LISTED = 200
+"""Most pointers one refusal lists (then "and N more"); real schemas stay far below."""
+
+
+def unsupported_message(problems: list[Problem]) -> str:
+    """One refusal naming every problem: grouped by reason, each with all its pointers."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        groups.setdefault(p.why, []).append(p.pointer or "/")
+    parts, listed = [], 0
+    for why, pointers in groups.items():
+        shown = pointers[: max(0, MAX_LISTED - listed)]
+        listed += len(shown)
+        if shown:
+            parts.append(f"{why} (at {', '.join(shown)})")
+    more = len(problems) - listed
+    tail = f"; and {more} more" if more > 0 else ""
+    return (f"strict mode cannot enforce {len(problems)} part(s) of the JSON schema: " + "; ".join(parts) + tail
+            + ". Remove or rewrite them, or set strict to false (response_format.json_schema.strict, or "
+            "function.strict for tools): they are then relaxed, and a finished output that does not match the "
+            "schema carries validation_error on its choice")

@@ -1,0 +1,80 @@
+"""strict: false: the closest grammar the engine can run for any valid JSON Schema, and what it relaxes.
+
+Rungs, first that compiles and passes the dry runs wins:
+  1. the rewritten schema with every unenforceable keyword dropped (rewrite.prepare(relax=True));
+     if it has oneOfs rewrite.py could not prove disjoint and llguidance cannot either, again with
+     them read as anyOf (llguidance's coerce_one_of);
+  2. the same with llguidance's `lenient` option (it ignores what it still cannot compile);
+  3. any JSON value of the schema's root type (any JSON at all when the root type is not one name).
+Each relaxation is listed ("pointer: why"), the finished output is validated against the client's
+schema (mlx_loom/server/structured.py), and a failure is reported on the choice. Only a schema that
+is not valid JSON Schema (its metaschema says so) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from mlx_loom.schemas.grammar import GrammarError, short_error
+from mlx_loom.schemas.rewrite import PatternCheck, prepare
+from mlx_loom.schemas.schema_checks import recursion_problem
+
+log = logging.getLogger("mlx_loom.schemas")
+
+
+class Compiler(Protocol):
+    def grammar_for(self, schema: object, param: str, warnings_ok: bool = False, **options: bool) -> str: ...
+
+    def check_runs(self, grammar: str, schema: object, param: str) -> None: ...
+
+    pattern_error: PatternCheck
+
+
+def best_effort(compiler: Compiler, schema: object, param: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(grammar, relaxed, narrowed) for a valid JSON Schema; GrammarError only for an invalid one."""
+    invalid = schema_error(schema)
+    if invalid is not None:
+        raise GrammarError(f"invalid JSON schema: {invalid}", param)
+    why = recursion_problem(schema)
+    if why is None:
+        prepared = prepare(schema, relax=True, pattern_error=compiler.pattern_error)
+        relaxed = tuple(map(str, prepared.problems))
+        coerced = tuple(map(str, prepared.unproven_one_of))
+        lenient = ("/: keywords the grammar engine still cannot compile are ignored",)
+        rungs: list[tuple[dict, tuple[str, ...]]] = [({}, ())]
+        if coerced:
+            rungs.append(({"coerce_one_of": True}, coerced))
+        rungs.append(({"coerce_one_of": True, "lenient": True}, coerced + lenient))
+        for options, notes in rungs:
+            try:
+                grammar = compiler.grammar_for(prepared.schema, param, warnings_ok=bool(options), **options)
+                compiler.check_runs(grammar, prepared.schema, param)
+                return grammar, relaxed + notes, tuple(map(str, prepared.narrowed))
+            except GrammarError as exc:
+                why = str(exc)
+    fallback = _root_type_schema(schema)
+    log.info("best-effort schema falls back to %s: %s", fallback, why)
+    grammar = compiler.grammar_for(fallback, param)
+    kind = fallback.get("type", "value")
+    return grammar, (f"/: the schema is not enforced ({short_error(why, 160)}); any JSON {kind} is generated",), ()
+
+
+def _root_type_schema(schema: object) -> dict:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(kind, list) and len(kind) == 1:
+        kind = kind[0]
+    return {"type": kind} if kind in ("object", "array", "string", "number", "integer", "boolean", "null") else {}
+
+
+def schema_error(schema: object) -> str | None:
+    """Why `schema` is not valid JSON Schema under its own $schema (2020-12 by default), or None."""
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/" + "/".join(str(p) for p in exc.path) if exc.path else "/"
+        return f"{short_error(exc.message, 160)} (at {where})"
+    return None
