@@ -17,6 +17,7 @@ import logging
 from typing import Protocol
 
 from mlx_loom.schemas.grammar import GrammarError, short_error
+from mlx_loom.schemas.refs import reachable, resolve
 from mlx_loom.schemas.rewrite import PatternCheck, prepare
 from mlx_loom.schemas.schema_checks import recursion_problem
 
@@ -77,4 +78,8 @@ def schema_error(schema: object) -> str | None:
     except SchemaError as exc:
         where = "/" + "/".join(str(p) for p in exc.path) if exc.path else "/"
         return f"{short_error(exc.message, 160)} (at {where})"
+    for pointer, node in reachable(schema):  # a local $ref to nothing cannot be evaluated by anyone
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#") and resolve(schema, ref) is None:
+            return f"$ref {short_error(ref, 120)} points at nothing (at {pointer or '/'}/$ref)"
     return None
