@@ -18,10 +18,12 @@ from typing import Protocol
 
 from mlx_loom.schemas.grammar import GrammarError, short_error
 from mlx_loom.schemas.refs import reachable, resolve
-from mlx_loom.schemas.rewrite import PatternCheck, prepare
+from mlx_loom.schemas.rewrite import PatternCheck, Prepared, prepare
 from mlx_loom.schemas.schema_checks import recursion_problem
 
 log = logging.getLogger("mlx_loom.schemas")
+REGEX_ERROR = "regex parse error"
+"""How llguidance's refusal of a pattern it cannot parse (look-around, backreferences) begins."""
 
 
 class Compiler(Protocol):
@@ -39,26 +41,43 @@ def best_effort(compiler: Compiler, schema: object, param: str) -> tuple[str, tu
         raise GrammarError(f"invalid JSON schema: {invalid}", param)
     why = recursion_problem(schema)
     if why is None:
-        prepared = prepare(schema, relax=True, pattern_error=compiler.pattern_error)
-        relaxed = tuple(map(str, prepared.problems))
-        coerced = tuple(map(str, prepared.unproven_one_of))
-        lenient = ("/: keywords the grammar engine still cannot compile are ignored",)
-        rungs: list[tuple[dict, tuple[str, ...]]] = [({}, ())]
-        if coerced:
-            rungs.append(({"coerce_one_of": True}, coerced))
-        rungs.append(({"coerce_one_of": True, "lenient": True}, coerced + lenient))
-        for options, notes in rungs:
-            try:
-                grammar = compiler.grammar_for(prepared.schema, param, warnings_ok=bool(options), **options)
-                compiler.check_runs(grammar, prepared.schema, param)
-                return grammar, relaxed + notes, tuple(map(str, prepared.narrowed))
-            except GrammarError as exc:
-                why = str(exc)
+        # Patterns are checked one by one only once llguidance refused one (the common case pays nothing).
+        for pattern_error in (None, compiler.pattern_error):
+            found = _first_rung(compiler, prepare(schema, relax=True, pattern_error=pattern_error), param)
+            if isinstance(found, tuple):
+                return found
+            why = found
+            if REGEX_ERROR not in why:
+                break
     fallback = _root_type_schema(schema)
     log.info("best-effort schema falls back to %s: %s", fallback, why)
     grammar = compiler.grammar_for(fallback, param)
     kind = fallback.get("type", "value")
     return grammar, (f"/: the schema is not enforced ({short_error(why, 160)}); any JSON {kind} is generated",), ()
+
+
+def _first_rung(compiler: Compiler, prepared: Prepared, param: str) -> tuple[str, tuple[str, ...], tuple[str, ...]] | str:
+    """(grammar, relaxed, narrowed) from the first rung that compiles and runs, else the last refusal."""
+    relaxed = tuple(map(str, prepared.problems))
+    coerced = tuple(map(str, prepared.unproven_one_of))
+    lenient = ("/: keywords the grammar engine still cannot compile are ignored",)
+    rungs: list[tuple[dict, tuple[str, ...]]] = [({}, ())]
+    if coerced:
+        rungs.append(({"coerce_one_of": True}, coerced))
+    rungs.append(({"coerce_one_of": True, "lenient": True}, coerced + lenient))
+    why = ""
+    for options, notes in rungs:
+        try:
+            grammar = compiler.grammar_for(prepared.schema, param, warnings_ok=bool(options), **options)
+        except GrammarError as exc:
+            why = why if REGEX_ERROR in why else str(exc)  # a bad pattern is what the next pass can fix
+            continue
+        try:
+            compiler.check_runs(grammar, prepared.schema, param)
+        except GrammarError as exc:  # a limit or no instance: other compile options do not change that
+            return str(exc)
+        return grammar, relaxed + notes, tuple(map(str, prepared.narrowed))
+    return why
 
 
 def _root_type_schema(schema: object) -> dict:

@@ -44,6 +44,8 @@ INITIAL_LEXER_FUEL = 300_000
 patterned properties need well under this; "^a{1000000}$" fails in ~0.1 s instead of ~0.4-1.2 s."""
 DRY_RUN_TOKENS = 2
 """Tokens a compile-time dry run consumes (lowest allowed id each time) after the first mask."""
+REGEX_ERROR = "regex parse error"
+"""How llguidance's refusal of a pattern it cannot parse (look-around, backreferences) begins."""
 STRING_CHECK_BUDGET_S = 1.0
 """Most seconds spent dry-running a schema's string constraints one by one."""
 
@@ -138,7 +140,7 @@ class LLGuidanceBackend:
         problem = recursion_problem(schema)
         if problem is not None:
             raise GrammarError(problem, param)
-        prepared = prepare(schema, pattern_error=self.pattern_error)
+        prepared = prepare(schema)
         if prepared.problems:
             raise GrammarError(unsupported_message(prepared.problems + prepared.unproven_one_of), param)
         try:
@@ -146,6 +148,9 @@ class LLGuidanceBackend:
         except GrammarError as exc:
             if prepared.unproven_one_of and "oneOf" in str(exc):
                 raise GrammarError(unsupported_message(prepared.unproven_one_of), param) from None
+            if REGEX_ERROR in str(exc):  # find every bad pattern (checked one by one only now: it costs)
+                located = prepare(schema, pattern_error=self.pattern_error).problems
+                raise GrammarError(unsupported_message(located), param) if located else exc from None
             raise
         self.check_runs(grammar, schema, param)
         return grammar, tuple(map(str, prepared.narrowed))
