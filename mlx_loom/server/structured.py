@@ -68,6 +68,22 @@ async def compile_grammar(info, spec: GrammarSpec | None, param: str | None = No
                           param or "response_format", "invalid_schema") from None
 
 
+MAX_HEADER_CHARS = 2000
+"""Longest X-Schema-Relaxed / X-Schema-Narrowed value (then "..."): headers travel with every response."""
+
+
+def schema_headers(grammar: CompiledGrammar | None) -> dict[str, str]:
+    """Known before generation, so sent as headers (streaming too): the JSON pointers of what the
+    grammar relaxes (best effort) or narrows. Absent when the schema is enforced as is."""
+    out = {}
+    for name, notes in (("X-Schema-Relaxed", grammar.relaxed if grammar else ()),
+                        ("X-Schema-Narrowed", grammar.narrowed if grammar else ())):
+        if notes:
+            text = ", ".join(n.split(": ", 1)[0] for n in notes).encode("ascii", "backslashreplace").decode()
+            out[name] = text if len(text) <= MAX_HEADER_CHARS else text[: MAX_HEADER_CHARS - 3] + "..."
+    return out
+
+
 def _short(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """A schema error message capped for the client (backends already keep theirs short)."""
     return message if len(message) <= limit else message[: limit - 3].rstrip() + "..."
