@@ -114,6 +114,23 @@ def test_hostile_schema_is_served_best_effort_when_not_strict(http, name):
         assert ("validation_error" in choice) == (not valid), choice
 
 
+def test_strict_refusal_lists_every_pointer_and_best_effort_serves(http):
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string", "not": {"pattern": "x"}},
+        "b": {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "minItems": 2}}}
+    pointers = ("/properties/a/not", "/properties/b/uniqueItems")
+    r = http.post("/v1/chat/completions", json=chat(schema))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_schema" and err["param"] == "response_format.json_schema.schema", err
+    assert all(p in err["message"] for p in pointers) and "coerce_one_of" not in err["message"], err
+    assert "strict to false" in err["message"], err
+    r = http.post("/v1/chat/completions", json=chat(schema, strict=False))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-schema-relaxed"] == ", ".join(pointers), r.headers
+    assert "x-schema-narrowed" not in r.headers
+
+
 @pytest.mark.parametrize("name,needle", [
     ("required_self_recursion", "no finite instance"),
     ("required_recursion_via_defs", "no finite instance"),
