@@ -311,3 +311,13 @@ def test_features_table_matches_the_installed_engine(backend):
         assert not refused({"type": "string", "format": fmt}), fmt
     for fmt, pattern in FORMAT_PATTERNS.items():
         assert not refused({"type": "string", "pattern": pattern}), fmt
+
+
+def test_keywords_beside_a_ref_are_ignored_in_drafts_before_2019():
+    inner = {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "minItems": 2}
+    legacy = {"$schema": "http://json-schema.org/draft-07/schema#", "definitions": {"s": {"type": "string"}},
+              "type": "object", "properties": {"a": {"$ref": "#/definitions/s", "properties": {"x": inner}}}}
+    prepared = prepare(legacy)
+    assert not prepared.problems and prepared.schema["properties"]["a"] == {"$ref": "#/definitions/s"}
+    current = {**legacy, "$schema": "https://json-schema.org/draft/2020-12/schema"}
+    assert [p.pointer for p in prepare(current).problems] == ["/properties/a/properties/x/uniqueItems"]

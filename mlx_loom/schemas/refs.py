@@ -59,8 +59,10 @@ def subschemas(pointer: str, node: dict) -> list[tuple[str, object]]:
     return out
 
 
-def reachable(root: object) -> list[tuple[str, dict]]:
-    """Every object subschema a document can reach, each once (by identity), root first."""
+def reachable(root: object, ref_only: bool = False) -> list[tuple[str, dict]]:
+    """Every object subschema a document can reach, each once (by identity), root first.
+
+    ref_only: a node with a $ref is only followed through it (drafts 3-7: its siblings are ignored)."""
     seen: set[int] = set()
     found: list[tuple[str, dict]] = []
     todo: list[tuple[str, object]] = [("", root)]
@@ -73,7 +75,8 @@ def reachable(root: object) -> list[tuple[str, dict]]:
         target = resolve(root, node.get("$ref"))
         if target is not None:
             todo.append(target)
-        todo.extend(reversed(subschemas(pointer, node)))
+        if not (ref_only and target is not None):
+            todo.extend(reversed(subschemas(pointer, node)))
     return found
 
 

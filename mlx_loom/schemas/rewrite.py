@@ -53,7 +53,7 @@ def prepare(schema: object, relax: bool = False, pattern_error: PatternCheck | N
     root = copy.deepcopy(schema)
     out = Prepared(root)
     edits: list[Edit] = []
-    nodes = reachable(root)
+    nodes = reachable(root, ref_only=legacy_draft(root))
     refs = [n["$ref"] for _, n in nodes if isinstance(n.get("$ref"), str)]
     # Plan every node against the untouched schema first (proofs and complements read it); drop what
     # is relaxed while the problems' pointers still name it; then edit.
@@ -94,8 +94,7 @@ def _plan_ref_siblings(root: object, node: dict, edits: list[Edit]) -> bool:
     """Drop the keywords beside a $ref that change nothing: all of them before draft 2019-09 (validators
     ignore them), else annotations and those the target repeats. llguidance refuses any sibling of a
     circular $ref. True: nothing but $ref is left to plan at this node."""
-    schema_uri = root.get("$schema") if isinstance(root, dict) else None
-    legacy = isinstance(schema_uri, str) and any(d in schema_uri for d in LEGACY_DRAFTS)
+    legacy = legacy_draft(root)
     target = resolve(root, node["$ref"])
     repeated = target[1] if target is not None and isinstance(target[1], dict) else {}
     ignored = [k for k in node if k not in _KEEP_BESIDE_REF and (
@@ -103,6 +102,12 @@ def _plan_ref_siblings(root: object, node: dict, edits: list[Edit]) -> bool:
     if ignored:
         edits.append(_pop(node, *ignored))
     return legacy
+
+
+def legacy_draft(root: object) -> bool:
+    """The schema declares a draft (3-7) in which the keywords beside a $ref are ignored."""
+    schema_uri = root.get("$schema") if isinstance(root, dict) else None
+    return isinstance(schema_uri, str) and any(d in schema_uri for d in LEGACY_DRAFTS)
 
 
 _KEEP_BESIDE_REF = frozenset({"$ref", "definitions", "$defs"})  # other $refs may point into definitions
