@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -99,9 +100,21 @@ def generate(core, tokenizer, rows: list[dict], sample, max_tokens: int, batch: 
                 row["valid"] = None if out.finish_reason != "stop" else problem is None
                 if problem:
                     row["validation_error"] = problem[:300]
-        done = sum(1 for r in rows if "finish_reason" in r)
-        if done and done % 40 == 0 and not live:
-            print(f"  {done} documents, {time.perf_counter() - t0:.0f} s", flush=True)
+            if out.finished and len(live) + len(todo) and (len(live) + len(todo)) % 20 == 0:
+                print(f"  {len(live) + len(todo)} documents to go, {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def reuse(row: dict, strict_rows: list[dict]) -> bool:
+    """A best-effort row whose grammar is the strict one's takes the strict document: same prompt,
+    same grammar, greedy decoding (only the batch it ran in could differ). True when copied."""
+    if row["strict"] or not row["accepted"]:
+        return False
+    twin = next((r for r in strict_rows if r["subset"] == row["subset"] and r["id"] == row["id"]), None)
+    if twin is None or not twin["accepted"] or twin["grammar"].grammar != row["grammar"].grammar:
+        return False
+    row.update({k: twin[k] for k in ("finish_reason", "tokens", "output", "valid", "validation_error", "error")
+                if k in twin}, reused_strict_document=True)
+    return True
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -127,8 +140,10 @@ def report(summary: dict[str, dict], args) -> str:
              "grammar (finish_reason stop); each finished document is validated against the original schema with "
              "jsonschema (formats as annotations), *invalid* counts those that fail. *Cut*: hit max_tokens (not a "
              "document, not validated). *Relaxed*: best effort served it with some keywords not enforced. "
-             "*Narrowed*: enforced soundly with fewer documents allowed (uniqueItems: at most one item).",
-             f"Backend: {args.backend}", ""]
+             "*Narrowed*: enforced soundly with fewer documents allowed (uniqueItems: at most one item). "
+             "A best-effort schema whose grammar is identical to its strict grammar reuses the strict document "
+             f"(same prompt, grammar and greedy decoding; {args.reused} of them).",
+             f"Backend: {args.backend}; commit {args.commit}", ""]
     for mode in ("strict", "best_effort"):
         lines += [f"## {'strict: true' if mode == 'strict' else 'strict: false (best effort)'}", "",
                   "| subset | accepted | relaxed | narrowed | finished | valid | invalid | cut | error |",
@@ -168,13 +183,17 @@ def main() -> None:
     for mode, strict in (("strict", True), ("best_effort", False)):
         rows[mode] = compile_all(core.info.grammar, sample, strict)
         print(f"{mode}: {sum(r['accepted'] for r in rows[mode])}/{len(sample)} accepted", flush=True)
-        generate(core, loaded.tokenizer, rows[mode], sample, args.max_tokens, args.batch)
+        fresh = [r for r in rows[mode] if not reuse(r, rows.get("strict", []))]
+        generate(core, loaded.tokenizer, fresh, sample, args.max_tokens, args.batch)
     summary = {mode: summarize(rs) for mode, rs in rows.items()}
+    args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.strip()
+    args.reused = sum(1 for r in rows["best_effort"] if r.get("reused_strict_document"))
     md = report(summary, args)
     for rs in rows.values():
         for r in rs:
             r.pop("grammar", None)
-    payload = {"machine": machine(), "backend": args.backend,
+    payload = {"machine": machine(), "backend": args.backend, "commit": args.commit,
                "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "rows": rows,
                "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
     js, mdp = write_results(args.out, payload, md)
