@@ -26,6 +26,10 @@ REGEX_ERROR = "regex parse error"
 """How llguidance's refusal of a pattern it cannot parse (look-around, backreferences) begins."""
 
 
+Served = tuple[str, tuple[str, ...], tuple[str, ...]]
+"""(grammar, relaxed, narrowed)."""
+
+
 class Compiler(Protocol):
     def grammar_for(self, schema: object, param: str, warnings_ok: bool = False, **options: bool) -> str: ...
 
@@ -34,7 +38,7 @@ class Compiler(Protocol):
     pattern_error: PatternCheck
 
 
-def best_effort(compiler: Compiler, schema: object, param: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+def best_effort(compiler: Compiler, schema: object, param: str) -> Served:
     """(grammar, relaxed, narrowed) for a valid JSON Schema; GrammarError only for an invalid one."""
     invalid = schema_error(schema)
     if invalid is not None:
@@ -56,7 +60,7 @@ def best_effort(compiler: Compiler, schema: object, param: str) -> tuple[str, tu
     return grammar, (f"/: the schema is not enforced ({short_error(why, 160)}); any JSON {kind} is generated",), ()
 
 
-def _first_rung(compiler: Compiler, prepared: Prepared, param: str) -> tuple[str, tuple[str, ...], tuple[str, ...]] | str:
+def _first_rung(compiler: Compiler, prepared: Prepared, param: str) -> Served | str:
     """(grammar, relaxed, narrowed) from the first rung that compiles and runs, else the last refusal."""
     relaxed = tuple(map(str, prepared.problems))
     coerced = tuple(map(str, prepared.unproven_one_of))

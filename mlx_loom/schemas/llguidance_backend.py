@@ -1,8 +1,8 @@
 """GrammarBackend on llguidance (the engine behind outlines' and guidance's llguidance backends).
 
-The token view (LLTokenizer) is built once per model from the tokenizer's own JSON. JSON is
-compiled (after mlx_loom.schemas.rewrite: strict, or best_effort.py: strict false) with fixed separators ", " and ": " and no other whitespace outside strings, so a weak
-model cannot loop on spaces or newlines; llguidance never lets special tokens (e.g.
+The token view (LLTokenizer) is built once per model from the tokenizer's own JSON. A schema is
+first rewritten (rewrite.py under strict, best_effort.py otherwise); JSON is compiled with fixed
+separators ", " and ": " and no other whitespace outside strings, so a weak model cannot loop on spaces or newlines; llguidance never lets special tokens (e.g.
 <|im_start|>) into a lexeme, and allows EOS only where the document is complete. Under strict,
 keywords llguidance does not implement are errors (lenient: false): a constraint is never silently
 dropped; under best effort (best_effort.py) what is dropped is listed on the CompiledGrammar.

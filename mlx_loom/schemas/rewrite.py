@@ -157,8 +157,8 @@ def _plan_dependencies(ptr: str, node: dict, problems: list[Problem], edits: lis
             added.append({"anyOf": [then, {"properties": {name: False}}]})
         edits.append(_pop(node, key))
     if len(added) > MAX_BRANCHES.bit_length() + 2:  # 2^n alternatives once the grammar expands them
-        problems.append(Problem(child(ptr, "dependencies"), "dependencies", f"{len(added)} property dependencies on one object are too "
-                                "many alternatives to enforce exactly"))
+        problems.append(Problem(child(ptr, "dependencies"), "dependencies", f"{len(added)} property dependencies "
+                                "on one object are too many alternatives to enforce exactly"))
     elif added:
         edits.append(_add_all_of(node, *added))
 
@@ -177,6 +177,7 @@ def _plan_conditional(ptr: str, node: dict, problems: list[Problem], edits: list
                                 "type, const, enum of one string or of numbers, required, properties of those, "
                                 "and bounds are)"))
         return
+    then, other = ({} if x is True else x for x in (then, other))  # an absent branch allows everything
     edits.append(_add_all_of(node, {"anyOf": [{"allOf": [cond, then]}, {"allOf": [neg, other]}]}))
 
 
