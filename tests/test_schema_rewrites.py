@@ -321,3 +321,18 @@ def test_keywords_beside_a_ref_are_ignored_in_drafts_before_2019():
     assert not prepared.problems and prepared.schema["properties"]["a"] == {"$ref": "#/definitions/s"}
     current = {**legacy, "$schema": "https://json-schema.org/draft/2020-12/schema"}
     assert [p.pointer for p in prepare(current).problems] == ["/properties/a/properties/x/uniqueItems"]
+
+
+CIRCULAR = {  # Washington Post style: a property and a matching patternProperty, both through a circular $ref
+    "$defs": {"n": {"type": "object", "properties": {"k": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}},
+    "type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "patternProperties": {"^a": {"$ref": "#/$defs/n"}},
+    "required": ["a"], "additionalProperties": False}
+
+
+def test_best_effort_unfolds_circular_refs_llguidance_cannot_intersect(backend, tok, short_tokens):
+    with pytest.raises(GrammarError):
+        backend.compile(GrammarSpec.json_schema(CIRCULAR, strict=True))
+    spec = GrammarSpec.json_schema(CIRCULAR, strict=False)
+    assert "levels deep" in backend.compile(spec).relaxed[-1]
+    docs = random_documents(backend, tok, short_tokens, spec, 8)
+    assert docs and all("a" in json.loads(d) for d in docs), docs  # the structure is kept, not any object

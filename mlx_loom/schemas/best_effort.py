@@ -5,7 +5,9 @@ Rungs, first that compiles and passes the dry runs wins:
      if it has oneOfs rewrite.py could not prove disjoint and llguidance cannot either, again with
      them read as anyOf (llguidance's coerce_one_of);
   2. the same with llguidance's `lenient` option (it ignores what it still cannot compile);
-  3. any JSON value of the schema's root type (any JSON at all when the root type is not one name).
+  3. the schema with its $refs inlined 3, 2 or 1 levels deep and anything below (llguidance cannot
+     intersect schemas through a circular $ref), if that stays small enough to compile;
+  4. any JSON value of the schema's root type (any JSON at all when the root type is not one name).
 Each relaxation is listed ("pointer: why"), the finished output is validated against the client's
 schema (mlx_loom/server/structured.py), and a failure is reported on the choice. Only a schema that
 is not valid JSON Schema (its metaschema says so) is refused.
@@ -13,11 +15,12 @@ is not valid JSON Schema (its metaschema says so) is refused.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Protocol
 
 from mlx_loom.schemas.grammar import GrammarError, short_error
-from mlx_loom.schemas.refs import reachable, resolve
+from mlx_loom.schemas.refs import reachable, resolve, unfold
 from mlx_loom.schemas.rewrite import PatternCheck, Prepared, prepare
 from mlx_loom.schemas.schema_checks import recursion_problem
 
@@ -53,6 +56,9 @@ def best_effort(compiler: Compiler, schema: object, param: str) -> Served:
             why = found
             if REGEX_ERROR not in why:
                 break
+        served = _unfolded(compiler, prepare(schema, relax=True, pattern_error=compiler.pattern_error), param, why)
+        if served is not None:
+            return served
     fallback = _root_type_schema(schema)
     log.info("best-effort schema falls back to %s: %s", fallback, why)
     grammar = compiler.grammar_for(fallback, param)
@@ -82,6 +88,36 @@ def _first_rung(compiler: Compiler, prepared: Prepared, param: str) -> Served | 
             return str(exc)
         return grammar, relaxed + notes, tuple(map(str, prepared.narrowed))
     return why
+
+
+UNFOLD_DEPTHS = (3, 2, 1)
+MAX_UNFOLDED_CHARS = 100_000
+"""Largest unfolded schema tried (JSON text): compile time grows with it (~0.2 s at 100k)."""
+
+
+def _unfolded(compiler: Compiler, prepared: Prepared, param: str, why: str) -> Served | None:
+    """The schema with its $refs inlined a few levels deep (then anything): for what llguidance refuses
+    through circular $refs. The deepest unfolding that stays under MAX_UNFOLDED_CHARS and compiles;
+    None when none does."""
+    if "$ref" not in json.dumps(prepared.schema):
+        return None
+    flats = []
+    for depth in sorted(UNFOLD_DEPTHS):  # shallow first: stop before one grows too large to build
+        flat = unfold(prepared.schema, depth)
+        if len(json.dumps(flat)) > MAX_UNFOLDED_CHARS:
+            break
+        flats.append((depth, flat))
+    for depth, flat in reversed(flats):
+        try:
+            grammar = compiler.grammar_for(flat, param, warnings_ok=True, coerce_one_of=True, lenient=True)
+            compiler.check_runs(grammar, flat, param)
+        except GrammarError:
+            continue
+        note = (f"/: $refs more than {depth} levels deep are not enforced (the grammar engine refused the "
+                f"schema: {short_error(why, 120)})")
+        relaxed = tuple(map(str, prepared.problems + prepared.unproven_one_of))
+        return grammar, relaxed + (note,), tuple(map(str, prepared.narrowed))
+    return None
 
 
 def _root_type_schema(schema: object) -> dict:

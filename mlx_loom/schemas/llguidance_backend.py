@@ -2,8 +2,8 @@
 
 The token view (LLTokenizer) is built once per model from the tokenizer's own JSON. A schema is
 first rewritten (rewrite.py under strict, best_effort.py otherwise); JSON is compiled with fixed
-separators ", " and ": " and no other whitespace outside strings, so a weak model cannot loop on spaces or newlines; llguidance never lets special tokens (e.g.
-<|im_start|>) into a lexeme, and allows EOS only where the document is complete. Under strict,
+separators ", " and ": " and no other whitespace outside strings, so a weak model cannot loop
+on spaces or newlines; llguidance never lets special tokens (e.g. <|im_start|>) into a lexeme, and allows EOS only where the document is complete. Under strict,
 keywords llguidance does not implement are errors (lenient: false): a constraint is never silently
 dropped; under best effort (best_effort.py) what is dropped is listed on the CompiledGrammar.
 

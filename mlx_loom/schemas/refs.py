@@ -96,3 +96,27 @@ def facts(root: object, node: object, depth: int = 8) -> list[dict]:
         if isinstance(members, list):
             todo.extend((sub, d - 1) for sub in members)
     return out
+
+
+_DATA_KEYS = ("enum", "const", "default", "examples", "required")
+
+
+def unfold(root: object, depth: int) -> object:
+    """`root` with every $ref replaced by a copy of its target, `depth` levels deep, and by {} (anything)
+    below that: no $ref is left, so nothing is circular. Looser than `root` once depth runs out; best
+    effort only (the grammar engine cannot intersect schemas through a circular $ref)."""
+    def walk(node: object, left: int) -> object:
+        if isinstance(node, list):
+            return [walk(x, left) for x in node]
+        if not isinstance(node, dict):
+            return node
+        if isinstance(node.get("$ref"), str):
+            target = resolve(root, node["$ref"])
+            if target is None or left <= 0:
+                return {}
+            rest = {k: walk(v, left) for k, v in node.items() if k not in ("$ref", "definitions", "$defs")}
+            inner = walk(target[1], left - 1)
+            return {"allOf": [inner, rest]} if rest else inner
+        return {k: v if k in _DATA_KEYS else walk(v, left) for k, v in node.items()
+                if k not in ("definitions", "$defs")}
+    return walk(root, depth)
