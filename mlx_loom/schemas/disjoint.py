@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from mlx_loom.schemas.negate import canonical, type_of
+from mlx_loom.schemas.negate import ANNOTATIONS, canonical, type_of
 from mlx_loom.schemas.refs import facts
 
 ALL_TYPES = frozenset({"null", "boolean", "object", "array", "integer", "fraction", "string"})
@@ -37,7 +37,6 @@ def types_of(root: object, node: object) -> set[str]:
 def only_object_keywords(root: object, branch: object) -> bool:
     """`branch` constrains objects alone: every non-object instance matches it."""
     fs = facts(root, branch)
-    from mlx_loom.schemas.negate import ANNOTATIONS
     return bool(fs) and all(set(f) - ANNOTATIONS - {"$ref", "allOf", "definitions", "$defs"} <= OBJECT_KEYWORDS
                             for f in fs)
 
