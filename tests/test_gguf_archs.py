@@ -147,7 +147,7 @@ def test_q8_0_qwen2_gguf_keeps_its_qkv_biases_when_dequantized(tmp_path):
 _NATIVE_OFF = """
 import sys
 sys.path.insert(0, {tests!r})
-import mlx_loom.scheduler
+import mlx_loom.kernels  # OpenBLAS before mlx
 import mlx.core as mx
 from engine_driver import make_core, run
 from mlx_loom.kernels import qmm

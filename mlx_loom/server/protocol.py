@@ -50,7 +50,9 @@ class JsonSchemaFormat(_Open):
     schema_: dict | StrictBool | None = Field(None, alias="schema")
     """The JSON Schema the output must match."""
     strict: StrictBool | None = None
-    """Accepted and not read: the output is always constrained to the schema (as if true)."""
+    """true: the output matches the schema exactly, or a 400 lists every part that cannot be enforced.
+    false / absent: best effort (unenforceable parts relaxed; a finished output that does not validate
+    carries validation_error on its choice)."""
 
 
 class ResponseFormat(_Open):
@@ -65,8 +67,9 @@ class FunctionDef(_Open):
     parameters: dict | None = None
     """JSON Schema of the arguments object (omitted: no arguments)."""
     strict: StrictBool | None = None
-    """Accepted and not read: "required" / named tool_choice always constrain the arguments to
-    `parameters` (as if true); "auto" parses calls from free text and constrains nothing."""
+    """With "required" / named tool_choice, the arguments are constrained to `parameters`: exactly
+    (true; a 400 names what cannot be enforced) or best effort (false / absent). "auto" parses calls
+    from free text and constrains nothing."""
 
 
 class Tool(_Open):
@@ -165,7 +168,7 @@ class _SamplingRequest(_Open):
     """An end-user id for the provider's abuse monitoring: ignored here, but a string, as OpenAI requires."""
     response_format: ResponseFormat | None = None
     """{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}:
-    the output is constrained to match (never fails open), whatever `strict` says."""
+    the output is constrained to match: exactly under strict true, best effort otherwise."""
 
 
 class ChatCompletionRequest(_SamplingRequest):

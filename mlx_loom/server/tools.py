@@ -30,6 +30,8 @@ class FunctionSpec:
     description: str | None
     parameters: dict
     """JSON Schema of the arguments object."""
+    strict: bool = False
+    """function.strict: enforce `parameters` exactly or refuse (else best effort, as OpenAI)."""
 
     def openai_dict(self) -> dict:
         fn = {"name": self.name, "parameters": self.parameters}
@@ -58,10 +60,12 @@ class ToolPlan:
         if self.mode == "named":
             fn = next(f for f in self.functions if f.name == self.named)
             schema, param = fn.parameters, f"tools.{self._index(fn.name)}.function.parameters"
+            strict = fn.strict
         else:
             schema, param = self._calls_schema(), "tools"
+            strict = all(f.strict for f in self.functions)  # one grammar: strict only if every function is
         try:
-            return GrammarSpec.json_schema(schema, name=self.named or "tool_calls")
+            return GrammarSpec.json_schema(schema, name=self.named or "tool_calls", strict=strict)
         except GrammarError as exc:
             raise bad_request(str(exc), param, "invalid_schema") from None
 
@@ -153,7 +157,7 @@ def _function_spec(i: int, fn) -> FunctionSpec:
     if problem:
         raise bad_request(f"tools.{i}.function.parameters is not a valid JSON Schema: {problem}",
                           f"tools.{i}.function.parameters", "invalid_schema")
-    return FunctionSpec(fn.name, fn.description, params)
+    return FunctionSpec(fn.name, fn.description, params, fn.strict is True)
 
 
 def _schema_problem(schema: dict) -> str | None:
