@@ -253,3 +253,21 @@ def test_top_p_below_float32_keeps_the_top_token(v, extra):
     x = _logits(3, v, seed=9)
     rows = [_row(seed=s, temperature=1.0, top_p=1e-50, **extra) for s in range(3)]
     assert _ids(x, rows) == [int(i) for i in x.argmax(axis=-1)]
+
+
+@pytest.mark.parametrize("params", [*PROCESSING, dict(top_p=0.9, logprobs=True, top_logprobs=3), dict(top_k=7)],
+                         ids=lambda p: ",".join(p))
+def test_a_previous_token_on_the_device_counts_as_if_known(params):
+    """sample_on_device(prev=t) over a row's known output equals sampling with t appended on the host:
+    what makes a step launched from unread tokens draw what a synchronous one would."""
+    from mlx_loom.sample.sampler import read, sample_on_device
+
+    x = _logits(3, V_BIG, seed=12, scale=3.0)
+    outputs = [(4, 4, 9), (), (7,)]
+    prev = [4, 11, 7]
+    known = [_row(seed=s, prompt=(1, 2), output=o + (t,), temperature=0.8, **params)
+             for s, (o, t) in enumerate(zip(outputs, prev))]
+    pending = [_row(seed=s, prompt=(1, 2), output=o, temperature=0.8, **params) for s, o in enumerate(outputs)]
+    want = sample(mx.array(x), known)
+    got, redone = read(sample_on_device(mx.array(x), pending, mx.array(prev, dtype=mx.int32)))
+    assert got == want and redone == []
