@@ -126,6 +126,9 @@ class EngineCore:
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.abort_request(request_id)
         self._forget(request_id)
+        live = self.scheduler.requests
+        if self._inflight is not None and not any(r.request_id in live for r in self._inflight.out.rows):
+            self._inflight = None  # a launched step for nobody: nothing of it will be read
         return self._output(req) if req is not None else None
 
     def has_unfinished(self) -> bool:
