@@ -16,6 +16,9 @@ script profiles an older checkout (`--root`).
     .venv/bin/python benchmarks/profile_request.py --root /tmp/base --label before
     .venv/bin/python benchmarks/profile_request.py --compare before after   # profile_request.md
 
+benchmarks/profile_request.sh runs both revisions in turns, config by config (a shared machine's
+load drifts: side by side, not one after the other).
+
 Writes benchmarks/results/profile_request_<label>.{json,md}.
 """
 
@@ -283,6 +286,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--configs", default="sampled-async,sampled-sync,greedy-async",
                     help="comma list of {sampled,greedy}-{async,sync}")
+    ap.add_argument("--append", action="store_true", help="add these configs to the label's earlier results")
     ap.add_argument("--client", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--compare", nargs="+", help="labels of earlier runs: write profile_request.md from them")
     args = ap.parse_args()
@@ -306,7 +310,10 @@ def main() -> None:
     res = {"label": args.label, "revision": _revision(Path(args.root)), "backend": describe_backend(),
            "tokens": args.tokens, "runs": args.runs, "timed": wrapped, "configs": configs}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"profile_request_{args.label}.json").write_text(json.dumps(res, indent=1))
+    path = RESULTS / f"profile_request_{args.label}.json"
+    if args.append and path.exists():  # configs run in turns with another revision's, one file per label
+        res["configs"] = json.loads(path.read_text())["configs"] + configs
+    path.write_text(json.dumps(res, indent=1))
     (RESULTS / f"profile_request_{args.label}.md").write_text(markdown([res]))
 
 
