@@ -271,3 +271,17 @@ def test_a_previous_token_on_the_device_counts_as_if_known(params):
     want = sample(mx.array(x), known)
     got, redone = read(sample_on_device(mx.array(x), pending, mx.array(prev, dtype=mx.int32)))
     assert got == want and redone == []
+
+
+def test_device_tokens_are_in_batch_order_for_mixed_paths():
+    """The tokens a next step is launched from (DeviceSample.tokens) are row b's token at b, whatever
+    path each row takes (greedy, full, candidates, wide), and equal what `read` returns."""
+    from mlx_loom.sample.sampler import read, sample_on_device
+
+    x = _logits(5, V_BIG, seed=13, scale=4.0)
+    rows = [_row(seed=1, temperature=0.9, top_k=5), _row(temperature=0.0), _row(seed=2, temperature=0.7),
+            _row(seed=3, temperature=1.0, top_k=CANDIDATES + 7), _row(seed=4, temperature=0.0, logprobs=True)]
+    drawn = sample_on_device(mx.array(x), rows)
+    got, redone = read(drawn)
+    assert redone == [] and drawn.tokens.tolist() == [t.token_id for t in got]
+    assert got[1].token_id == int(x[1].argmax()) and got[4].token_id == int(x[4].argmax())
