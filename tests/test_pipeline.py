@@ -52,8 +52,8 @@ def test_no_next_step_when_it_depends_on_the_tokens():
     s = _decoding()
     out = s.schedule()
     assert rows_sample_on_device(out, s.requests)
-    s.requests["r1"].params = replace(s.requests["r1"].params, grammar=object())
-    assert not rows_sample_on_device(out, s.requests)  # a grammar row's mask needs the token: never launched ahead
+    prefill = replace(out, rows=(replace(out.rows[0], token_ids=(1, 2)), *out.rows[1:]))
+    assert not rows_sample_on_device(prefill, s.requests)  # only decode rows are launched ahead
     s = _decoding()
     launched = s.schedule()
     s.abort_request("r1")
@@ -183,3 +183,23 @@ def test_a_redrawn_wide_nucleus_drops_the_step_launched_from_it(default_model, p
     sync, got, core = _both(default_model, reqs)
     _same(sync, got)
     assert core.dropped_steps > 0 and core.scheduler.num_free_blocks == core.scheduler.num_blocks
+
+
+def test_grammar_rows_are_pipelined_with_masks_filled_while_the_forward_runs(default_model, prompts):
+    """Grammar rows beside free ones: the forward is launched ahead, the masks follow the read; same
+    tokens as synchronous steps, documents complete (a finished row drops the forward launched for it)."""
+    from mlx_loom.schemas.grammar import GrammarSpec
+    from structured_schemas import PERSON
+
+    sync_core, async_core = _core(default_model, False), _core(default_model, True)
+    backend = async_core.info.grammar
+    person = backend.compile(GrammarSpec.json_schema(PERSON))
+    reqs = [("g_sampled", prompts[0], replace(SAMPLED, max_tokens=64, ignore_eos=False, grammar=person)),
+            ("g_greedy", prompts[1], replace(GREEDY, max_tokens=64, grammar=backend.compile(GrammarSpec.json_object()))),
+            ("free", prompts[2], replace(SAMPLED, max_tokens=40))]
+    sync = run(sync_core, reqs, join_step={"free": 2})
+    got = run(async_core, reqs, join_step={"free": 2})
+    _same(sync, got)
+    assert got["g_sampled"].finish_reason in ("stop", "length") and got["free"].tokens
+    assert async_core.pipelined_steps > 10
+    assert async_core.scheduler.num_free_blocks == async_core.scheduler.num_blocks

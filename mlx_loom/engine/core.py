@@ -137,7 +137,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one batched forward, sample, update; the deltas of this step.
 
-        Decode steps whose rows all sample on the device are pipelined (pipeline.py): the next step
+        Decode-only steps with nobody waiting are pipelined (pipeline.py): the next step
         is launched before this one's tokens are read, so host work overlaps the device. An
         exception past scheduling fails only the requests that cause it: the step's rows are
         retried one by one (while no request state changed yet), and a row that fails alone gets
@@ -162,9 +162,15 @@ class EngineCore:
 
     def _launch(self, out: SchedulerOutput, prev: mx.array | None) -> _InFlight:
         """Build the step (from prev [B] int32, the previous step's tokens still on the device, or
-        from the rows' known tokens) with its sampling, and start it; nothing is read."""
+        from the rows' known tokens) with its sampling, and start it; nothing is read. Grammar rows
+        need their matchers current: never with prev (see `_pipelined_step`)."""
         logits, _ = self.runner.execute(out.rows, prev)  # [B, V]
+        return self._launch_sampling(out, logits, prev)
+
+    def _launch_sampling(self, out: SchedulerOutput, logits: mx.array, prev: mx.array | None) -> _InFlight:
+        """Masks for the grammar rows (host), then the sampling graph on logits [B, V], started."""
         reqs = [self.scheduler.requests[row.request_id] for row in out.rows]
+        logits = self.structured.apply_masks(logits, [r.request_id for r in reqs])
         drawn = sample_on_device(logits, _sampling_rows(reqs), prev)
         mx.async_eval(*drawn.arrays())
         self.pipelined_steps += 1
@@ -172,30 +178,58 @@ class EngineCore:
 
     def _pipelined_step(self) -> list[RequestOutput]:
         """Launch the step after the one in flight (when it is determined), then read and apply the
-        one in flight while the new one runs."""
+        one in flight while the new one runs. With grammar rows only the next forward is launched
+        before the read; its masks are filled once the matchers took this step's tokens, while the
+        device runs that forward, and its sampling is launched after them."""
         launched, self._inflight = self._inflight, None
+        forward = None  # (step, logits) of a launched forward whose sampling waits for masks
         try:
             after = next_decode_step(self.scheduler, launched.out)
-            if after is not None:
+            if after is not None and self._has_grammar(after):
+                forward = (after, self.runner.execute(after.rows, launched.drawn.tokens)[0])
+                mx.async_eval(forward[1])
+            elif after is not None:
                 self._inflight = self._launch(after, launched.drawn.tokens)
         except Exception:
             log.exception("launching a pipelined step failed; the next step runs synchronously")
-            self._inflight = None
+            self._inflight = forward = None
         try:
             tokens, redone = read(launched.drawn)
-            if redone and self._inflight is not None:
+            if redone and (self._inflight is not None or forward is not None):
+                forward = None
                 self._drop_inflight()
             live = self.scheduler.requests  # rows of requests ended meanwhile are dropped unread
             sampled = {row.request_id: [t] for row, t in zip(launched.out.rows, tokens) if row.request_id in live}
-            return self._apply(launched.out, sampled)
+            outputs = self._apply(launched.out, sampled)
         except Exception as exc:
             self._recover(exc)
             return self._fail_step(launched.out, exc)
+        if forward is not None:
+            self._sample_forward(*forward)
+        return outputs
+
+    def _has_grammar(self, out: SchedulerOutput) -> bool:
+        return any(r.request_id in self.structured for r in out.rows)
+
+    def _sample_forward(self, out: SchedulerOutput, logits: mx.array) -> None:
+        """Launch the sampling of a forward launched ahead, now that the previous step's tokens are
+        applied (so prev is known to the host). If a row's request ended meanwhile the step is
+        dropped: it is no longer the next step of the running requests."""
+        running = {r.request_id for r in self.scheduler.running}
+        if any(row.request_id not in running for row in out.rows):
+            self._drop_inflight()
+            return
+        try:
+            self._inflight = self._launch_sampling(out, logits, None)
+        except Exception:
+            log.exception("launching a pipelined step's sampling failed; the next step runs synchronously")
+            self._drop_inflight()
 
     def _drop_inflight(self) -> None:
-        """The step in flight was launched from a first draw that a redo replaced (a top_p nucleus
-        wider than the candidates): forget it. It changed no request state; the next synchronous
-        step recomputes its positions and overwrites the KV it wrote."""
+        """Forget the launched step: it was launched from a first draw that a redo replaced (a top_p
+        nucleus wider than the candidates), or a grammar step's request ended before its sampling.
+        It changed no request state; the next synchronous step recomputes its positions and
+        overwrites the KV it wrote."""
         self._inflight = None
         self.runner.discard_derived()
         self.dropped_steps += 1
