@@ -66,6 +66,9 @@ class Settings:
     warmup: bool = _opt(True, "Skip the warm-up before ready (one decode step per batch-size bucket, a "
                               "prefill chunk and the sampler, run before /health says 200 so the first "
                               "requests do not pay kernel compilation).", flag="--no-warmup")
+    async_decode: bool = _opt(True, "Run every decode step synchronously (read each step's tokens before the "
+                                    "next is launched); by default a step is launched from the previous "
+                                    "step's tokens still on the device.", flag="--no-async-decode")
     max_request_bytes: int = _opt(4 * 2**20, "Largest accepted request body in bytes (larger: 413).")
     max_queued_requests: int = _opt(256, "Requests that may wait beyond the --max-num-seqs running ones; "
                                          "more in flight get 429 with Retry-After (each of n choices counts).")
@@ -119,6 +122,7 @@ class Settings:
             spec=SpecConfig(method=self.speculative, k=self.spec_k, level2=self.spec_level2, mode=self.spec_mode),
             sparse_prefill=self.sparse_prefill,
             warmup=self.warmup,
+            async_decode=self.async_decode,
         )
 
 
