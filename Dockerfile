@@ -1,11 +1,11 @@
-# syntax=docker/dockerfile:1
 # mlx-loom on MLX's Linux CPU backend (mlx[cpu] + Debian OpenBLAS), for linux/amd64 and linux/arm64.
 #   docker build -t mlx-loom .
 #   docker buildx build --platform linux/arm64,linux/amd64 -t mlx-loom .
 #   docker run -p 8000:8000 mlx-loom                      # options: MLX_LOOM_* env or appended flags
 # Containers get no Metal, even on a Mac: for Metal speed run natively (`make serve` on macOS).
 # The install steps are scripts/docker_install.sh; CI runs that same script into a fresh venv and
-# serves a request from it (scripts/check_docker_install.sh).
+# serves a request from it (scripts/check_docker_install.sh), then builds this image and runs it as
+# shipped until Docker's health status is healthy (scripts/check_docker_image.sh).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 

@@ -4,7 +4,7 @@ Per projection shape of the default model (SmolLM2-135M: in -> out) and rows M i
   - native:  mlx_loom.kernels.native affine_qmm (MLX custom primitive, 4-bit group 32 = the GGUF Q4_1 layout)
   - mx.qmm:  mx.quantized_matmul(transpose=True), MLX's own CPU kernel, same 4-bit weights
   - f32:     x @ W.T on the dequantized float32 weights (what the server runs today), with
-             OpenBLAS preloaded the way mlx_loom/scheduler/ does it
+             OpenBLAS preloaded the way mlx_loom/kernels/ does it
 OpenBLAS's worker threads spin for a while after each GEMM and then compete for the same 2
 cores, so each native measurement starts after a 0.3 s pause. Timing: each eval runs CALLS independent products (distinct x) so per-eval dispatch cost is
 amortized the way it is inside a model step; median of the repeats after warm-up, per call.

@@ -8,8 +8,9 @@ requests/s, a bounded count, no cap on requests in flight.
 Every request is a streaming chat completion (httpx, stream=True) of a varied prompt (the
 questions of benchmarks/_common.py after one shared system prompt, each request numbered so that no
 two requests of a whole run, warm-up and levels included, share more than the template and the
-system prompt: every server meets the same cold prefix cache), max_tokens 64, temperature
-0, `stream_options.include_usage` where the server takes it (else output tokens = content
+system prompt: every server meets the same cold prefix cache), max_tokens 64, sampled
+(temperature 0.7, a seed per request: what chat clients send) and greedy (temperature 0) as
+separate passes (--sampling), `stream_options.include_usage` where the server takes it (else output tokens = content
 chunks), `ignore_eos` only where the server honours it (--eos-policy auto probes: a short-answer
 prompt must then run to max_tokens). Output tokens are always the server's actual counts.
 
@@ -36,7 +37,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, SYSTEM_PROMPT, chat_messages, machine  # noqa: E402
 
 PARIS_PROMPT = "What is the capital of France?"
+SAMPLING = {"sampled": {"temperature": 0.7}, "greedy": {"temperature": 0.0}}
+"""How each pass samples; a sampled request also carries seed = SEED_BASE + its prompt index."""
+SEED_BASE = 1000
 
 
 # -- one request --
@@ -60,6 +64,7 @@ class Target:
     include_usage: bool = True
     extra_body: dict = field(default_factory=dict)  # e.g. {"ignore_eos": true}
     request_timeout_s: float = 600.0
+    sampling: str = "greedy"  # a key of SAMPLING
 
 
 @dataclass
@@ -89,8 +94,10 @@ class RequestResult:
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
-def payload(target: Target, messages: list[dict], max_tokens: int) -> dict:
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+def payload(target: Target, messages: list[dict], max_tokens: int, index: int = 0) -> dict:
+    body = {"messages": messages, "max_tokens": max_tokens, "stream": True, **SAMPLING[target.sampling]}
+    if target.sampling != "greedy":
+        body["seed"] = SEED_BASE + index
     if target.model is not None:
         body["model"] = target.model
     if target.include_usage:
@@ -102,13 +109,13 @@ def payload(target: Target, messages: list[dict], max_tokens: int) -> dict:
 async def send_indexed(client: httpx.AsyncClient, target: Target, index: int, run: int,
                        max_tokens: int) -> RequestResult:
     """The index-th request of a run (benchmarks/_common.chat_messages), its index kept."""
-    res = await send(client, target, chat_messages(index, run), max_tokens)
+    res = await send(client, target, chat_messages(index, run), max_tokens, index=index)
     res.index = index
     return res
 
 
 async def send(client: httpx.AsyncClient, target: Target, messages: list[dict], max_tokens: int,
-               keep_text: bool = False) -> RequestResult:
+               keep_text: bool = False, index: int = 0) -> RequestResult:
     """One streaming chat completion, timed chunk by chunk."""
     start = time.perf_counter()
     res = RequestResult(ok=False, start=start, end=start)
@@ -116,7 +123,7 @@ async def send(client: httpx.AsyncClient, target: Target, messages: list[dict], 
     parts = []
     try:
         async with client.stream("POST", target.base_url + "/v1/chat/completions",
-                                 json=payload(target, messages, max_tokens),
+                                 json=payload(target, messages, max_tokens, index),
                                  timeout=target.request_timeout_s) as r:
             if r.status_code != 200:
                 body = (await r.aread()).decode(errors="replace")
@@ -245,6 +252,7 @@ def summarize(results: list[RequestResult], started: float, *, mode: str, level:
     out_tokens = sum(r.output_tokens for r in ok)
     summary = {
         "mode": mode,
+        "sampling": None,  # set by run_levels
         "concurrency" if mode == "closed" else "request_rate": level,
         "num_requests": num_requests,
         "completed": len(ok),
@@ -482,6 +490,7 @@ def plot(runs_by_server: dict[str, list[dict]], path: Path, title: str) -> Path 
 
 def fmt_run(r: dict) -> str:
     level = f"N={r['concurrency']}" if r["mode"] == "closed" else f"rate={r['request_rate']}/s"
+    level = f"{r.get('sampling') or ''} {level}".strip()
     rss = f"  peak RSS {r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else ""
     med = lambda k: r[k]["median"] or float("nan")  # noqa: E731
     return (f"{level:10s} {r['completed']:4d} ok {r['errors']:3d} err  {r['request_throughput']:6.2f} req/s "
@@ -491,19 +500,34 @@ def fmt_run(r: dict) -> str:
 
 def run_levels(target: Target, *, concurrency: list[int], rates: list[float], max_tokens: int,
                min_requests: int, max_requests: int, num_requests: int | None, time_limit_s: float,
-               warmup: int, log=print) -> list[dict]:
-    """Warm-up, then every closed-loop level and every open-loop rate against one server."""
+               warmup: int, log=print, sampling: tuple[str, ...] = ("greedy",)) -> list[dict]:
+    """Warm-up, then for each sampling pass every closed-loop level and every open-loop rate against
+    one server (each run records its pass in run["sampling"])."""
+    runs = []
+    for i, mode in enumerate(sampling):
+        runs += _run_pass(replace(target, sampling=mode), concurrency=concurrency, rates=rates,
+                          max_tokens=max_tokens, min_requests=min_requests, max_requests=max_requests,
+                          num_requests=num_requests, time_limit_s=time_limit_s, warmup=warmup if i == 0 else 0,
+                          log=log)
+    return runs
+
+
+def _run_pass(target: Target, *, concurrency: list[int], rates: list[float], max_tokens: int,
+              min_requests: int, max_requests: int, num_requests: int | None, time_limit_s: float,
+              warmup: int, log=print) -> list[dict]:
     if warmup:
         asyncio.run(run_closed(target, min(warmup, 4), warmup, max_tokens, time_limit_s, run=0))
     runs = []
     for level, n in enumerate(concurrency, 1):  # each level its own run number: new prompts
         count = num_requests or requests_for(n, min_requests, max_requests)
         r = asyncio.run(run_closed(target, n, count, max_tokens, time_limit_s, run=level))
+        r["sampling"] = target.sampling
         log(f"{target.name:16s} {fmt_run(r)}")
         runs.append(r)
     for level, rate in enumerate(rates, len(concurrency) + 1):
         count = num_requests or max_requests
         r = asyncio.run(run_open(target, rate, count, max_tokens, time_limit_s, run=level))
+        r["sampling"] = target.sampling
         log(f"{target.name:16s} {fmt_run(r)}")
         runs.append(r)
     return runs
@@ -513,6 +537,8 @@ def add_load_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--concurrency", type=int, nargs="*", default=None, help="closed-loop levels (default 1 8 32 100)")
     ap.add_argument("--request-rate", type=float, nargs="*", default=[], help="open-loop Poisson rates, requests/s")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--sampling", nargs="+", choices=list(SAMPLING), default=["sampled", "greedy"],
+                    help="passes, in order: sampled (temperature 0.7, seeded per request) and/or greedy")
     ap.add_argument("--num-requests", type=int, default=None,
                     help="requests per level (default: clamp(2N, --min-requests, --max-requests); "
                          "open loop: --max-requests)")
@@ -547,13 +573,14 @@ def main() -> None:
     runs = run_levels(target, concurrency=args.concurrency, rates=args.request_rate, max_tokens=args.max_tokens,
                       min_requests=args.min_requests, max_requests=args.max_requests,
                       num_requests=args.num_requests, time_limit_s=args.time_limit, warmup=args.warmup,
-                      log=lambda s: print(s, flush=True))
+                      log=lambda s: print(s, flush=True), sampling=tuple(args.sampling))
     if args.out:
         RESULTS.mkdir(parents=True, exist_ok=True)
         js = RESULTS / f"{args.out}.json"
         js.write_text(json.dumps({"machine": machine(), "args": vars(args), "target": asdict(target),
                                   "probe": info, "runs": runs}, indent=2) + "\n")
-        png = plot({target.name: runs}, RESULTS / f"{args.out}.png", f"bench_serving: {target.name}")
+        png = plot({f"{target.name} {m}": [r for r in runs if r["sampling"] == m] for m in args.sampling},
+                   RESULTS / f"{args.out}.png", f"bench_serving: {target.name}")
         print(f"wrote {js}" + (f" and {png}" if png else ""))
 
 

@@ -52,6 +52,9 @@ from bench_serving import (Target, add_load_arguments, detect, plot, requests_fo
 
 CACHE = HERE / ".cache"
 ALL_SERVERS = ["mlx-loom", "mlx_lm.server", "llama-cpp-python", "llama-server"]
+LOOM_VARIANTS = ["mlx-loom-sync", "mlx-loom-base"]
+"""A/B variants, never run by default: mlx-loom with --no-async-decode (every step synchronous), and
+mlx-loom from another checkout (--loom-base-root, e.g. a worktree of the previous commit)."""
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -187,21 +190,37 @@ def find_llama_server(explicit: str | None) -> str | None:
     return None
 
 
+def _git_head(root) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
 def make_spec(name: str, args, gguf: str) -> ServerSpec | None:
     port = free_port()
     host = ["--host", "127.0.0.1", "--port", str(port)]
     threads = str(args.threads)
     max_n = max(args.concurrency or [1])
-    if name == "mlx-loom":
+    if name.startswith("mlx-loom"):
         extra = ["--max-num-seqs", str(args.loom_max_num_seqs), "--log-level", "warning"]
         if args.gguf:
             extra += ["--model", gguf]
-        extra += shlex.split(args.loom_args)
-        cmd = [str(VENV_BIN / "mlx-loom"), "serve", *host, *extra]
+        extra += shlex.split(args.loom_args) + (["--no-async-decode"] if name == "mlx-loom-sync" else [])
+        root = ROOT
+        if name == "mlx-loom-base":
+            if not args.loom_base_root:
+                print("mlx-loom-base needs --loom-base-root: skipped", file=sys.stderr)
+                return None
+            root = Path(args.loom_base_root).resolve()
+        # The checkout's own mlx_loom first on the path (not whichever one the venv installed).
+        boot = f"import sys; sys.path.insert(0, {str(root)!r}); from mlx_loom.server.cli import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", boot, "serve", *host, *extra]
         return ServerSpec(name, cmd, port, "/health", settings={
-            "max_num_seqs": args.loom_max_num_seqs, "extra_args": args.loom_args,
+            "max_num_seqs": args.loom_max_num_seqs, "extra_args": " ".join(extra[4:]),
             "weights": "GGUF 4/8-bit on the native CPU kernels when built (else float32)",
-            "note": _loom_defaults_note()})
+            "code": f"{root} ({_git_head(root)})", "note": _loom_defaults_note()})
     if name == "mlx_lm.server":
         from mlx_lm_server import convert, default_out_dir
 
@@ -256,7 +275,7 @@ def backend_of(spec: ServerSpec) -> str:
     prints its build; for the Python peers, the installed versions."""
     from importlib.metadata import version
 
-    if spec.name == "mlx-loom":
+    if spec.name.startswith("mlx-loom"):
         return httpx.get(spec.base_url + "/v1/engine/stats", timeout=30).json()["backend"]
     if spec.name == "llama-server":
         out = subprocess.run([spec.cmd[0], "--version"], capture_output=True, text=True, timeout=60)
@@ -287,7 +306,7 @@ def bench_server(spec: ServerSpec, args, log_dir: Path) -> dict:
                                     max_tokens=args.max_tokens, min_requests=args.min_requests,
                                     max_requests=args.max_requests, num_requests=args.num_requests,
                                     time_limit_s=args.time_limit, warmup=args.warmup,
-                                    log=lambda s: print(s, flush=True))
+                                    log=lambda s: print(s, flush=True), sampling=tuple(args.sampling))
         if srv.proc.poll() is not None:
             record["crashed"] = f"exited with {srv.proc.returncode}"
     return record
@@ -302,12 +321,15 @@ def _f(x, spec=".1f", none="-"):
 def report(records: list[dict], args) -> str:
     ok = [r for r in records if r.get("runs")]
     names = [r["name"] for r in ok]
-    by = {(r["name"], run["concurrency"]): run for r in ok for run in r["runs"] if run["mode"] == "closed"}
+    modes = list(dict.fromkeys(run.get("sampling") or "greedy" for r in ok for run in r["runs"]))
+    by = {(r["name"], run.get("sampling") or "greedy", run["concurrency"]): run
+          for r in ok for run in r["runs"] if run["mode"] == "closed"}
     lines = [
         "# bench_serving: streaming chat completions over HTTP, closed loop",
         "",
         f"Model: {args.gguf or 'default SmolLM2-135M-Instruct (GGUF Q4_1)'}; max_tokens {args.max_tokens}, "
-        f"temperature 0, varied prompts (benchmarks/_common.py questions after one shared system prompt, every "
+        f"passes: {', '.join(modes)} (sampled: temperature 0.7 with a seed per request; greedy: temperature 0), "
+        f"varied prompts (benchmarks/_common.py questions after one shared system prompt, every "
         f"request of the whole run new, so each server meets the same cold prefix cache); "
         f"N workers each sending its next request when the previous finishes; requests per N: "
         + (str(args.num_requests) if args.num_requests else f"clamp(2N, {args.min_requests}, {args.max_requests})")
@@ -326,17 +348,19 @@ def report(records: list[dict], args) -> str:
     others = [n for n in names if n != "mlx-loom"] if "mlx-loom" in names else []
     head += "".join(f" | mlx-loom / {n}" for n in others)
     head += " | " + " | ".join(f"{n} peak RSS MB" for n in names) + " |"
-    lines += ["Output tokens per second (ratios are mlx-loom's output tok/s over the other server's):", "",
-              head, "|" + "---|" * (1 + len(names) + len(others) + len(names))]
-    for n in args.concurrency:
-        row = [str(n)]
-        row += [_f(by.get((s, n), {}).get("output_tok_s")) for s in names]
-        loom = by.get(("mlx-loom", n), {}).get("output_tok_s")
-        for o in others:
-            other = by.get((o, n), {}).get("output_tok_s")
-            row.append(f"{loom / other:.2f}x" if loom and other else "-")
-        row += [_f(by.get((s, n), {}).get("peak_rss_mb"), ".0f") for s in names]
-        lines.append("| " + " | ".join(row) + " |")
+    for mode in modes:
+        lines += [f"**{mode}**: output tokens per second (ratios are mlx-loom's output tok/s over the other "
+                  "server's):", "", head, "|" + "---|" * (1 + len(names) + len(others) + len(names))]
+        for n in args.concurrency:
+            row = [str(n)]
+            row += [_f(by.get((s, mode, n), {}).get("output_tok_s")) for s in names]
+            loom = by.get(("mlx-loom", mode, n), {}).get("output_tok_s")
+            for o in others:
+                other = by.get((o, mode, n), {}).get("output_tok_s")
+                row.append(f"{loom / other:.2f}x" if loom and other else "-")
+            row += [_f(by.get((s, mode, n), {}).get("peak_rss_mb"), ".0f") for s in names]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
     probe = ", ".join(f"{r['name']} {r['probe'].get('paris_prompt_tokens')}" for r in ok)
     lines += ["", "Mean prompt tokens per request (the servers' own usage counts; the same prompts must count "
               "alike on every server, request by request, else the run fails; means differ where a server "
@@ -344,21 +368,22 @@ def report(records: list[dict], args) -> str:
               f"is checked instead). Probe prompt tokens: {probe}.", "",
               "| N | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
     for n in args.concurrency:
-        lines.append(f"| {n} | " + " | ".join(_f(by.get((s, n), {}).get("mean_prompt_tokens"), ".2f")
+        lines.append(f"| {n} | " + " | ".join(_f(by.get((s, modes[0], n), {}).get("mean_prompt_tokens"), ".2f")
                                               for s in names) + " |")
     problems = same_work(records)
     lines += ["", "Same work: " + ("every server counted the same prompt tokens." if not problems else
                                    "**FAILED**: " + "; ".join(problems))]
     lines += ["", "Peak RSS: the server's process tree, sampled every 0.1 s during that N's run.", "",
               "Latency (ms; median / p99) and request-level detail:", "",
-              "| server | N | req/s | out tok/req | TTFT | TPOT | ITL | end-to-end | errors |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| server | pass | N | req/s | out tok/req | TTFT | TPOT | ITL | end-to-end | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda d: f"{_f(d['median'], '.0f')} / {_f(d['p99'], '.0f')}"  # noqa: E731
     for r in ok:
         for run in r["runs"]:
             level = run.get("concurrency", f"rate {run.get('request_rate')}/s")
             trunc = " (time limit)" if run["truncated_by_time_limit"] else ""
-            lines.append(f"| {r['name']} | {level}{trunc} | {run['request_throughput']:.2f} | "
+            lines.append(f"| {r['name']} | {run.get('sampling') or 'greedy'} | {level}{trunc} | "
+                         f"{run['request_throughput']:.2f} | "
                          f"{_f(run['mean_output_tokens'])} | {ms(run['ttft_ms'])} | {ms(run['tpot_ms'])} | "
                          f"{ms(run['itl_ms'])} | {ms(run['e2e_ms'])} | {run['errors']} |")
     lines += ["", "Servers:", ""]
@@ -393,7 +418,8 @@ def same_work(records: list[dict]) -> list[str]:
     for r in ok:
         for run in r["runs"]:
             counts = run.get("prompt_tokens_by_request") or {}
-            levels.setdefault(run.get("concurrency", run.get("request_rate")), {})[r["name"]] = counts
+            level = (run.get("sampling") or "greedy", run.get("concurrency", run.get("request_rate")))
+            levels.setdefault(level, {})[r["name"]] = counts
     for level, by in levels.items():
         per_request: dict = {}
         for name, counts in by.items():
@@ -402,7 +428,7 @@ def same_work(records: list[dict]) -> list[str]:
         differ = {i: c for i, c in per_request.items() if len(set(c.values())) > 1}
         if differ:
             i, c = next(iter(differ.items()))
-            problems.append(f"N={level}: {len(differ)} requests counted differently, e.g. request {i}: {c}")
+            problems.append(f"{level[0]} N={level[1]}: {len(differ)} requests counted differently, e.g. request {i}: {c}")
     return problems
 
 
@@ -415,7 +441,8 @@ def _short(part: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--servers", nargs="+", choices=ALL_SERVERS, default=ALL_SERVERS)
+    ap.add_argument("--servers", nargs="+", choices=ALL_SERVERS + LOOM_VARIANTS, default=ALL_SERVERS)
+    ap.add_argument("--loom-base-root", default=None, help="checkout run as mlx-loom-base (A/B against it)")
     ap.add_argument("--gguf", default=None, help="GGUF model for every server (default: embedded SmolLM2-135M)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: N = 1 8, 8 requests per N (4 at N=1), 60 s per N, 2 warm-up requests")
@@ -457,7 +484,8 @@ def main() -> None:
         js.write_text(json.dumps({"machine": machine(), "args": vars(args), "servers": records,
                                   "same_work_problems": same_work(records)}, indent=2) + "\n")
         md.write_text(report(records, args))
-        plot({r["name"]: r["runs"] for r in records if r.get("runs")}, png,
+        plot({f"{r['name']} {m}": [x for x in r["runs"] if x.get("sampling") == m]
+              for r in records if r.get("runs") for m in args.sampling}, png,
              f"bench_serving: streaming chat, max_tokens {args.max_tokens}, {machine()['cpus']} CPUs")
 
     try:

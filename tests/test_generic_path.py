@@ -89,6 +89,25 @@ def test_head_check_splits_plain_heads_and_keeps_scaled_ones_whole(tmp_path):
     assert plain_head(gemma2.model) is None
 
 
+def test_heads_are_split_by_class_never_by_a_probe(tmp_path):
+    """A subclass of a listed model class (here one that clips its logits, which a small probe would
+    not reach) runs whole; every listed class's head over its body is its own call, exactly."""
+    qwen3 = load_model(str(make_tiny_arch_dir(tmp_path / "q3", "qwen3"))).model
+
+    class ClippedQwen3(type(qwen3)):
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            return mx.clip(super().__call__(inputs, cache, input_embeddings), -1e4, 1e4)
+
+    qwen3.__class__ = ClippedQwen3
+    assert plain_head(qwen3) is None
+    tokens = mx.array([[3 + (11 * i) % 200 for i in range(24)]], dtype=mx.int32)
+    for case in ("llama", "qwen2_moe", "gemma", "gemma3_text", "gemma3_text_untied", "step3p5", "mixtral"):
+        model = load_model(str(make_tiny_arch_dir(tmp_path / case, case))).model
+        head = plain_head(model)
+        assert head is not None, case
+        assert bool(mx.array_equal(head(model.model(tokens)), model(tokens))), case
+
+
 def test_generic_path_on_the_default_model_matches_its_own_forward(default_model):
     runner = ModelRunner(default_model.model, 16, 16, default_model.dtype, force_generic=True)
     result = check_engine_matches_model(runner, default_model.model, default_model.vocab_size, default_model.dtype)

@@ -129,3 +129,57 @@ def test_phi3_yarn_factors_are_refused(tmp_path):
     path = write_gguf(source, "phi3", tmp_path / "yarn.gguf", edit=lambda w: w.add_rope_scaling_attn_factors(1.5))
     with pytest.raises(UnsupportedModelError, match="phi3 GGUF with RoPE attention factor 1.5"):
         load_model(str(path))
+
+
+def test_q8_0_qwen2_gguf_keeps_its_qkv_biases_when_dequantized(tmp_path):
+    """qwen2's q/k/v projections carry biases: the dequantizing load (MLX_LOOM_NATIVE=0, or no
+    compiler) must keep them next to the dequantized weights."""
+    source, _ = _source(tmp_path, "qwen2")
+    loaded = load_model(str(write_gguf(source, "qwen2", tmp_path / "q8.gguf", q8=True)), dequantize=True)
+    assert "bias" in loaded.model.layers[0].self_attn.q_proj
+    rounded = [(n, mx.array(gguf.quants.dequantize(gguf.quants.quantize(np.array(w), Q8), Q8)))
+               for n, w in tree_flatten(source.parameters()) if w.ndim >= 2 and n.endswith("proj.weight")]
+    source.load_weights(rounded, strict=False)
+    assert _rel(loaded.model(PROMPT), source(PROMPT)) < 1e-5
+    _conformance(loaded, "qwen2 q8_0 gguf, dequantized")
+
+
+_NATIVE_OFF = """
+import sys
+sys.path.insert(0, {tests!r})
+import mlx_loom.kernels  # OpenBLAS before mlx
+import mlx.core as mx
+from engine_driver import make_core, run
+from mlx_loom.kernels import qmm
+from mlx_loom.models.loader import load_model
+from mlx_loom.sched.params import SamplingParams
+assert not qmm.native_available()
+loaded = load_model({path!r})
+prompt = {prompt!r}
+out = run(make_core(loaded, max_num_seqs=2, budget=32), [("r", prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))])
+print("TOKENS", out["r"].tokens)
+"""
+
+
+def test_q8_0_qwen2_gguf_loads_and_matches_mlx_lm_with_native_kernels_off(tmp_path):
+    """MLX_LOOM_NATIVE=0 (read at import, so in a fresh process): the GGUF is dequantized at load and
+    its greedy tokens are mlx-lm's on the source weights rounded as the file holds them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlx_lm.generate import generate_step
+
+    source, _ = _source(tmp_path, "qwen2")
+    path = write_gguf(source, "qwen2", tmp_path / "q8.gguf", q8=True)
+    rounded = [(n, mx.array(gguf.quants.dequantize(gguf.quants.quantize(np.array(w), Q8), Q8)))
+               for n, w in tree_flatten(source.parameters()) if w.ndim >= 2 and n.endswith("proj.weight")]
+    source.load_weights(rounded, strict=False)
+    prompt = PROMPT[0].tolist()
+    expect = [int(t) for t, _ in generate_step(mx.array(prompt), source, max_tokens=8, sampler=lambda x: x.argmax(-1))]
+    code = _NATIVE_OFF.format(tests=str(Path(__file__).parent), path=str(path), prompt=prompt)
+    env = {**os.environ, "MLX_LOOM_NATIVE": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"TOKENS {expect}" in proc.stdout

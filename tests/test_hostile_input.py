@@ -42,6 +42,70 @@ def test_lone_surrogates_are_a_400_naming_the_field(client, route, body, param):
     assert client.get("/health").status_code == 200
 
 
+def _schema_with_key(key: str) -> dict:
+    return {"type": "object", "properties": {key: {"type": "string"}}}
+
+
+_KEYED = [  # (route, body with a lone surrogate as an object key, the object holding it)
+    ("/v1/chat/completions", _chat("hi", logit_bias={SURROGATE: 1.0}), "logit_bias"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 4, "logit_bias": {SURROGATE: 1.0}}, "logit_bias"),
+    ("/v1/chat/completions", _chat("hi", metadata={SURROGATE: "x"}), "metadata"),
+    ("/v1/chat/completions", _chat("hi", **{SURROGATE: 1}), None),
+    ("/v1/completions", {"prompt": "a", SURROGATE: 1}, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", SURROGATE: 1}]}, "messages.0"),
+    ("/v1/chat/completions", _chat([{"type": "text", "text": "hi", SURROGATE: 1}]), "messages.0.content.0"),
+    ("/v1/chat/completions", _chat("hi", stream=True, stream_options={SURROGATE: True}), "stream_options"),
+    ("/v1/chat/completions", _chat("hi", response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": _schema_with_key(SURROGATE)}}), "response_format.json_schema.schema.properties"),
+    ("/v1/completions", {"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$defs": {SURROGATE: {"type": "string"}}}}}}, "response_format.json_schema.schema.$defs"),
+    ("/v1/chat/completions", _chat("hi", tools=[{"type": "function", "function": {
+        "name": "f", "parameters": _schema_with_key(SURROGATE)}}]), "tools.0.function.parameters.properties"),
+    ("/v1/chat/completions", _chat("hi", tools=[{"type": "function", "function": {"name": "f", SURROGATE: 1}}]),
+     "tools.0.function"),
+    ("/v1/chat/completions", _chat("hi", tools=[{"type": "function", "function": {"name": "f"}}],
+                                   tool_choice={"type": "function", "function": {"name": "f", SURROGATE: 1}}),
+     "tool_choice.function"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+        "function": {"name": "f", "arguments": "{}", SURROGATE: 1}}]}, {"role": "user", "content": "hi"}]},
+     "messages.0.tool_calls.0.function"),
+]
+
+
+@pytest.mark.parametrize("route,body,holder", _KEYED, ids=[h or "body" for _, _, h in _KEYED])
+def test_lone_surrogates_in_object_keys_are_a_400_naming_the_field(client, route, body, holder):
+    """The 400 echoes the key: it once could not be encoded (a 500, UnicodeEncodeError)."""
+    r = client.post(route, content=_dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    expect_param = f"{holder}.\\ud800" if holder else "\\ud800"
+    assert err["type"] == "invalid_request_error" and err["param"] == expect_param
+    assert "surrogate" in err["message"] and (holder or "the body") in err["message"]
+    assert client.get("/health").status_code == 200
+
+
+def test_error_bodies_escape_lone_surrogates():
+    from mlx_loom.server.errors import error_body
+
+    body = error_body(500, f"internal error: {SURROGATE}x", f"a.{SURROGATE}")["error"]
+    assert body["message"] == "internal error: \\ud800x" and body["param"] == "a.\\ud800"
+    body["message"].encode("utf-8")
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("user", [5, [], {}, True, 1.5])
+def test_user_must_be_a_string(client, route, user):
+    body = _chat("hi", user=user) if "chat" in route else {"prompt": "a", "max_tokens": 4, "user": user}
+    r = client.post(route, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "user" and "must be a string" in err["message"]
+
+
+def test_a_string_user_is_accepted(client):
+    assert client.post("/v1/chat/completions", json=_chat("hi", user="user-1234")).status_code == 200
+
+
 def _dumps(body: dict) -> bytes:
     import json
 

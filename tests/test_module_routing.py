@@ -1,6 +1,7 @@
 """The loader's class switches (quantized layers, RMSNorm, RoPE, gated SiLU MLPs) change no output:
-a routed model gives the logits of mlx-lm's own load of the same checkpoint, and an MLP is
-switched only when its own call computes down(silu(gate(x)) * up(x))."""
+a routed model gives the logits of mlx-lm's own load of the same checkpoint; an MLP is switched
+only when its class is exactly one of mlx-lm's listed SiLU-gated MLPs (each checked against its own
+call on large and edge-case inputs), and a mis-routed module is caught by the load-time check."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.models import llama, step3p5
 from mlx_lm.utils import load_model as mlx_lm_load
 
 from mlx_loom.kernels import qmm
-from mlx_loom.kernels.activations import route_gated_mlps, unrouted_type
+from mlx_loom.kernels.activations import KNOWN_SWIGLU_MLPS, route_gated_mlps, routed_class, unrouted_type
+from mlx_loom.kernels.route_check import verify_routes
 from mlx_loom.kernels.rope_norm import NativeRMSNorm, NativeRoPE
 from mlx_loom.models.loader import load_model
 from tiny_archs import make_tiny_arch_dir
@@ -53,17 +56,76 @@ class BiasedMLP(SiluMLP):
         return super().__call__(x) + self.bias
 
 
+class ClampedLlamaMLP(llama.MLP):
+    """A subclass adding behaviour (as step3p5's clamp): must keep its own call."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.clip(super().__call__(x), -1.0, 1.0)
+
+
+def _bare(cls: type, dim: int = 32, hidden: int = 64, bits: int | None = None) -> nn.Module:
+    """An instance of an mlx-lm MLP class with its three projections (constructors take model args)."""
+    mlp = cls.__new__(cls)
+    nn.Module.__init__(mlp)
+    for name, (i, o) in {"gate_proj": (dim, hidden), "up_proj": (dim, hidden), "down_proj": (hidden, dim)}.items():
+        proj = nn.Linear(i, o, bias=False)
+        proj.weight = 2.0 * mx.random.normal((o, i), key=mx.random.key(i * o + len(name))) / i**0.5
+        mlp[name] = nn.QuantizedLinear.from_linear(proj, 32, bits) if bits else proj
+    mlp.limit = None  # step3p5's attribute: its Step3p5MLP computes plain swiglu when None
+    return mlp
+
+
 @needs_native
-def test_only_mlps_computing_silu_gating_are_switched():
+def test_only_listed_mlx_lm_classes_are_switched_never_by_a_probe():
+    """A local class computing the same swiglu, a subclass of a listed class and step3p5's clamped
+    MLP all keep their own call; only the listed mlx-lm class is switched."""
     model = nn.Module()
-    model.layers = [SiluMLP(), GeluMLP(), ScaledMLP(), BiasedMLP()]
-    x = mx.random.normal((2, 5, 24), key=mx.random.key(3))
-    before = [layer(x) for layer in model.layers]
+    model.layers = [_bare(llama.MLP), SiluMLP(), GeluMLP(), _bare(ClampedLlamaMLP), _bare(step3p5.Step3p5MLP)]
     assert route_gated_mlps(model) == 1
-    assert type(model.layers[0]) is not SiluMLP and unrouted_type(model.layers[0]) is SiluMLP
-    assert [type(m) for m in model.layers[1:]] == [GeluMLP, ScaledMLP, BiasedMLP]  # probe said no / other keys
-    for layer, expect in zip(model.layers, before):
-        np.testing.assert_allclose(np.array(layer(x)), np.array(expect), rtol=1e-5, atol=1e-6)
+    assert unrouted_type(model.layers[0]) is llama.MLP and type(model.layers[0]) is not llama.MLP
+    assert [type(m) for m in model.layers[1:]] == [SiluMLP, GeluMLP, ClampedLlamaMLP, step3p5.Step3p5MLP]
+
+
+def _edge_inputs(dim: int) -> mx.array:
+    """Rows at scales 0 to 1e4 and a row of extremes (huge either way, tiny, signed zeros)."""
+    rows = mx.random.normal((6, dim), key=mx.random.key(5)) * mx.array([0.0, 1.0, 8.0, 64.0, 1024.0, 1e4])[:, None]
+    edges = mx.array([[1e30, -1e30, 1e-30, -1e-30, 0.0, -0.0, 88.0, -88.0] * (dim // 8)], dtype=mx.float32)
+    return mx.concatenate([rows, edges])[None]  # [1, 7, dim]
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("cls", sorted(KNOWN_SWIGLU_MLPS, key=lambda c: c.__module__), ids=lambda c: c.__module__)
+def test_each_listed_mlp_class_routed_equals_its_own_call(cls, bits):
+    mlp = _bare(cls, bits=bits)
+    x = _edge_inputs(32)
+    expect = mlp(x)
+    model = nn.Module()
+    model.layers = [mlp]
+    assert route_gated_mlps(model) == 1 and type(mlp) is not cls
+    got = mlp(x)
+    assert bool(mx.array_equal(mx.isfinite(got), mx.isfinite(expect)))
+    finite = mx.isfinite(expect)
+    got, expect = mx.where(finite, got, 0.0), mx.where(finite, expect, 0.0)
+    row_max = mx.maximum(mx.abs(expect).max(axis=-1, keepdims=True), 1e-30)
+    assert (mx.abs(got - expect) / row_max).max().item() <= 1e-5
+
+
+@needs_native
+def test_a_mis_routed_module_gets_its_own_class_back_at_load(caplog):
+    """step3p5's clamped MLP forced onto the native SiLU class (what the old probe did): the load-time
+    route check, on inputs up to 4096, sees the dropped clamp and restores its own class, logged."""
+    mlp = _bare(step3p5.Step3p5MLP)
+    mlp.limit = 7.0
+    model = nn.Module()
+    model.layers = [mlp, _bare(llama.MLP)]
+    route_gated_mlps(model)
+    mlp.__class__ = routed_class(step3p5.Step3p5MLP)
+    with caplog.at_level("WARNING", logger="mlx_loom.engine"):
+        reasons = verify_routes(model)
+    assert type(mlp) is step3p5.Step3p5MLP and unrouted_type(model.layers[1]) is llama.MLP
+    assert type(model.layers[1]) is not llama.MLP  # a correct switch stays
+    assert len(reasons) == 1 and "layers.0" in reasons[0] and "layers.0" in caplog.text
 
 
 @needs_native
@@ -98,9 +160,9 @@ def test_routing_leaves_no_trace_in_parameters(tmp_path):
 @needs_native
 def test_half_precision_mlps_keep_their_own_call():
     model = nn.Module()
-    model.layers = [SiluMLP()]
+    model.layers = [_bare(llama.MLP)]
     model.set_dtype(mx.bfloat16)
-    assert route_gated_mlps(model) == 0 and type(model.layers[0]) is SiluMLP
+    assert route_gated_mlps(model) == 0 and type(model.layers[0]) is llama.MLP
 
 
 def test_unroute_gives_every_module_its_own_class_back(tmp_path):

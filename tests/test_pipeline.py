@@ -50,7 +50,10 @@ def test_no_next_step_when_it_depends_on_the_tokens():
     s = _decoding(max_tokens=2)  # the launched step appends the last allowed token
     assert next_decode_step(s, s.schedule()) is None
     s = _decoding()
-    assert not rows_sample_on_device(s.schedule(), s.requests, lambda p: False)  # sampled on the host: never launched ahead
+    out = s.schedule()
+    assert rows_sample_on_device(out, s.requests)
+    prefill = replace(out, rows=(replace(out.rows[0], token_ids=(1, 2)), *out.rows[1:]))
+    assert not rows_sample_on_device(prefill, s.requests)  # only decode rows are launched ahead
     s = _decoding()
     launched = s.schedule()
     s.abort_request("r1")
@@ -123,8 +126,80 @@ def test_abort_while_a_step_is_in_flight_frees_everything(default_model, prompts
     assert core.scheduler.num_free_blocks == core.scheduler.num_blocks
 
 
-def test_host_sampled_rows_stop_the_pipeline_and_keep_their_seeded_tokens(default_model, prompts):
-    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=10)
-    reqs = [("g0", prompts[0], GREEDY), ("g1", prompts[1], GREEDY), ("s", prompts[2], sampled)]
-    sync, got, _ = _both(default_model, reqs, join_step={"s": 5})
-    assert {r: g.tokens for r, g in got.items()} == {r: g.tokens for r, g in sync.items()}
+SAMPLED = SamplingParams(temperature=0.7, seed=7, max_tokens=16, ignore_eos=True)
+"""What chat clients send: a temperature and a seed."""
+
+
+def _same(sync, got) -> None:
+    assert {r: (g.tokens, g.finish_reason) for r, g in got.items()} == {r: (g.tokens, g.finish_reason)
+                                                                       for r, g in sync.items()}
+
+
+def test_sampled_request_alone_is_pipelined_with_the_same_seeded_tokens(default_model, prompts):
+    sync, got, core = _both(default_model, [("s", prompts[0], SAMPLED)])
+    _same(sync, got)
+    assert core.pipelined_steps >= 14 and core.scheduler.num_free_blocks == core.scheduler.num_blocks
+
+
+def test_sampled_rows_batched_and_staggered_keep_their_seeded_tokens(default_model, prompts):
+    kinds = [SAMPLED, replace(SAMPLED, top_p=0.9, seed=3), replace(SAMPLED, top_k=20, min_p=0.05, seed=None),
+             GREEDY, replace(SAMPLED, temperature=1.2, top_p=0.95, top_k=50, seed=5), replace(SAMPLED, seed=8)]
+    reqs = [(f"r{i}", p, replace(k, seed=k.seed if k.seed is not None else 100 + i))
+            for i, (p, k) in enumerate(zip(prompts, kinds))]
+    sync, got, core = _both(default_model, reqs, join_step={f"r{i}": 3 * i for i in range(len(reqs))})
+    _same(sync, got)
+    alone = run(_core(default_model, True), [reqs[2]])
+    assert alone["r2"].tokens == got["r2"].tokens  # a seeded row: the same alone as in any batch
+    assert core.pipelined_steps > 20
+
+
+PROCESSED = [
+    dict(presence_penalty=0.8, frequency_penalty=0.5),
+    dict(repetition_penalty=1.3),
+    dict(logit_bias=((28, 6.0), (13, -100.0), (10_000_000, 5.0))),
+    dict(logprobs=True, top_logprobs=5),
+    dict(temperature=0.0, frequency_penalty=1.5, logprobs=True),
+]
+
+
+@pytest.mark.parametrize("extra", PROCESSED, ids=lambda d: ",".join(d))
+def test_penalties_bias_and_logprobs_are_pipelined_with_the_same_results(default_model, prompts, extra):
+    reqs = [("p", prompts[1], replace(SAMPLED, **extra)), ("q", prompts[3], replace(SAMPLED, seed=9, **extra)),
+            ("plain", prompts[4], SAMPLED)]
+    sync, got, core = _both(default_model, reqs, join_step={"q": 4})
+    _same(sync, got)
+    for rid in ("p", "q"):
+        assert [(lp.token_id, lp.logprob, lp.top) for lp in got[rid].logprobs] == \
+               [(lp.token_id, lp.logprob, lp.top) for lp in sync[rid].logprobs]
+        assert len(got[rid].logprobs) == (16 if "logprobs" in extra else 0)
+    assert core.pipelined_steps > 10
+
+
+def test_a_redrawn_wide_nucleus_drops_the_step_launched_from_it(default_model, prompts):
+    """A flat distribution (temperature 3, top_p 0.99): the nucleus outgrows the candidates, the
+    token is redrawn after the sync, and the step launched from the first draw is dropped."""
+    wide = replace(SAMPLED, temperature=3.0, top_p=0.99, max_tokens=8)
+    reqs = [("w", prompts[0], wide), ("s", prompts[2], SAMPLED)]
+    sync, got, core = _both(default_model, reqs)
+    _same(sync, got)
+    assert core.dropped_steps > 0 and core.scheduler.num_free_blocks == core.scheduler.num_blocks
+
+
+def test_grammar_rows_are_pipelined_with_masks_filled_while_the_forward_runs(default_model, prompts):
+    """Grammar rows beside free ones: the forward is launched ahead, the masks follow the read; same
+    tokens as synchronous steps, documents complete (a finished row drops the forward launched for it)."""
+    from mlx_loom.schemas.grammar import GrammarSpec
+    from structured_schemas import PERSON
+
+    sync_core, async_core = _core(default_model, False), _core(default_model, True)
+    backend = async_core.info.grammar
+    person = backend.compile(GrammarSpec.json_schema(PERSON))
+    reqs = [("g_sampled", prompts[0], replace(SAMPLED, max_tokens=64, ignore_eos=False, grammar=person)),
+            ("g_greedy", prompts[1], replace(GREEDY, max_tokens=64, grammar=backend.compile(GrammarSpec.json_object()))),
+            ("free", prompts[2], replace(SAMPLED, max_tokens=40))]
+    sync = run(sync_core, reqs, join_step={"free": 2})
+    got = run(async_core, reqs, join_step={"free": 2})
+    _same(sync, got)
+    assert got["g_sampled"].finish_reason in ("stop", "length") and got["free"].tokens
+    assert async_core.pipelined_steps > 10
+    assert async_core.scheduler.num_free_blocks == async_core.scheduler.num_blocks

@@ -253,3 +253,35 @@ def test_top_p_below_float32_keeps_the_top_token(v, extra):
     x = _logits(3, v, seed=9)
     rows = [_row(seed=s, temperature=1.0, top_p=1e-50, **extra) for s in range(3)]
     assert _ids(x, rows) == [int(i) for i in x.argmax(axis=-1)]
+
+
+@pytest.mark.parametrize("params", [*PROCESSING, dict(top_p=0.9, logprobs=True, top_logprobs=3), dict(top_k=7)],
+                         ids=lambda p: ",".join(p))
+def test_a_previous_token_on_the_device_counts_as_if_known(params):
+    """sample_on_device(prev=t) over a row's known output equals sampling with t appended on the host:
+    what makes a step launched from unread tokens draw what a synchronous one would."""
+    from mlx_loom.sample.sampler import read, sample_on_device
+
+    x = _logits(3, V_BIG, seed=12, scale=3.0)
+    outputs = [(4, 4, 9), (), (7,)]
+    prev = [4, 11, 7]
+    known = [_row(seed=s, prompt=(1, 2), output=o + (t,), temperature=0.8, **params)
+             for s, (o, t) in enumerate(zip(outputs, prev))]
+    pending = [_row(seed=s, prompt=(1, 2), output=o, temperature=0.8, **params) for s, o in enumerate(outputs)]
+    want = sample(mx.array(x), known)
+    got, redone = read(sample_on_device(mx.array(x), pending, mx.array(prev, dtype=mx.int32)))
+    assert got == want and redone == []
+
+
+def test_device_tokens_are_in_batch_order_for_mixed_paths():
+    """The tokens a next step is launched from (DeviceSample.tokens) are row b's token at b, whatever
+    path each row takes (greedy, full, candidates, wide), and equal what `read` returns."""
+    from mlx_loom.sample.sampler import read, sample_on_device
+
+    x = _logits(5, V_BIG, seed=13, scale=4.0)
+    rows = [_row(seed=1, temperature=0.9, top_k=5), _row(temperature=0.0), _row(seed=2, temperature=0.7),
+            _row(seed=3, temperature=1.0, top_k=CANDIDATES + 7), _row(seed=4, temperature=0.0, logprobs=True)]
+    drawn = sample_on_device(mx.array(x), rows)
+    got, redone = read(drawn)
+    assert redone == [] and drawn.tokens.tolist() == [t.token_id for t in got]
+    assert got[1].token_id == int(x[1].argmax()) and got[4].token_id == int(x[4].argmax())

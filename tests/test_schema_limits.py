@@ -46,10 +46,11 @@ HOSTILE = {
 }
 
 
-def chat(schema, stream: bool = False, **extra) -> dict:
+def chat(schema, stream: bool = False, strict: bool = True, **extra) -> dict:
     return {"messages": [{"role": "user", "content": "Answer in JSON."}], "max_tokens": 24, "temperature": 0,
             "stream": stream, **extra,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema,
+                                                                       "strict": strict}}}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,36 @@ def test_hostile_schema_is_a_short_400_before_generation(http, name):
     assert assert_short_400(again, "invalid_schema") == message  # streaming: 400 before the stream starts
     assert time.perf_counter() - t0 < 0.5
     assert_normal_schema_works(http)
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_schema_is_served_best_effort_when_not_strict(http, name):
+    """strict false never refuses a valid JSON Schema: it falls back to what can be enforced, and a
+    finished output that does not match is reported on the choice."""
+    r = http.post("/v1/chat/completions", json=chat(HOSTILE[name], strict=False))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-schema-relaxed"] == "/", r.headers  # the whole schema fell back to its root type
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        valid = jsonschema.Draft202012Validator(HOSTILE[name]).is_valid(json.loads(choice["message"]["content"]))
+        assert ("validation_error" in choice) == (not valid), choice
+
+
+def test_strict_refusal_lists_every_pointer_and_best_effort_serves(http):
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string", "not": {"pattern": "x"}},
+        "b": {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "minItems": 2}}}
+    pointers = ("/properties/a/not", "/properties/b/uniqueItems")
+    r = http.post("/v1/chat/completions", json=chat(schema))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_schema" and err["param"] == "response_format.json_schema.schema", err
+    assert all(p in err["message"] for p in pointers) and "coerce_one_of" not in err["message"], err
+    assert "strict to false" in err["message"], err
+    r = http.post("/v1/chat/completions", json=chat(schema, strict=False))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-schema-relaxed"] == ", ".join(pointers), r.headers
+    assert "x-schema-narrowed" not in r.headers
 
 
 @pytest.mark.parametrize("name,needle", [

@@ -285,6 +285,7 @@ def test_completions_json_schema_strict_or_not(sdk):
 @pytest.mark.parametrize("schema,needle", [({"type": "strin"}, "strin"), ({"$ref": "#/$defs/nope"}, "nope"),
                                            ({"type": "string", "pattern": "(("}, "regex")])
 def test_invalid_schema_is_400_before_generation(sdk, server, schema, needle):
+    """Not valid JSON Schema: a 400 whatever strict says (best effort only serves valid schemas)."""
     before = stats(server)["steps"]
     with pytest.raises(openai.BadRequestError) as err:
         sdk.chat.completions.create(model="smol", messages=PERSON_Q, max_tokens=8, response_format={

@@ -130,8 +130,9 @@ def test_constrained_output_that_fails_validation_is_reported(api):
     assert "city" in choice["validation_error"]
 
 
-def test_tool_strict_false_is_constrained_like_strict_true(api):
-    """function.strict is accepted and not read: the same grammar is compiled, the same validation runs."""
+def test_tool_strict_picks_exact_or_best_effort(api):
+    """function.strict true compiles strictly, false / absent best effort (OpenAI's default); the schema
+    is the same and so is the validation of the finished output."""
     http, fake = api
     named = {"type": "function", "function": {"name": "get_weather"}}
     for tool_choice in ("required", named):
@@ -143,11 +144,14 @@ def test_tool_strict_false_is_constrained_like_strict_true(api):
             choice = http.post("/v1/chat/completions", json=body).json()["choices"][0]
             assert choice["validation_error"]  # the wrong output is reported under strict false too
             specs.append(fake.submitted[-1][2].grammar.spec)
-        assert specs[0].kind == "json_schema" and specs[0] == specs[1] == specs[2], tool_choice
+        assert specs[0].kind == "json_schema" and specs[0].schema == specs[1].schema == specs[2].schema, tool_choice
+        # "required" is one grammar for every tool: strict only if every function is (CLOCK is not).
+        assert [s.strict for s in specs] == [tool_choice != "required", False, False], tool_choice
 
 
-def test_response_format_strict_false_is_constrained_like_strict_true(api):
-    """json_schema.strict is accepted and not read: the same grammar is compiled, the same validation runs."""
+def test_response_format_strict_picks_exact_or_best_effort(api):
+    """json_schema.strict true compiles strictly, false / absent best effort; the schema is the same and
+    so is the validation of the finished output."""
     http, fake = api
     schema = WEATHER["function"]["parameters"]
     prompts = {"/v1/chat/completions": lambda echo: {"messages": [{"role": "user", "content": f"ECHO:{echo}"}]},
@@ -163,7 +167,8 @@ def test_response_format_strict_false_is_constrained_like_strict_true(api):
                 assert choice["finish_reason"] == "stop" and ("validation_error" not in choice) == valid, (route, strict)
                 specs.append(fake.submitted[-1][2].grammar.spec)
         assert specs[0].kind == "json_schema" and json.loads(specs[0].schema) == schema
-        assert all(s == specs[0] for s in specs), route
+        assert all(s.schema == specs[0].schema for s in specs), route
+        assert [s.strict for s in specs] == [True, True, False, False, False, False], route
 
 
 def test_cut_call_finishes_with_length(api):
@@ -230,3 +235,47 @@ def test_bad_tool_messages_are_400(api):
     assert_error(http.post("/v1/chat/completions", json=body), 400, "messages.1.tool_calls.0.function.arguments")
     body = {"messages": [{"role": "user", "content": "x", "tool_calls": [{**call, "function": {"name": "f", "arguments": "{}"}}]}]}
     assert_error(http.post("/v1/chat/completions", json=body), 400, "messages.0.tool_calls")
+
+
+def _nested_tool(name: str, inner: dict) -> dict:
+    """Parameters as pydantic writes a nested model: the inner model under $defs, a $ref to it,
+    a self-reference ("#"), and data ("const") that merely looks like a ref."""
+    return {"name": name, "parameters": {
+        "type": "object", "$defs": {"Item": inner},
+        "properties": {"item": {"$ref": "#/$defs/Item"}, "again": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+                       "tag": {"const": {"$ref": "#/$defs/Item"}}},
+        "required": ["item"]}}
+
+
+def test_required_wrapper_keeps_each_tools_local_refs():
+    """Two tools whose $defs share a name with different schemas: each call's arguments are checked
+    against its own tool's definitions, recursion included."""
+    import jsonschema
+
+    from mlx_loom.server.protocol import ChatCompletionRequest
+    from mlx_loom.server.tools import tool_plan
+
+    tools = [{"type": "function", "function": _nested_tool("a", {"type": "integer"})},
+             {"type": "function", "function": _nested_tool("b", {"type": "string"})}]
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], tools=tools, tool_choice="required")
+    schema = tool_plan(req)._calls_schema()
+    jsonschema.validators.validator_for(schema).check_schema(schema)
+    ok = [{"name": "a", "arguments": {"item": 1, "again": {"item": 2}}}, {"name": "b", "arguments": {"item": "s"}},
+          {"name": "a", "arguments": {"item": 3, "tag": {"$ref": "#/$defs/Item"}}}]
+    jsonschema.validate(ok, schema)
+    for bad in ([{"name": "a", "arguments": {"item": "s"}}], [{"name": "b", "arguments": {"item": 1}}],
+                [{"name": "a", "arguments": {"item": 1, "again": {"item": "s"}}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_required_with_nested_refs_compiles(api):
+    http, _ = api
+    tool = {"type": "function", "function": _nested_tool("a", {"type": "object", "properties": {
+        "name": {"type": "string"}}, "required": ["name"]})}
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": 'ECHO:[{"name": "a", "arguments": {"item": {"name": "x"}}}]'}],
+        "tools": [tool], "tool_choice": "required", "max_tokens": 64})
+    assert r.status_code == 200, r.text
+    call = r.json()["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "a" and json.loads(call["arguments"]) == {"item": {"name": "x"}}

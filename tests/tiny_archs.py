@@ -112,6 +112,11 @@ ARCHS: dict[str, dict] = {
                    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, **_MOE, "decoder_sparse_step": 1,
                    "mlp_only_layers": [], "shared_expert_intermediate_size": 32, "partial_rotary_factor": 0.25,
                    "norm_topk_prob": True, "tie_word_embeddings": False},
+    # Step-3.5: layer 0 a dense MLP, layer 1 MoE with a shared expert; both MLPs clamp (swiglu limits)
+    "step3p5": {"model_type": "step3p5", "num_attention_groups": 2, "moe_layers_enum": "1", "moe_num_experts": 4,
+                "moe_top_k": 2, "moe_intermediate_size": 32, "share_expert_dim": 64, "sliding_window": SLIDING_WINDOW,
+                "layer_types": ["sliding_attention", "full_attention"], "swiglu_limits": [0.0, 10.0],
+                "swiglu_limits_shared": [10.0, 10.0], "tie_word_embeddings": False},
     "lfm2": {"model_type": "lfm2", "num_hidden_layers": 4, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
              "block_dim": 64, "block_ff_dim": 128, "block_multiple_of": 32, "block_ffn_dim_multiplier": 1.0,
              "block_auto_adjust_ff_dim": False, "layer_types": ["conv", "conv", "full_attention", "conv"]},
@@ -192,6 +197,38 @@ def make_tiny_arch_dir(path: str | Path, case: str, *, seed: int = 0, bits: int 
     model = _build_model(config, seed)
     if bits is not None:
         config = _quantize(model, config, bits)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _byte_tokenizer().save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
+    return out
+
+
+# Multimodal-style wrappers whose config nests the text model's settings in `text_config` (as the
+# released Ministral 3 / Mistral Small 4 (mistral3) and Gemma 4 (gemma4) checkpoints do); the
+# text model's context length is past 4096, the wrapper's top level names none.
+_TEXT = {k: _BASE[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                               "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size")}
+WRAPPED: dict[str, dict] = {
+    "mistral3": {"model_type": "mistral3", "text_config": {
+        **_TEXT, "model_type": "ministral3", "max_position_embeddings": 262144, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "yarn", "type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16384,
+                            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                            "llama_4_scaling_beta": 0.1, "rope_theta": 1000000.0}}},
+    "gemma4": {"model_type": "gemma4", "vocab_size": _BASE["vocab_size"], "text_config": {
+        **_TEXT, "model_type": "gemma4_text", "max_position_embeddings": 131072, "num_kv_shared_layers": 0,
+        "hidden_size_per_layer_input": 0, "global_head_dim": 32, "sliding_window": SLIDING_WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"]}},
+}
+
+
+def make_wrapped_arch_dir(path: str | Path, case: str, *, seed: int = 0) -> Path:
+    """A WRAPPED checkpoint (config.json with `text_config`, weights, tokenizer); returns the directory."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(WRAPPED[case]))  # the model's args may write into text_config
+    model = _build_model(json.loads(json.dumps(config)), seed)
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))

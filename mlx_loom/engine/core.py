@@ -26,11 +26,12 @@ from mlx_loom.engine.pipeline import next_decode_step, rows_sample_on_device
 from mlx_loom.engine.warm_up import WarmUpResult, warm_up
 from mlx_loom.models.loader import LoadedModel, describe_backend, load_model
 from mlx_loom.sample.sampler import (
+    DeviceSample,
     SampledToken,
     SamplingRow,
-    device_tokens,
+    read,
     sample,
-    samples_on_device,
+    sample_on_device,
 )
 from mlx_loom.sample.structured import StructuredOutput
 from mlx_loom.sched.config import EngineConfig
@@ -44,10 +45,10 @@ log = logging.getLogger("mlx_loom.engine")
 
 @dataclass(frozen=True)
 class _InFlight:
-    """A launched decode step: its rows and its sampled tokens, still on the device."""
+    """A launched decode step: its rows and its draws (tokens [B] int32, logprobs), still on the device."""
 
     out: SchedulerOutput
-    tokens: mx.array  # [B] int32
+    drawn: DeviceSample
 
 
 class EngineCore:
@@ -100,8 +101,7 @@ class EngineCore:
         self.async_decode = cfg.async_decode and self.group is None  # a group sends token ids, not device arrays
         self._inflight: _InFlight | None = None  # a launched step whose tokens are not read yet
         self.pipelined_steps = 0
-        vocab = loaded.vocab_size
-        self._on_device = lambda params: samples_on_device(params, vocab)
+        self.dropped_steps = 0  # launched steps dropped unapplied (`_drop_inflight`)
         self._updating = False  # set once a step starts changing request state
         self._emitted: dict[str, int] = {}  # request id -> output tokens already reported
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
@@ -157,6 +157,9 @@ class EngineCore:
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.scheduler.abort_request(request_id)
         self._forget(request_id)
+        live = self.scheduler.requests
+        if self._inflight is not None and not any(r.request_id in live for r in self._inflight.out.rows):
+            self._inflight = None  # a launched step for nobody: nothing of it will be read
         return self._output(req) if req is not None else None
 
     def has_unfinished(self) -> bool:
@@ -165,7 +168,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one batched forward, sample, update; the deltas of this step.
 
-        Decode steps whose rows all sample on the device are pipelined (pipeline.py): the next step
+        Decode-only steps with nobody waiting are pipelined (pipeline.py): the next step
         is launched before this one's tokens are read, so host work overlaps the device. An
         exception past scheduling fails only the requests that cause it: the step's rows are
         retried one by one (while no request state changed yet), and a row that fails alone gets
@@ -186,36 +189,81 @@ class EngineCore:
 
     def _pipelined(self, out: SchedulerOutput) -> bool:
         return (self.async_decode and self.spec is None
-                and rows_sample_on_device(out, self.scheduler.requests, self._on_device))
+                and rows_sample_on_device(out, self.scheduler.requests))
 
-    def _launch(self, out: SchedulerOutput, tokens: mx.array | None) -> _InFlight:
-        """Build the step and start it on the device; its sampled tokens stay there ([B] int32)."""
-        logits, _ = self.runner.execute(out.rows, tokens)  # [B, V]
-        sampled = device_tokens(logits)
-        mx.async_eval(sampled)
+    def _launch(self, out: SchedulerOutput, prev: mx.array | None) -> _InFlight:
+        """Build the step (from prev [B] int32, the previous step's tokens still on the device, or
+        from the rows' known tokens) with its sampling, and start it; nothing is read. Grammar rows
+        need their matchers current: never with prev (see `_pipelined_step`)."""
+        logits, _ = self.runner.execute(out.rows, prev)  # [B, V]
+        return self._launch_sampling(out, logits, prev)
+
+    def _launch_sampling(self, out: SchedulerOutput, logits: mx.array, prev: mx.array | None) -> _InFlight:
+        """Masks for the grammar rows (host), then the sampling graph on logits [B, V], started."""
+        reqs = [self.scheduler.requests[row.request_id] for row in out.rows]
+        logits = self.structured.apply_masks(logits, [r.request_id for r in reqs])
+        drawn = sample_on_device(logits, _sampling_rows(reqs), prev)
+        mx.async_eval(*drawn.arrays())
         self.pipelined_steps += 1
-        return _InFlight(out, sampled)
+        return _InFlight(out, drawn)
 
     def _pipelined_step(self) -> list[RequestOutput]:
         """Launch the step after the one in flight (when it is determined), then read and apply the
-        one in flight while the new one runs."""
+        one in flight while the new one runs. With grammar rows only the next forward is launched
+        before the read; its masks are filled once the matchers took this step's tokens, while the
+        device runs that forward, and its sampling is launched after them."""
         launched, self._inflight = self._inflight, None
+        forward = None  # (step, logits) of a launched forward whose sampling waits for masks
         try:
             after = next_decode_step(self.scheduler, launched.out)
-            if after is not None:
-                self._inflight = self._launch(after, launched.tokens)
+            if after is not None and self._has_grammar(after):
+                forward = (after, self.runner.execute(after.rows, launched.drawn.tokens)[0])
+                mx.async_eval(forward[1])
+            elif after is not None:
+                self._inflight = self._launch(after, launched.drawn.tokens)
         except Exception:
             log.exception("launching a pipelined step failed; the next step runs synchronously")
-            self._inflight = None
+            self._inflight = forward = None
         try:
-            ids = launched.tokens.tolist()
+            tokens, redone = read(launched.drawn)
+            if redone and (self._inflight is not None or forward is not None):
+                forward = None
+                self._drop_inflight()
             live = self.scheduler.requests  # rows of requests ended meanwhile are dropped unread
-            sampled = {row.request_id: [SampledToken(t, None)] for row, t in zip(launched.out.rows, ids)
-                       if row.request_id in live}
-            return self._apply(launched.out, sampled)
+            sampled = {row.request_id: [t] for row, t in zip(launched.out.rows, tokens) if row.request_id in live}
+            outputs = self._apply(launched.out, sampled)
         except Exception as exc:
             self._recover(exc)
             return self._fail_step(launched.out, exc)
+        if forward is not None:
+            self._sample_forward(*forward)
+        return outputs
+
+    def _has_grammar(self, out: SchedulerOutput) -> bool:
+        return any(r.request_id in self.structured for r in out.rows)
+
+    def _sample_forward(self, out: SchedulerOutput, logits: mx.array) -> None:
+        """Launch the sampling of a forward launched ahead, now that the previous step's tokens are
+        applied (so prev is known to the host). If a row's request ended meanwhile the step is
+        dropped: it is no longer the next step of the running requests."""
+        running = {r.request_id for r in self.scheduler.running}
+        if any(row.request_id not in running for row in out.rows):
+            self._drop_inflight()
+            return
+        try:
+            self._inflight = self._launch_sampling(out, logits, None)
+        except Exception:
+            log.exception("launching a pipelined step's sampling failed; the next step runs synchronously")
+            self._drop_inflight()
+
+    def _drop_inflight(self) -> None:
+        """Forget the launched step: it was launched from a first draw that a redo replaced (a top_p
+        nucleus wider than the candidates), or a grammar step's request ended before its sampling.
+        It changed no request state; the next synchronous step recomputes its positions and
+        overwrites the KV it wrote."""
+        self._inflight = None
+        self.runner.discard_derived()
+        self.dropped_steps += 1
 
     def _guarded(self, out: SchedulerOutput, retry_alone: bool) -> list[RequestOutput]:
         self._updating = False
@@ -329,8 +377,7 @@ class EngineCore:
 
     def _sample(self, logits: mx.array, reqs: list[Request]) -> dict[str, list[SampledToken]]:
         logits = self.structured.apply_masks(logits, [r.request_id for r in reqs])
-        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.sample_seed) for r in reqs]
-        return {r.request_id: [t] for r, t in zip(reqs, sample(logits, rows))}
+        return {r.request_id: [t] for r, t in zip(reqs, sample(logits, _sampling_rows(reqs)))}
 
     def _verify(self, req: Request, logits: np.ndarray) -> list[SampledToken]:
         """logits [k+1, V] of a speculative row: grammar masks per position, then acceptance."""
@@ -390,6 +437,10 @@ class EngineCore:
         s = self.spec.stats()
         return dict(spec_enabled=True, spec_num_drafts=s.num_drafts, spec_proposed=s.proposed,
                     spec_accepted=s.accepted)
+
+
+def _sampling_rows(reqs: list[Request]) -> list[SamplingRow]:
+    return [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.sample_seed) for r in reqs]
 
 
 def _check_pools(pools: list, cause: Exception) -> None:

@@ -3,10 +3,13 @@
 Asynchronous stepping: while step t runs on the device, the engine builds and launches step t+1
 from t's sampled tokens still on the device, then reads t's tokens and does the host work
 (stop checks, detokenization hand-off) while t+1 runs. That is only sound when step t+1 is
-known without t's tokens: every running request decodes, none waits to be admitted, every row
-samples on the device (greedy, no grammar, no logprobs or penalties), and none can end at t by
-length (EOS or a stop token still may: then its t+1 token is dropped, never emitted, and its KV
-slot is freed with the request). Anything else falls back to one synchronous step.
+known without t's tokens: every running request decodes, none waits to be admitted, and none
+can end at t by length (EOS or a stop token still may: then its t+1 token is dropped, never emitted, and its KV
+slot is freed with the request). Anything else falls back to one synchronous step. Every
+sampling feature (temperature, top-k/p, min-p, seeds, penalties, bias, logprobs) runs on the
+device (mlx_loom/sample/sampler.py), with t's tokens counted in t+1's penalties there. A step
+with grammar rows launches only its forward ahead: its masks need t's tokens in the matchers,
+so they are filled (host) while that forward runs, and its sampling is launched after them.
 
 KV safety: a request that ends while t+1 is in flight frees blocks that t+1 still writes; any
 later writer of those blocks runs after it, because every step's KV writes chain through the
@@ -16,27 +19,18 @@ same pool arrays (MLX orders them by data dependency).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
-
-from mlx_loom.sched.params import SamplingParams
 from mlx_loom.sched.request import Request
 from mlx_loom.sched.scheduler import Scheduler, SchedulerOutput
-
-OnDevice = Callable[[SamplingParams], bool]
-"""Whether a row with these params samples on the device (the sampler's rule; kept out of this
-pure module)."""
 
 PLACEHOLDER = (0,)
 """Token ids of a launched-ahead row: its real input is on the device."""
 
 
-def rows_sample_on_device(out: SchedulerOutput, requests: dict[str, Request], on_device: OnDevice) -> bool:
+def rows_sample_on_device(out: SchedulerOutput, requests: dict[str, Request]) -> bool:
     """Whether every row of a step decodes one token sampled on the device (launchable ahead)."""
     for row in out.rows:
         req = requests.get(row.request_id)
         if req is None or len(row.token_ids) != 1 or row.num_draft or not row.sample:
-            return False
-        if req.params.grammar is not None or not on_device(req.params):
             return False
     return True
 
@@ -48,7 +42,7 @@ def next_decode_step(scheduler: Scheduler, launched: SchedulerOutput) -> Schedul
     running = scheduler.running
     if scheduler.waiting or len(running) != len(launched.rows):
         return None
-    # The same requests as launched (so their rows still sample on the device: params are fixed).
+    # The same requests as launched, in the same order (the launched tokens feed these rows).
     if [r.request_id for r in running] != [row.request_id for row in launched.rows]:
         return None
     max_len = scheduler.config.max_model_len

@@ -1,4 +1,5 @@
-"""Gated MLP activation. Reference: mlx.nn.silu(gate) * up.
+"""Gated MLP activation. Reference: mlx.nn.silu(gate) * up. `route_gated_mlps` switches only the
+mlx-lm MLP classes listed in KNOWN_SWIGLU_MLPS (exact classes) to the native call.
 
 MLX's CPU exp and sigmoid cost ~20 ns per element (scalar libm). The native extension's SiluMul
 primitive (mlx_loom/kernels/native/activation_tile.h: a vector exp2, all cores) runs it when built;
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
 
 from mlx_loom.kernels import qmm
 
@@ -30,14 +32,42 @@ def silu_mul_reference(gate: mx.array, up: mx.array) -> mx.array:
 
 
 class _NativeGatedMLP:
-    """Mixin for an mlx-lm MLP class whose call is down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """Mixin for the mlx-lm MLP classes whose call is down_proj(swiglu(gate_proj(x), up_proj(x))):
+    the native primitive where it runs (float32 on the CPU), else mlx-lm's own swiglu, so the
+    result is the class's own computation whatever the dtype or device."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        native = qmm.native_on_cpu() and gate.dtype == up.dtype == mx.float32 and gate.shape == up.shape
+        return self.down_proj(qmm.native_module().silu_mul(gate, up) if native else swiglu(gate, up))
 
 
+def _known_swiglu_mlps() -> frozenset[type]:
+    """mlx-lm MLP classes whose call is exactly down_proj(swiglu(gate_proj(x), up_proj(x))), swiglu being
+    silu(gate) * up (read from their source; tests/test_module_routing.py checks each against its own
+    call on large and edge-case inputs). Only these are switched: a subclass or any other class (a
+    clamp, a scale, a bias, another activation: step3p5's Step3p5MLP clamps) keeps its own code."""
+    import importlib
+
+    names = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo2", "granite", "cohere", "exaone4",
+             "ministral3", "internlm3")
+    classes = set()
+    for name in names:
+        try:  # an older mlx-lm may lack an architecture: then there is nothing of it to switch
+            module = importlib.import_module(f"mlx_lm.models.{name}")
+        except ImportError:
+            continue
+        classes.add(module.MLP)
+    for name, cls in (("deepseek_v2", "DeepseekV2MLP"), ("deepseek_v3", "DeepseekV3MLP")):
+        try:
+            classes.add(getattr(importlib.import_module(f"mlx_lm.models.{name}"), cls))
+        except (ImportError, AttributeError):
+            continue
+    return frozenset(classes)
+
+
+KNOWN_SWIGLU_MLPS: frozenset[type] = _known_swiglu_mlps()
 _ROUTED: dict[type, type] = {}
-_GATED_KEYS = {"gate_proj", "up_proj", "down_proj"}
 
 
 def unrouted_type(module: nn.Module) -> type:
@@ -45,51 +75,32 @@ def unrouted_type(module: nn.Module) -> type:
     return getattr(type(module), "_loom_base", type(module))
 
 
+def routed_class(base: type) -> type:
+    """The subclass of `base` (one of KNOWN_SWIGLU_MLPS) whose call runs silu_mul."""
+    return _ROUTED.setdefault(base, type(f"NativeGated{base.__name__}", (_NativeGatedMLP, base), {"_loom_base": base}))
+
+
 def route_gated_mlps(model: nn.Module) -> int:
-    """Switch every MLP of `model` that holds exactly gate/up/down projections and computes
-    down(silu(gate(x)) * up(x)) (checked on a probe input against its own call) to a subclass
-    running silu_mul: mlx-lm's swiglu is an MLX CPU sigmoid at ~15 ns per value. Only where the
-    native primitive runs (float32 on the CPU). Returns how many were switched."""
+    """Switch every MLP of `model` whose class is exactly one of KNOWN_SWIGLU_MLPS (never a subclass)
+    to a subclass running silu_mul: mlx-lm's swiglu is an MLX CPU sigmoid at ~15 ns per value. Only
+    where the native primitive runs (float32 projections on the CPU: other dtypes would round
+    differently from the model's own activation). Returns how many were switched."""
     if not qmm.native_on_cpu():
         return 0
     switched = 0
     for _, module in model.named_modules():
-        if set(module.keys()) != _GATED_KEYS or not all(isinstance(module[k], nn.Module) for k in _GATED_KEYS):
-            continue
-        base = type(module)
-        routed = _ROUTED.setdefault(base, type(f"NativeGated{base.__name__}", (_NativeGatedMLP, base),
-                                               {"_loom_base": base}))
-        if _same_on_probe(module, routed):
+        if type(module) in KNOWN_SWIGLU_MLPS and _float32_projections(module):
+            module.__class__ = routed_class(type(module))
             switched += 1
     return switched
 
 
-def _same_on_probe(module: nn.Module, routed: type) -> bool:
-    """Switch module to `routed` if both calls agree on a random input; restore its class otherwise.
-    Float32 projections only: silu_mul is the native primitive there (other dtypes would round
-    differently from the model's own activation)."""
-    base = type(module)
-    width = _float32_input_width(module.gate_proj)
-    if width is None:
-        return False
-    x = mx.random.normal((1, 3, width), key=mx.random.key(width))
-    try:
-        expect = module(x)
-        module.__class__ = routed
-        got = module(x)
-        tol = 1e-5 * (1.0 + mx.abs(expect).max().item())
-        same = expect.shape == got.shape and bool(mx.allclose(got, expect, rtol=1e-5, atol=tol))
-    except (TypeError, ValueError, AttributeError):
-        same = False
-    if not same:
-        module.__class__ = base
-    return same
+def _float32_projections(module: nn.Module) -> bool:
+    return all(_is_float32_linear(module[k]) for k in ("gate_proj", "up_proj", "down_proj"))
 
 
-def _float32_input_width(proj: nn.Module) -> int | None:
-    """Input features of a float32 Linear / QuantizedLinear (float32 scales); None for anything else."""
-    if isinstance(proj, nn.QuantizedLinear) and proj.scales.dtype == mx.float32:
-        return proj.weight.shape[1] * 32 // proj.bits
-    if isinstance(proj, nn.Linear) and proj.weight.dtype == mx.float32:
-        return proj.weight.shape[1]
-    return None
+def _is_float32_linear(proj: object) -> bool:
+    """A plain or affine-quantized Linear with float32 weights / scales (exact classes, routed ones included)."""
+    if isinstance(proj, nn.QuantizedLinear):
+        return getattr(proj, "mode", "affine") == "affine" and proj.scales.dtype == mx.float32
+    return isinstance(proj, nn.Linear) and proj.weight.dtype == mx.float32

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import llama, qwen3
+from mlx_lm.models.rope_utils import Llama3RoPE
 
 from mlx_loom.kernels import qmm
 from mlx_loom.kernels.activations import unrouted_type
@@ -28,6 +30,8 @@ from mlx_loom.kernels.rope_norm import PLAIN_NORMS, PLAIN_ROPES, fast_rope_inv_f
 
 _PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                 ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+_FUSED_MLPS = (llama.MLP, qwen3.MLP)  # exactly down(silu(gate(x)) * up(x)), as the primitive computes
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def rope_inv_freq(rope: nn.Module, head_dim: int) -> tuple[mx.array, bool] | Non
     whose call is a plain mx.fast.rope over the whole head; None for any other (e.g. scaled inputs)."""
     if type(rope) in PLAIN_ROPES and rope.dims == head_dim:
         return fast_rope_inv_freq(head_dim, rope.base, rope.scale), rope.traditional
-    if type(rope).__name__ == "Llama3RoPE" and getattr(rope, "dims", None) == head_dim:
+    if type(rope) is Llama3RoPE and getattr(rope, "dims", None) == head_dim:
         return (1.0 / rope._freqs).astype(mx.float32), rope.traditional
     return None
 
@@ -132,9 +136,9 @@ def fused_layer_weights(layer: nn.Module) -> list[mx.array] | None:
     llama layer (or qwen3's: llama plus per-head q/k RMSNorms) with affine-quantized float32
     projections (bias-free) and float32 RMSNorms."""
     norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
-    if not all(isinstance(n, nn.RMSNorm) and n.weight.dtype == mx.float32 for n in norms):
+    if not all(type(n) in PLAIN_NORMS and n.weight.dtype == mx.float32 for n in norms):
         return None
-    if not isinstance(getattr(layer, "mlp", None), nn.Module) or unrouted_type(layer.mlp).__name__ != "MLP":
+    if not isinstance(getattr(layer, "mlp", None), nn.Module) or unrouted_type(layer.mlp) not in _FUSED_MLPS:
         return None
     qk = _qk_norm_weights(getattr(layer, "self_attn", None))
     if qk is False:

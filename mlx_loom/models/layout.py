@@ -29,7 +29,7 @@ from mlx_loom.kernels.rope_norm import PLAIN_NORMS
 TESTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3",
     "olmo2", "olmoe", "granite", "granitemoe", "glm4", "cohere", "starcoder2", "mixtral", "deepseek_v2",
-    "deepseek_v3", "gpt_oss", "exaone4",
+    "deepseek_v3", "gpt_oss", "exaone4", "step3p5",
 )
 
 

@@ -2,8 +2,9 @@
 architectures) or an mlx-lm directory (any architecture whose state is a KV cache;
 mlx_loom/models/layout.py says which).
 
-GGUF Q4_0/Q4_1/Q8_0 blocks arrive from `mx.load` already in MLX's affine layout
-(weight uint32 + scales + biases, group size 32), so they drop into `nn.QuantizedLinear`
+GGUF files are read by mlx_loom/models/gguf_reader.py (read-only, unlike `mx.load`, which opens
+a GGUF file for writing): Q4_0/Q4_1/Q8_0 blocks arrive in MLX's affine layout (weight uint32 +
+scales + biases, group size 32), as from `mx.load`, so they drop into `nn.QuantizedLinear`
 unchanged, or are dequantized once at load. Import `scheduler` before this module so
 OpenBLAS is loaded before mlx (see mlx_loom/kernels/blas.py).
 """
@@ -11,7 +12,6 @@ OpenBLAS is loaded before mlx (see mlx_loom/kernels/blas.py).
 from __future__ import annotations
 
 import importlib.util
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -24,14 +24,14 @@ import mlx.nn as nn
 
 from mlx_loom.kernels import blas, qmm
 from mlx_loom.models import gguf_arch
+from mlx_loom.models.gguf_reader import read_gguf
 from mlx_loom.models.layout import kv_layout
+from mlx_loom.models.model_source import ACCEPTED, ModelSourceError, is_hub_id, resolve_hub_model
 from mlx_loom.models.routing import route_model
 from mlx_loom.models.tokenizer import TextTokenizer
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_GROUP_SIZE = 32  # every GGUF block format MLX reads (Q4_0, Q4_1, Q8_0) has 32-value blocks
-
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -75,11 +75,9 @@ def load_model(path: str | None = None, *, dequantize: bool | None = None) -> Lo
         if dequantize is None:
             dequantize = on_cpu and not qmm.native_available()
         return _load_gguf(path, dequantize)
-    if _HUB_ID.match(path):
-        # mlx-lm resolves it through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only)
-        return _load_mlx_dir(path, dequantize)
-    raise ValueError(f"{path!r} is neither a .gguf file, a model directory (mlx-lm or Hugging Face format) "
-                     "nor a Hugging Face hub id (org/name)")
+    if is_hub_id(path):  # the Hugging Face cache, else a download (HF_HUB_OFFLINE=1: the cache only)
+        return _load_mlx_dir(resolve_hub_model(path), dequantize, name=path)
+    raise ModelSourceError(f"model path {path!r} does not exist and is not a hub id (org/name); {ACCEPTED}")
 
 
 # -- GGUF --
@@ -135,18 +133,18 @@ def _dequantize(q: mx.array, scales: mx.array, biases: mx.array, bits: int) -> m
 
 
 def _dequantize_all(weights: dict[str, mx.array], bits: dict[str, int], dtype: mx.Dtype) -> dict[str, mx.array]:
-    out = {}
+    """Each quantized module's packed weight / scales / biases become one float weight; every other
+    tensor stays, a quantized module's own `bias` (qwen2's q/k/v projections) included."""
+    packed = {f"{module}.{k}" for module in bits for k in ("weight", "scales", "biases")}
+    out = {name: w.astype(dtype) for name, w in weights.items() if name not in packed}
     for module, b in bits.items():
         w, s, z = (weights[f"{module}.{k}"] for k in ("weight", "scales", "biases"))
         out[f"{module}.weight"] = _dequantize(w, s, z, b).astype(dtype)
-    for name, w in weights.items():
-        if name.rsplit(".", 1)[0] not in bits:
-            out[name] = w.astype(dtype)
     return out
 
 
 def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
-    weights, metadata = mx.load(path, return_metadata=True)
+    weights, metadata = read_gguf(path)  # never needs write access to the file
     model, args, arch = gguf_arch.build_model(metadata, weights)
     weights = _convert_gguf_weights(weights, args, arch)
     if hasattr(model, "sanitize"):  # as mlx-lm's own loader: e.g. gemma3_text drops its head when tied
@@ -169,9 +167,20 @@ def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
     return _loaded(model, TextTokenizer.from_gguf_metadata(metadata), name, args, dtype)
 
 
+def text_model_args(model: nn.Module, args: Any) -> Any:
+    """The settings of the model that generates the text. Wrappers (mistral3 for Ministral 3 and
+    Mistral Small 4, gemma4, ...) keep them in `text_config` and build a `language_model` from it;
+    their own top level lacks the context length (and mistral3 the vocabulary size)."""
+    inner = model
+    while isinstance(getattr(inner, "language_model", None), nn.Module) and hasattr(inner.language_model, "args"):
+        inner = inner.language_model
+    return inner.args if inner is not model else args
+
+
 def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
     route_model(model)  # the model's own code then runs the native kernels where they apply
     layout, _ = kv_layout(model)  # refuses models whose state is not a KV cache
+    args = text_model_args(model, args)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -195,7 +204,7 @@ def _native_quantized(model: nn.Module) -> bool:
                                    and m.group_size in (32, 64, 128) for m in quantized)
 
 
-def _load_mlx_dir(path: str, dequantize: bool | None) -> LoadedModel:
+def _load_mlx_dir(path: str, dequantize: bool | None, name: str | None = None) -> LoadedModel:
     """mlx-lm's own loader. On the CPU (dequantize=None): quantized weights stay packed when the native
     kernels run every quantized layer (scales cast to float32, which those kernels take), else
     everything is dequantized to float32 (MLX's CPU quantized matmul is slow); on a GPU as stored."""
@@ -211,7 +220,7 @@ def _load_mlx_dir(path: str, dequantize: bool | None) -> LoadedModel:
         model.set_dtype(mx.float32)  # floating parameters only: packed weights stay uint32
         mx.eval(model.parameters())
     _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
-    name = Path(path).name if Path(path).is_dir() else path  # a hub id is served under its full id
+    name = name or Path(path).name  # a hub id is served under its full id
     return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), name, model.args, dtype)
 
 

@@ -1,4 +1,4 @@
-"""Batched per-row sampling: one call per engine step over the logits of the rows that sample.
+"""Batched per-row sampling: one graph per engine step over the logits of the rows that sample.
 
 Per row, following vLLM v1 / OpenAI semantics:
 
@@ -6,7 +6,8 @@ Per row, following vLLM v1 / OpenAI semantics:
 2. ``repetition_penalty`` over prompt + output tokens (HF rule: positive logits divided,
    negative multiplied);
 3. ``presence_penalty`` / ``frequency_penalty`` over output tokens only:
-   ``logit -= presence * (count > 0) + frequency * count``. This gives the *processed* logits.
+   ``logit -= presence * (count > 0) + frequency * count``. This gives the *processed* logits
+   (`penalties.py`, built on the device).
 4. Greedy rows (temperature < 1e-5, as vLLM, or top_k == 1) take the argmax of them.
 5. Other rows divide by temperature, then apply top_k, top_p (the smallest set whose probability
    reaches top_p; the top token always stays), min_p (drop p < min_p * p_max), and draw from
@@ -16,18 +17,23 @@ Logprobs are the log_softmax of the *processed* logits (step 3): after bias and 
 before temperature and truncation. vLLM calls this ``processed_logprobs``; its default,
 ``raw_logprobs``, would also skip bias and penalties.
 
+Everything is on the device: `sample_on_device` builds the graph and reads nothing, so the
+engine can launch the next step from the sampled tokens (`DeviceSample.tokens`, batch order)
+before the host sees them; `read` is the one host sync. `prev` is a token per row that the
+previous step sampled and the host has not read: it counts in the penalties and moves the row's
+output position by one, so a launched-ahead step samples exactly what a synchronous one would.
+
 Randomness: each sampled row draws one uniform ``u`` in [0, 1), hashed in Python from
-``(row.seed, len(row.output_token_ids))`` alone, and takes the inverse CDF of its final
-distribution at ``u``. Every array op is row-local (elementwise, or a reduction / scan / sort
-along V), and which path a row takes depends only on that row, so a seeded row gives the same
-token alone or at any position of any batch. One uniform per row instead of V Gumbel draws
-keeps the draw to one cumsum and one compare, with no per-row MLX calls.
+``(row.seed, output position)`` alone, and takes the inverse CDF of its final distribution at
+``u``. Every array op is row-local (elementwise, or a reduction / scan / sort along V), and which
+path a row takes depends only on that row, so a seeded row gives the same token alone or at any
+position of any batch, pipelined or not.
 
 Cost on the CPU backend, where one sort of a 49k row takes ~5 ms and ``exp`` is 2-3x slower
 than ``power(2, .)``: top_k / top_p rows never sort the whole row; they take the top
 ``CANDIDATES`` by argpartition and sort only those. A top_p row whose nucleus is wider than
 that (very flat distribution: temperature >= 1.5, or top_p near 1) is redone with a full sort
-after the single host sync, the only case that costs a second sync.
+after the host sync (`read` reports it: a step launched from the first draw is then stale).
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import mlx.core as mx
-import numpy as np
 
+from mlx_loom.sample.penalties import PenaltyRow, adjust
 from mlx_loom.sched.params import SamplingParams
 
 CANDIDATES = 1024
@@ -81,18 +87,60 @@ class _Plan:
     logprobs: list[int]
 
 
+@dataclass(frozen=True)
+class DeviceSample:
+    """One step's draws, nothing read yet: `tokens` [B] int32 in batch order stays on the device."""
+
+    tokens: mx.array
+    x: mx.array  # [B, V] processed logits (for a redo)
+    rows: Sequence[SamplingRow]
+    plan: _Plan
+    u: tuple[float, ...]  # per batch row, fixed when the graph was built
+    fits: mx.array  # [C] bool per plan.cand row: False = nucleus wider than the candidates
+    logprobs: tuple[mx.array, ...]  # (lse [L], x at token [L], top values [L, K], top ids [L, K]) or ()
+
+    def arrays(self) -> list[mx.array]:
+        """What to evaluate (async_eval) so that `read` only copies."""
+        return [self.tokens, self.fits, *self.logprobs]
+
+
 def sample(logits: mx.array, rows: Sequence[SamplingRow]) -> list[SampledToken]:
     """Pick one token per row of logits [B, V] (any float dtype); one host sync in the usual case."""
-    if not rows:
-        return []
+    return read(sample_on_device(logits, rows))[0] if rows else []
+
+
+def sample_on_device(logits: mx.array, rows: Sequence[SamplingRow], prev: mx.array | None = None) -> DeviceSample:
+    """The lazy graph of one step's draws over logits [B, V]; nothing is evaluated or read.
+
+    prev [B] int32: each row's previous token, sampled but not read yet (it follows the row's
+    output_token_ids); None when the host knows every token."""
     x = logits.astype(mx.float32)  # [B, V]
     vocab = x.shape[-1]
     plan = _plan(rows, vocab)
     if len(plan.greedy) == len(rows) and not plan.adjusted and not plan.logprobs:
-        return [SampledToken(t, None) for t in mx.argmax(x, axis=-1).tolist()]
+        return DeviceSample(device_tokens(x), x, rows, plan, (), mx.zeros((0,), dtype=mx.bool_), ())
+    shift = 0 if prev is None else 1
+    u = tuple(uniform(r.seed, len(r.output_token_ids) + shift) for r in rows)
     if plan.adjusted:
-        x = _adjust(x, rows, plan.adjusted)
-    return _Step(x, rows, plan).run()
+        x = _adjusted(x, rows, plan.adjusted, prev)
+    return _Step(x, rows, plan, u).build()
+
+
+def read(s: DeviceSample) -> tuple[list[SampledToken], list[int]]:
+    """The host sync: the tokens (with logprobs where asked) and the batch rows that were redone
+    (their first draw, `s.tokens`, was not the final token)."""
+    if not s.plan.cand and not s.plan.logprobs and not s.plan.adjusted and len(s.plan.greedy) == len(s.rows):
+        return [SampledToken(t, None) for t in s.tokens.tolist()], []
+    return _Step(s.x, s.rows, s.plan, s.u).unpack(s)
+
+
+def _adjusted(x: mx.array, rows: Sequence[SamplingRow], which: list[int], prev: mx.array | None) -> mx.array:
+    prows = [PenaltyRow(rows[b].params, rows[b].prompt_token_ids, rows[b].output_token_ids) for b in which]
+    if len(which) == x.shape[0]:
+        return adjust(x, prows, prev)
+    idx = mx.array(which, dtype=mx.int32)
+    x[idx] = adjust(x[idx], prows, None if prev is None else prev[idx])  # rebinds this handle only
+    return x
 
 
 def _plan(rows: Sequence[SamplingRow], vocab: int) -> _Plan:
@@ -116,16 +164,9 @@ def _plan(rows: Sequence[SamplingRow], vocab: int) -> _Plan:
     return plan
 
 
-def samples_on_device(p: SamplingParams, vocab: int) -> bool:
-    """Whether the row's token is one device op on its logits (`device_tokens`): greedy, no bias,
-    penalties or logprobs. Its next step can then be launched before the token is read."""
-    greedy = p.temperature < GREEDY_EPS or _top_k(p, vocab) == 1
-    return greedy and not p.logit_bias and not p.has_penalties and not p.wants_logprobs
-
-
 def device_tokens(logits: mx.array) -> mx.array:
     """logits [B, V] float32 (as the runner returns them) -> [B] int32 argmax, left on the device:
-    `sample`'s greedy rule for these rows."""
+    `sample`'s greedy rule."""
     return mx.argmax(logits, axis=-1).astype(mx.int32)
 
 
@@ -146,87 +187,6 @@ def uniform(seed: int, step: int) -> float:
     return (z >> 40) / float(1 << 24)
 
 
-# ---------------------------------------------------------------------------- bias and penalties
-
-
-def _adjust(x: mx.array, rows: Sequence[SamplingRow], which: list[int]) -> mx.array:
-    """Bias, then repetition, then presence/frequency, written only at the touched cells."""
-    vocab = x.shape[-1]
-    cells = _cells(rows, which, vocab)
-    if cells.keys.size == 0:
-        return x
-    b = mx.array(cells.keys // vocab, dtype=mx.int32)  # [N] batch row of each cell
-    t = mx.array(cells.keys % vocab, dtype=mx.int32)  # [N] token of each cell
-    v = x[b, t] + mx.array(cells.bias)  # [N]
-    rp = mx.array(cells.rep)  # [N], 1.0 where the repetition penalty does not apply
-    v = mx.where(v > 0, v / rp, v * rp) - mx.array(cells.pen)
-    x[b, t] = v  # rebinds this handle only; the caller's logits are untouched
-    return x
-
-
-@dataclass(frozen=True)
-class _Cells:
-    """Unique (row, token) cells touched by bias or penalties, keyed row * V + token."""
-
-    keys: np.ndarray  # [N] int64, sorted
-    bias: np.ndarray  # [N] float32, summed logit_bias
-    rep: np.ndarray  # [N] float32, repetition penalty (1.0 when not applicable)
-    pen: np.ndarray  # [N] float32, presence * (count > 0) + frequency * count
-
-
-class _Occurrences:
-    """(cell key, value) pairs gathered row by row; ids outside the vocabulary are dropped."""
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-        self._keys: list[np.ndarray] = []
-        self._vals: list[np.ndarray] = []
-
-    def add(self, row: int, tokens: Sequence[int] | np.ndarray, values: float | Sequence[float]) -> None:
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        vals = np.broadcast_to(np.asarray(values, dtype=np.float64), ids.shape)
-        ok = (ids >= 0) & (ids < self.vocab)  # an out-of-range id would land in the next row
-        self._keys.append(row * self.vocab + ids[ok])
-        self._vals.append(vals[ok])
-
-    def keys(self) -> np.ndarray:
-        return np.concatenate(self._keys) if self._keys else np.zeros(0, np.int64)
-
-    def values(self) -> np.ndarray:
-        return np.concatenate(self._vals) if self._vals else np.zeros(0, np.float64)
-
-    def positions(self, cells: np.ndarray) -> np.ndarray:
-        return np.searchsorted(cells, self.keys())
-
-
-def _cells(rows: Sequence[SamplingRow], which: list[int], vocab: int) -> _Cells:
-    bias, seen, pres, freq = (_Occurrences(vocab) for _ in range(4))
-    for b in which:
-        row, p = rows[b], rows[b].params
-        if p.logit_bias:
-            bias.add(b, [tok for tok, _ in p.logit_bias], [v for _, v in p.logit_bias])
-        if p.repetition_penalty != 1.0:
-            ids = np.concatenate([_ids(row.prompt_token_ids), _ids(row.output_token_ids)])
-            seen.add(b, ids, p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            out = _ids(row.output_token_ids)
-            pres.add(b, out, p.presence_penalty)
-            freq.add(b, out, p.frequency_penalty)
-    keys = np.unique(np.concatenate([bias.keys(), seen.keys(), pres.keys()]))
-    n = keys.size
-    rep = np.ones(n, np.float32)
-    rep[seen.positions(keys)] = seen.values()
-    pen = np.zeros(n, np.float64)
-    pen[pres.positions(keys)] = pres.values()  # repeated cells rewrite one value: presence once
-    pen += np.bincount(freq.positions(keys), weights=freq.values(), minlength=n)  # freq * count
-    summed_bias = np.bincount(bias.positions(keys), weights=bias.values(), minlength=n)
-    return _Cells(keys, summed_bias.astype(np.float32), rep, pen.astype(np.float32))
-
-
-def _ids(tokens: Sequence[int]) -> np.ndarray:
-    return np.asarray(tokens, dtype=np.int64).reshape(-1)
-
-
 # ---------------------------------------------------------------------------- one step
 
 
@@ -244,7 +204,8 @@ class _GroupParams:
     any_p_without_k: bool  # such rows need the normalizer over the whole row
 
 
-def _group_params(rows: Sequence[SamplingRow], idx: list[int], m: int, vocab: int) -> _GroupParams:
+def _group_params(rows: Sequence[SamplingRow], u: Sequence[float], idx: list[int], m: int,
+                  vocab: int) -> _GroupParams:
     ps = [rows[b].params for b in idx]
     ks = [_top_k(p, vocab) for p in ps]
     return _GroupParams(
@@ -253,20 +214,20 @@ def _group_params(rows: Sequence[SamplingRow], idx: list[int], m: int, vocab: in
         has_k=mx.array([k > 0 for k in ks]),
         top_p=mx.array([p.top_p if p.top_p < 1.0 else math.inf for p in ps], dtype=mx.float32),
         min_p=mx.array([p.min_p for p in ps], dtype=mx.float32),
-        u=mx.array([uniform(rows[b].seed, len(rows[b].output_token_ids)) for b in idx], dtype=mx.float32),
+        u=mx.array([u[b] for b in idx], dtype=mx.float32),
         any_min_p=any(p.min_p > 0.0 for p in ps),
         any_p_without_k=any(p.top_p < 1.0 and not k for p, k in zip(ps, ks)),
     )
 
 
 class _Step:
-    """Builds the lazy graph of one call, evaluates it once, and unpacks it per row."""
+    """Builds the lazy graph of one step (`build`), and unpacks it per row after the sync (`unpack`)."""
 
-    def __init__(self, x: mx.array, rows: Sequence[SamplingRow], plan: _Plan) -> None:
-        self.x, self.rows, self.plan = x, rows, plan  # x: [B, V] processed logits
+    def __init__(self, x: mx.array, rows: Sequence[SamplingRow], plan: _Plan, u: Sequence[float]) -> None:
+        self.x, self.rows, self.plan, self.u = x, rows, plan, u  # x: [B, V] processed logits
         self.vocab = x.shape[-1]
 
-    def run(self) -> list[SampledToken]:
+    def build(self) -> DeviceSample:
         plan, vocab = self.plan, self.vocab
         order = plan.greedy + plan.full + plan.cand + plan.wide  # batch rows, in `ids` order
         parts, fits = [], mx.zeros((0,), dtype=mx.bool_)
@@ -281,12 +242,21 @@ class _Step:
         if plan.wide:
             parts.append(_draw_truncated(self._take(plan.wide), self._params(plan.wide, vocab), vocab)[0])
         ids = mx.concatenate([p.astype(mx.int32) for p in parts])  # [B] in `order`
-        lp = self._logprobs(ids, order)
-        mx.eval(ids, fits, *lp)  # the one host sync
-        tokens = dict(zip(order, ids.tolist()))
-        chosen = dict(zip(plan.logprobs, lp[1].tolist())) if plan.logprobs else {}
-        self._redo_wide_nuclei([b for b, ok in zip(plan.cand, fits.tolist()) if not ok], tokens, chosen)
-        return self._results(tokens, chosen, lp)
+        if order != list(range(len(order))):
+            back = [0] * len(order)
+            for i, b in enumerate(order):
+                back[b] = i
+            ids = ids[mx.array(back, dtype=mx.int32)]  # [B] in batch order
+        return DeviceSample(ids, self.x, self.rows, plan, tuple(self.u), fits, self._logprobs(ids))
+
+    def unpack(self, s: DeviceSample) -> tuple[list[SampledToken], list[int]]:
+        plan = self.plan
+        mx.eval(*s.arrays())
+        tokens = dict(enumerate(s.tokens.tolist()))
+        chosen = dict(zip(plan.logprobs, s.logprobs[1].tolist())) if plan.logprobs else {}
+        redo = [b for b, ok in zip(plan.cand, s.fits.tolist()) if not ok]
+        self._redo_wide_nuclei(redo, tokens, chosen)
+        return self._results(tokens, chosen, s.logprobs), redo
 
     def _take(self, idx: list[int]) -> mx.array:
         if idx == list(range(self.x.shape[0])):
@@ -294,14 +264,13 @@ class _Step:
         return self.x[mx.array(idx, dtype=mx.int32)]  # [S, V]
 
     def _params(self, idx: list[int], m: int) -> _GroupParams:
-        return _group_params(self.rows, idx, m, self.vocab)
+        return _group_params(self.rows, self.u, idx, m, self.vocab)
 
-    def _logprobs(self, ids: mx.array, order: list[int]) -> tuple[mx.array, ...]:
+    def _logprobs(self, ids: mx.array) -> tuple[mx.array, ...]:
         """(lse [L], x at chosen [L], top values [L, K], top ids [L, K]) of the logprob rows."""
         if not self.plan.logprobs:
             return ()
-        pos = {b: i for i, b in enumerate(order)}
-        tok = ids[mx.array([pos[b] for b in self.plan.logprobs], dtype=mx.int32)]  # [L]
+        tok = ids[mx.array(self.plan.logprobs, dtype=mx.int32)]  # [L]
         xl = self._take(self.plan.logprobs)  # [L, V]
         xmax = mx.max(xl, axis=-1, keepdims=True)  # [L, 1]
         lse = xmax[:, 0] + mx.log(mx.sum(_exp2((xl - xmax) * _LOG2E), axis=-1))  # [L]

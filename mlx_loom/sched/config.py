@@ -102,7 +102,8 @@ class EngineConfig:
     (warm_up.py), so the first requests do not pay kernel compilation (GPU) or first-touch costs."""
     async_decode: bool = True
     """Launch a decode step before the previous step's tokens are read when it is determined
-    without them (every row greedy, no grammar/logprobs/penalties, nobody waiting: pipeline.py)."""
+    without them (every row decodes, nobody waiting: pipeline.py); sampling, penalties and
+    logprobs run on the device, grammar masks are filled while the next forward runs."""
     parallel: str | None = None
     """Under `mlx.launch` with more than one rank: "tensor" (mlx-lm's shard()) or "pipeline" (its
     pipeline()); None: one process (mlx_loom/dist/)."""

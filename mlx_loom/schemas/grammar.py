@@ -40,15 +40,17 @@ class GrammarSpec:
     schema: str | None = None
     """Compact JSON text of the schema, key order kept (it is the order properties are generated in)."""
     name: str | None = None
-    # No `strict`: every constrained output is enforced in full. OpenAI's `strict: false` (under which
-    # OpenAI does not guarantee the schema) is accepted by the server and constrained the same.
+    strict: bool = True
+    """True: the output matches the schema exactly, or compile() refuses it naming every feature it
+    cannot enforce. False (best effort): what cannot be enforced is relaxed (CompiledGrammar.relaxed)
+    and the finished output is validated instead; only a schema that is not valid JSON Schema is refused."""
 
     @classmethod
     def json_object(cls) -> GrammarSpec:
         return cls("json_object")
 
     @classmethod
-    def json_schema(cls, schema: object, name: str | None = None) -> GrammarSpec:
+    def json_schema(cls, schema: object, name: str | None = None, strict: bool = True) -> GrammarSpec:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"the JSON schema must be an object, got {type(schema).__name__}",
                                "response_format.json_schema.schema")
@@ -57,12 +59,12 @@ class GrammarSpec:
         except (TypeError, ValueError) as exc:
             raise GrammarError(f"the JSON schema is not serializable JSON: {exc}",
                                "response_format.json_schema.schema") from None
-        return cls("json_schema", text, name)
+        return cls("json_schema", text, name, strict)
 
     @property
     def key(self) -> str:
-        """Cache key: equal for the same kind and the same schema text."""
-        return hashlib.sha256(f"{self.kind}\0{self.schema}".encode()).hexdigest()
+        """Cache key: equal for the same kind, schema text and strictness."""
+        return hashlib.sha256(f"{self.kind}\0{self.schema}\0{self.strict}".encode()).hexdigest()
 
     def schema_obj(self) -> object:
         """The schema to enforce and validate against (json_object: any object)."""
@@ -75,6 +77,10 @@ class CompiledGrammar:
     grammar: str
     """Backend-specific serialized grammar."""
     compile_ms: float
+    relaxed: tuple[str, ...] = ()
+    """Best effort only: "pointer: why" for each constraint the grammar does not enforce."""
+    narrowed: tuple[str, ...] = ()
+    """"pointer: why" for each constraint enforced by allowing fewer documents than the schema does."""
 
 
 class Matcher(Protocol):

@@ -1,10 +1,11 @@
 """GrammarBackend on llguidance (the engine behind outlines' and guidance's llguidance backends).
 
-The token view (LLTokenizer) is built once per model from the tokenizer's own JSON. JSON is
-compiled with fixed separators ", " and ": " and no other whitespace outside strings, so a weak
-model cannot loop on spaces or newlines; llguidance never lets special tokens (e.g.
-<|im_start|>) into a lexeme, and allows EOS only where the document is complete. Unknown
-schema keywords are errors (lenient: false): a constraint is never silently dropped.
+The token view (LLTokenizer) is built once per model from the tokenizer's own JSON. A schema is
+first rewritten (rewrite.py under strict, best_effort.py otherwise); JSON is compiled with fixed
+separators ", " and ": " and no other whitespace outside strings, so a weak model cannot loop
+on spaces or newlines; llguidance never lets special tokens (e.g. <|im_start|>) into a lexeme, and allows EOS only where the document is complete. Under strict,
+keywords llguidance does not implement are errors (lenient: false): a constraint is never silently
+dropped; under best effort (best_effort.py) what is dropped is listed on the CompiledGrammar.
 
 A schema the engine cannot generate from is refused at compile time rather than found mid-way:
 `schema_checks` refuses $ref loops and required recursion (no finite instance); every matcher
@@ -29,7 +30,10 @@ import llguidance
 import numpy as np
 from llguidance.numpy import fill_next_token_bitmask_par
 
+from mlx_loom.schemas.best_effort import best_effort
+from mlx_loom.schemas.features import unsupported_message
 from mlx_loom.schemas.grammar import CompiledGrammar, GrammarError, GrammarSpec, short_error
+from mlx_loom.schemas.rewrite import prepare
 from mlx_loom.schemas.schema_checks import recursion_problem, string_constraints
 
 log = logging.getLogger("mlx_loom.schemas")
@@ -41,6 +45,8 @@ INITIAL_LEXER_FUEL = 300_000
 patterned properties need well under this; "^a{1000000}$" fails in ~0.1 s instead of ~0.4-1.2 s."""
 DRY_RUN_TOKENS = 2
 """Tokens a compile-time dry run consumes (lowest allowed id each time) after the first mask."""
+REGEX_ERROR = "regex parse error"
+"""How llguidance's refusal of a pattern it cannot parse (look-around, backreferences) begins."""
 STRING_CHECK_BUDGET_S = 1.0
 """Most seconds spent dry-running a schema's string constraints one by one."""
 
@@ -95,6 +101,7 @@ class LLGuidanceBackend:
         self.tokenizer = llguidance.LLTokenizer(backend.to_str(), n_vocab=self.vocab_size, eos_token=eos)
         self.executor = llguidance.LLExecutor(num_threads=2)
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._patterns: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
@@ -109,8 +116,7 @@ class LLGuidanceBackend:
             return hit
         t0 = time.perf_counter()
         try:
-            result: CompiledGrammar | GrammarError = CompiledGrammar(spec, self._grammar(spec),
-                                                                     (time.perf_counter() - t0) * 1e3)
+            result: CompiledGrammar | GrammarError = self._build(spec, t0)
         except GrammarError as exc:
             result = exc
         with self._lock:
@@ -121,25 +127,73 @@ class LLGuidanceBackend:
             raise GrammarError(str(result), result.param)
         return result
 
-    def _grammar(self, spec: GrammarSpec) -> str:
+    def _build(self, spec: GrammarSpec, t0: float) -> CompiledGrammar:
         schema = spec.schema_obj()
         param = "response_format" if spec.kind == "json_object" else "response_format.json_schema.schema"
+        if spec.kind == "json_object" or spec.strict:
+            grammar, narrowed = self._strict(schema, param)
+            return CompiledGrammar(spec, grammar, (time.perf_counter() - t0) * 1e3, narrowed=narrowed)
+        grammar, relaxed, narrowed = best_effort(self, schema, param)
+        return CompiledGrammar(spec, grammar, (time.perf_counter() - t0) * 1e3, relaxed, narrowed)
+
+    def _strict(self, schema: object, param: str) -> tuple[str, tuple[str, ...]]:
+        """The exact grammar (and what it narrows), or a GrammarError naming every unenforceable part."""
         problem = recursion_problem(schema)
         if problem is not None:
             raise GrammarError(problem, param)
+        prepared = prepare(schema)
+        if prepared.problems:
+            raise GrammarError(unsupported_message(prepared.problems + prepared.unproven_one_of), param)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+            grammar = self.grammar_for(prepared.schema, param)
+        except GrammarError as exc:
+            if prepared.unproven_one_of and "oneOf" in str(exc):
+                raise GrammarError(unsupported_message(prepared.unproven_one_of), param) from None
+            if REGEX_ERROR in str(exc):  # find every bad pattern (checked one by one only now: it costs)
+                located = prepare(schema, pattern_error=self.pattern_error).problems
+                raise GrammarError(unsupported_message(located), param) if located else exc from None
+            raise
+        self.check_runs(grammar, schema, param)
+        return grammar, tuple(map(str, prepared.narrowed))
+
+    def grammar_for(self, schema: object, param: str, warnings_ok: bool = False, **options: bool) -> str:
+        """llguidance's grammar for an already prepared schema; GrammarError with its (short) reason.
+
+        options: JSON compile options over JSON_OPTIONS (best effort: coerce_one_of, lenient), under
+        which llguidance warns about what it relaxes: warnings_ok then accepts them."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                                    defaults={**JSON_OPTIONS, **options})
         except ValueError as exc:
             raise GrammarError(f"invalid JSON schema: {short_error(str(exc))}", param) from None
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self.tokenizer, limits=parser_limits())
-        if is_error or messages:
+        if is_error or (messages and not warnings_ok):
             # Warnings name constraints llguidance would not enforce: refuse rather than fail open.
             detail = short_error("; ".join(m.strip() for m in messages), 240)
             raise GrammarError(f"the JSON schema cannot be enforced: {detail}", param)
+        return grammar
+
+    def check_runs(self, grammar: str, schema: object, param: str) -> None:
+        """The dry runs: the grammar's first tokens, then each string constraint alone."""
         self._dry_run(grammar, param)
         self._check_strings(schema, param)
-        return grammar
+
+    def pattern_error(self, regex: str) -> str | None:
+        """Why llguidance cannot use `regex` as a string pattern (None: it can). Cached."""
+        with self._lock:
+            if regex in self._patterns:
+                return self._patterns[regex]
+        try:
+            self.grammar_for({"type": "string", "pattern": regex}, "")
+            why = None
+        except GrammarError as exc:
+            why = short_error(str(exc).removeprefix("the JSON schema cannot be enforced: "), 120)
+        with self._lock:
+            self._patterns[regex] = why
+            if len(self._patterns) > CACHE_SIZE * 16:
+                self._patterns.pop(next(iter(self._patterns)))
+        return why
 
     def _check_strings(self, schema: object, param: str) -> None:
         """Dry-run each string constraint alone (a regex is only lexed when generation reaches it).

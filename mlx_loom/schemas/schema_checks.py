@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
+from mlx_loom.schemas.refs import resolve
+
 # Keywords whose value maps names to subschemas (a property named "$ref" is not a reference).
 _SCHEMA_MAPS = ("properties", "patternProperties", "dependentSchemas", "$defs", "definitions")
 # Keywords whose value is data, not a subschema.
@@ -66,16 +68,8 @@ def _resolve(root: dict, ref: object) -> tuple[str, object] | None:
     """(pointer, subschema) for a local JSON-pointer $ref ("#", "#/$defs/a"); None otherwise."""
     if not isinstance(ref, str) or not ref.startswith("#") or (len(ref) > 1 and ref[1] != "/"):
         return None
-    node: object = root
-    for part in ref[2:].split("/") if len(ref) > 1 else ():
-        part = unquote(part).replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return (_norm(ref), node) if isinstance(node, dict) else None
+    hit = resolve(root, ref)
+    return (_norm(ref), hit[1]) if hit is not None and isinstance(hit[1], dict) else None
 
 
 def _norm(ref: str) -> str:

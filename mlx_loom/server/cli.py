@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Sequence
 
+from mlx_loom.models.model_source import ModelSourceError, is_hub_id, resolve_hub_model
 from mlx_loom.server.settings import Settings, add_arguments, from_namespace, launched_rank
 
 
@@ -50,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = from_namespace(ns)
     except ValueError as exc:
         parser.error(str(exc))
+    if settings.model is not None and is_hub_id(settings.model):
+        try:  # before the server starts: a download shows its progress here, a miss exits with the reason
+            resolve_hub_model(settings.model)
+        except ModelSourceError as exc:
+            print(f"mlx-loom serve: error: {exc}", file=sys.stderr)
+            return 2
     serve(settings)
     return 0
 

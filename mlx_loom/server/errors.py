@@ -7,6 +7,7 @@ reworded into the same shape. Nothing a client sends should reach the 500 handle
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
@@ -37,8 +38,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error object. Its texts echo what the client sent (a field path holds the client's
+    object keys), so lone surrogates are written out as their escapes: UTF-8 cannot encode them."""
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": escape_surrogates(message), "type": kind,
+                      "param": None if param is None else escape_surrogates(param), "code": code}}
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_surrogates(text: str) -> str:
+    """`text` with each lone UTF-16 surrogate (JSON's "\\ud800" decodes to one) written as the six
+    characters \\ud800, so the text can be encoded; other text unchanged."""
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:

@@ -111,6 +111,12 @@ _DONE = object()
 async def merged_events(engine: Engine, tokenizer, specs: Sequence[ChoiceSpec], stops: Sequence[str],
                         observer: Observer | None = None) -> AsyncIterator[ChoiceEvent]:
     """Events of every choice, in arrival order; the first error ends the whole request."""
+    if len(specs) == 1:  # one choice (the usual request): no pump task and no queue hop per token
+        tracker = observer.choice() if observer is not None else None
+        async with aclosing(choice_events(engine, tokenizer, specs[0], stops, tracker)) as events:
+            async for event in events:
+                yield event
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(spec: ChoiceSpec) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_serializer, model_validator
 
 from mlx_loom.server.errors import bad_request
 
@@ -50,7 +50,9 @@ class JsonSchemaFormat(_Open):
     schema_: dict | StrictBool | None = Field(None, alias="schema")
     """The JSON Schema the output must match."""
     strict: StrictBool | None = None
-    """Accepted and not read: the output is always constrained to the schema (as if true)."""
+    """true: the output matches the schema exactly, or a 400 lists every part that cannot be enforced.
+    false / absent: best effort (unenforceable parts relaxed; a finished output that does not validate
+    carries validation_error on its choice)."""
 
 
 class ResponseFormat(_Open):
@@ -65,8 +67,9 @@ class FunctionDef(_Open):
     parameters: dict | None = None
     """JSON Schema of the arguments object (omitted: no arguments)."""
     strict: StrictBool | None = None
-    """Accepted and not read: "required" / named tool_choice always constrain the arguments to
-    `parameters` (as if true); "auto" parses calls from free text and constrains nothing."""
+    """With "required" / named tool_choice, the arguments are constrained to `parameters`: exactly
+    (true; a 400 names what cannot be enforced) or best effort (false / absent). "auto" parses calls
+    from free text and constrains nothing."""
 
 
 class Tool(_Open):
@@ -105,19 +108,26 @@ class ChatMessage(_Open):
     """Tool turns: which call this content answers."""
 
 
-def _lone_surrogate(value: object, path: str = "") -> str | None:
-    """The path of the first string holding a lone UTF-16 surrogate (JSON allows "\\ud800"; no
-    tokenizer or UTF-8 encoder does), or None."""
+def _lone_surrogate(value: object, path: str = "") -> tuple[str, str | None] | None:
+    """(path, the key or None for a value) of the first string holding a lone UTF-16 surrogate (JSON
+    allows "\\ud800"; no tokenizer or UTF-8 encoder does), object keys included; or None."""
     if isinstance(value, str):
-        return path if _SURROGATE.search(value) else None
+        return (path, None) if _SURROGATE.search(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         if isinstance(key, str) and _SURROGATE.search(key):
-            return f"{path}.{key}".lstrip(".")
+            return f"{path}.{key}".lstrip("."), key
         found = _lone_surrogate(item, f"{path}.{key}".lstrip("."))
         if found is not None:
             return found
     return None
+
+
+def _surrogate_message(path: str, key: str | None) -> str:
+    """Names the field; errors.error_body writes the surrogate itself out as its escape."""
+    where = f"the key {key!r} of {path[: -len(key) - 1] or 'the body'}" if key is not None else path or "the body"
+    return (f"{where} contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+            "text; send valid Unicode")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -127,10 +137,9 @@ class _SamplingRequest(_Open):
     @model_validator(mode="before")
     @classmethod
     def _no_lone_surrogates(cls, data: object) -> object:
-        where = _lone_surrogate(data)
-        if where is not None:
-            raise bad_request(f"{where or 'body'}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                              "escape), which is not text; send valid Unicode", where or None)
+        found = _lone_surrogate(data)
+        if found is not None:
+            raise bad_request(_surrogate_message(*found), found[0] or None)
         return data
 
     model: str | None = None
@@ -155,9 +164,11 @@ class _SamplingRequest(_Open):
     ignore_eos: StrictBool | None = False
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    """An end-user id for the provider's abuse monitoring: ignored here, but a string, as OpenAI requires."""
     response_format: ResponseFormat | None = None
     """{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}:
-    the output is constrained to match (never fails open), whatever `strict` says."""
+    the output is constrained to match: exactly under strict true, best effort otherwise."""
 
 
 class ChatCompletionRequest(_SamplingRequest):

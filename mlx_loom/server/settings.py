@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Mapping, Sequence
 
 from mlx_loom.sched.config import SPEC_METHODS, CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
+from mlx_loom.models.model_source import check_model_arg
 
 ENV_PREFIX = "MLX_LOOM_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -27,8 +28,10 @@ def _opt(default: object, help: str, flag: str | None = None, secret: bool = Fal
 
 @dataclass(frozen=True)
 class Settings:
-    model: str | None = _opt(None, "Path to a GGUF file or an mlx-lm model directory "
-                                   "(default: the embedded SmolLM2-135M-Instruct GGUF).")
+    model: str | None = _opt(None, "A GGUF file, a model directory (mlx-lm or Hugging Face format) or a "
+                                   "Hugging Face hub id (org/name: from the HF cache, downloaded when "
+                                   "missing unless HF_HUB_OFFLINE=1) (default: the embedded "
+                                   "SmolLM2-135M-Instruct GGUF).")
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
     port: int = _opt(8000, "TCP port to listen on.")
     served_model_name: str | None = _opt(None, "Model name reported by /v1/models and accepted in "
@@ -68,6 +71,9 @@ class Settings:
     warmup: bool = _opt(True, "Skip the warm-up before ready (one decode step per batch-size bucket, a "
                               "prefill chunk and the sampler, run before /health says 200 so the first "
                               "requests do not pay kernel compilation).", flag="--no-warmup")
+    async_decode: bool = _opt(True, "Run every decode step synchronously (read each step's tokens before the "
+                                    "next is launched); by default a step is launched from the previous "
+                                    "step's tokens still on the device.", flag="--no-async-decode")
     max_request_bytes: int = _opt(4 * 2**20, "Largest accepted request body in bytes (larger: 413).")
     max_queued_requests: int = _opt(256, "Requests that may wait beyond the --max-num-seqs running ones; "
                                          "more in flight get 429 with Retry-After (each of n choices counts).")
@@ -103,9 +109,8 @@ class Settings:
             raise ValueError(f"spec_level2 must be none, ngram or a model path, got {self.spec_level2!r}")
         if self.sparse_prefill not in ("off", "auto") and not os.path.exists(self.sparse_prefill):
             raise ValueError(f"sparse_prefill must be off, auto or a pattern config path, got {self.sparse_prefill!r}")
-        if self.model is not None and not os.path.exists(self.model):
-            raise ValueError(f"model path {self.model!r} does not exist; pass a GGUF file or an "
-                             "mlx-lm model directory (or omit --model for the default model)")
+        if self.model is not None:
+            check_model_arg(self.model)  # a hub id is resolved (cache or download) by the CLI / the loader
 
     def engine_config(self) -> EngineConfig:
         """The frozen engine config (its own checks name any bad value)."""
@@ -122,6 +127,7 @@ class Settings:
             spec=SpecConfig(method=self.speculative, k=self.spec_k, level2=self.spec_level2, mode=self.spec_mode),
             sparse_prefill=self.sparse_prefill,
             warmup=self.warmup,
+            async_decode=self.async_decode,
             parallel=None if launched_rank() is None else "pipeline" if self.pipeline else "tensor",
             group_timeout_s=self.group_timeout,
         )

@@ -30,6 +30,8 @@ class FunctionSpec:
     description: str | None
     parameters: dict
     """JSON Schema of the arguments object."""
+    strict: bool = False
+    """function.strict: enforce `parameters` exactly or refuse (else best effort, as OpenAI)."""
 
     def openai_dict(self) -> dict:
         fn = {"name": self.name, "parameters": self.parameters}
@@ -58,21 +60,35 @@ class ToolPlan:
         if self.mode == "named":
             fn = next(f for f in self.functions if f.name == self.named)
             schema, param = fn.parameters, f"tools.{self._index(fn.name)}.function.parameters"
+            strict = fn.strict
         else:
             schema, param = self._calls_schema(), "tools"
+            strict = all(f.strict for f in self.functions)  # one grammar: strict only if every function is
         try:
-            return GrammarSpec.json_schema(schema, name=self.named or "tool_calls")
+            return GrammarSpec.json_schema(schema, name=self.named or "tool_calls", strict=strict)
         except GrammarError as exc:
             raise bad_request(str(exc), param, "invalid_schema") from None
 
     def _calls_schema(self) -> dict:
-        # "name" first: properties are generated in schema order, so the name streams before the arguments.
-        calls = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
-                  "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]
+        """The array of calls. A function's parameters that refer to themselves ("#/$defs/...", as
+        pydantic writes nested models) move whole into the wrapper's root $defs under their own
+        name, their refs rewritten to point there: nested inline, they would point at the wrapper."""
+        defs: dict[str, dict] = {}
+        calls = []
+        for i, f in enumerate(self.functions):
+            arguments = f.parameters
+            if _has_local_ref(arguments):
+                defs[f"tool_{i}"] = _rebase_refs(arguments, f"#/$defs/tool_{i}")
+                arguments = {"$ref": f"#/$defs/tool_{i}"}
+            # "name" first: properties are generated in schema order, so the name streams before the arguments.
+            calls.append({"type": "object", "properties": {"name": {"const": f.name}, "arguments": arguments},
+                          "required": ["name", "arguments"], "additionalProperties": False})
         item = calls[0] if len(calls) == 1 else {"anyOf": calls}
         schema = {"type": "array", "items": item, "minItems": 1}
         if not self.parallel:
             schema["maxItems"] = 1
+        if defs:
+            schema["$defs"] = defs
         return schema
 
     def _index(self, name: str) -> int:
@@ -80,6 +96,33 @@ class ToolPlan:
 
     def template_tools(self) -> list[dict]:
         return [f.openai_dict() for f in self.functions]
+
+
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose values are JSON data, not schemas: a "$ref" key inside them is not a reference."""
+
+
+def _has_local_ref(schema: object) -> bool:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            return True
+        return any(_has_local_ref(v) for k, v in schema.items() if k not in _DATA_KEYWORDS)
+    return isinstance(schema, list) and any(_has_local_ref(v) for v in schema)
+
+
+def _rebase_refs(schema: object, base: str) -> object:
+    """A copy of `schema` whose document-local refs ("#", "#/$defs/X", "#/properties/a") point under
+    `base`, where the schema now lives; other refs and data values unchanged."""
+    if isinstance(schema, list):
+        return [_rebase_refs(v, base) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in _DATA_KEYWORDS else _rebase_refs(v, base)) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = base + ref[1:]
+    return out
 
 
 def tool_plan(req: ChatCompletionRequest) -> ToolPlan | None:
@@ -114,7 +157,7 @@ def _function_spec(i: int, fn) -> FunctionSpec:
     if problem:
         raise bad_request(f"tools.{i}.function.parameters is not a valid JSON Schema: {problem}",
                           f"tools.{i}.function.parameters", "invalid_schema")
-    return FunctionSpec(fn.name, fn.description, params)
+    return FunctionSpec(fn.name, fn.description, params, fn.strict is True)
 
 
 def _schema_problem(schema: dict) -> str | None:

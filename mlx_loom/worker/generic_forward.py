@@ -5,10 +5,10 @@ each prefill chunk length in its own), and each group is one call of the mlx-lm 
 `PagedLayerCache` per cache entry. Rows in a call sit at different positions (per-row offsets),
 so decode rows of any lengths batch together.
 
-Only the positions that are sampled need logits. When the model's output is provably its body
-(`model.model`) followed by a plain head (`lm_head` or the tied embedding), checked once on a
-probe input, the head runs on those positions only; otherwise the whole model runs (softcapping,
-logit scales and other heads stay the model's own).
+Only the positions that are sampled need logits. When the model's class is one of mlx-lm's whose
+call is its body (`model.model`) followed by a plain head (`lm_head` or the tied embedding), listed
+in mlx_loom/models/heads.py, the head runs on those positions only; any other class (a
+softcap, a logit scale, a subclass) runs whole, its own code.
 
 The decode group (one query per row) reads its keys from a dense mirror kept across steps
 (decode_mirror.py) when one fits its byte cap, instead of gathering every row's pages each step.
@@ -16,37 +16,16 @@ The decode group (one query per row) reads its keys from a dense mirror kept acr
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_loom.models.heads import Head, plain_head
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.decode_mirror import DecodeMirror
 from mlx_loom.worker.kv_pools import KVPools
 from mlx_loom.worker.paged_cache import PagedLayerCache, paged_batch
-
-Head = Callable[[mx.array], mx.array]
-
-
-def plain_head(model: nn.Module) -> Head | None:
-    """The head h -> logits when model(x) == head(model.model(x)) on a probe; None otherwise."""
-    body = getattr(model, "model", None)
-    if body is None:
-        return None
-    if "lm_head" in model:
-        head = model.lm_head
-    elif hasattr(getattr(body, "embed_tokens", None), "as_linear"):
-        head = body.embed_tokens.as_linear
-    else:
-        return None
-    probe = mx.array([[1, 2, 3]], dtype=mx.int32)
-    try:
-        same = mx.array_equal(model(probe), head(body(probe)))
-    except (TypeError, ValueError, AttributeError):
-        return None
-    return head if bool(same) else None
-
 
 class GenericForward:
     """One step as calls of the model's own code, grouped by query length (engine thread only)."""

@@ -3,8 +3,10 @@
 Two short sequences go through the runner the way the scheduler runs them (prefill chunks of
 different lengths, a step mixing a chunk with a decode row, batched decode rows at different
 positions, a row alone) and every sampled position is compared with the model's plain forward
-(`model(tokens)`, no cache). A fast path that computes something else, or an architecture the
-generic path gets wrong, is refused before the server takes a request.
+(`model(tokens)`, no cache) run with every module in its own class: the model as mlx-lm's loader
+builds it, none of the native kernels the loader routed in (each of those was checked on its own at
+load, on inputs up to 4096: mlx_loom/kernels/route_check.py). A fast path that computes something
+else, or an architecture the generic path gets wrong, is refused before the server takes a request.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_loom.kernels.route_check import own_classes
+from mlx_loom.models.routing import unroute_model
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.runner import ModelRunner
 
@@ -54,6 +58,22 @@ def _sequences(vocab_size: int) -> list[list[int]]:
     return [[skip + (97 * i + 31 * s + 11) % span for i in range(n)] for s, n in enumerate(LENGTHS)]
 
 
+def reference_logits(model: nn.Module, seqs: list[list[int]]) -> list[mx.array]:
+    """[L, V] float32 per sequence from the model's plain forward with every module in its own class
+    (mlx-lm's MLPs, norms and RoPE, MLX's own quantized layers: none of our kernels). MLX's CPU
+    quantized matmul is slow (~1 GFLOP/s), so the result is kept on the model for later engines
+    over the same model (tests build many; check_or_unbatch checks twice)."""
+    key = tuple(map(tuple, seqs))
+    cached = getattr(model, "_loom_reference_logits", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with own_classes(model):  # the reference: mlx-lm's own modules, not the routed ones
+        plain = [model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32) for s in seqs]
+        mx.eval(plain)
+    object.__setattr__(model, "_loom_reference_logits", (key, plain))  # not a parameter of the model
+    return plain
+
+
 def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size: int,
                                dtype: mx.Dtype) -> CheckResult:
     """Raises ModelCheckError when the engine path disagrees with the model's plain forward."""
@@ -64,7 +84,7 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
         raise ModelCheckError(f"the KV pool ({runner.pools.k[0].shape[1]} blocks) cannot hold the self-check's "
                               f"{sum(per_seq)} blocks; give the cache more memory")
     blocks = [tuple(range(sum(per_seq[:s]), sum(per_seq[: s + 1]))) for s in range(len(seqs))]
-    plain = [model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32) for s in seqs]  # [L, V] each
+    plain = reference_logits(model, seqs)
     worst, count = 0.0, 0
     for step in STEPS:
         rows = [ScheduledRow(f"check-{s}", tuple(seqs[s][start : start + n]), start, blocks[s], sample)
@@ -86,18 +106,28 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
 
 
 def check_or_unbatch(runner: ModelRunner, model: nn.Module, vocab_size: int, dtype: mx.Dtype) -> CheckResult:
-    """The self-check; a generic-path model that fails it batched is checked again one row per call
-    and served that way if it then passes (slower, never wrong). Raises ModelCheckError otherwise."""
+    """The self-check, with the generic path's fallbacks, each slower and never wrong, taken only when
+    the one before fails: one row per call (a model whose own code batches rows wrongly), then the
+    model's own modules instead of the routed native ones, batched and then one row per call. The
+    reason is logged. Raises the first ModelCheckError when none passes (or on the flattened path)."""
     try:
         return check_engine_matches_model(runner, model, vocab_size, dtype)
-    except ModelCheckError as batched:
+    except ModelCheckError as first:
         if runner.generic is None:
             raise
-        runner.generic.rows_per_call = 1
-        try:
-            result = check_engine_matches_model(runner, model, vocab_size, dtype)
-        except ModelCheckError:
-            raise batched from None
-        log.warning("this model's own code gives wrong logits for batched rows (%s); serving one row per call",
-                    batched)
-        return result
+        unrouted = False
+        for rows, unroute in ((1, False), (None, True), (1, True)):
+            if unroute and not unrouted:
+                unrouted = True
+                if not unroute_model(model):
+                    break  # nothing was routed: the checks left would repeat the ones that failed
+            runner.generic.rows_per_call = rows
+            try:
+                result = check_engine_matches_model(runner, model, vocab_size, dtype)
+            except ModelCheckError:
+                continue
+            how = ("one row per call" if rows == 1 else "batched rows") + (
+                " with the model's own modules, not the routed native ones" if unrouted else "")
+            log.warning("the engine's logits differed from the model's own forward (%s); serving %s", first, how)
+            return result
+        raise first from None

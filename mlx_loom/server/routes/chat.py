@@ -22,7 +22,7 @@ from mlx_loom.server.routes.common import (Job, collect, engine_errors, make_job
 from mlx_loom.server.sampling import base_params, check_prompt, limits_of, resolve_max_tokens, stop_strings
 from mlx_loom.server.sse import DONE, EventStream, event, unless_disconnected
 from mlx_loom.server.state import get_state
-from mlx_loom.server.structured import compile_grammar, grammar_spec
+from mlx_loom.server.structured import compile_grammar, grammar_spec, schema_headers
 from mlx_loom.server.tool_parsers import Delta, ToolParser, make_parser, merge
 from mlx_loom.server.tools import tool_call_format, tool_plan
 
@@ -32,7 +32,8 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              summary="Chat completion (stream: true answers with server-sent events)",
              responses={**STREAM_OK, **error_responses(*GENERATION_ERRORS)})
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, slot: AdmissionSlot):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response,
+                                slot: AdmissionSlot):
     state = get_state(request)
     reject_unsupported(body)
     info = state.require_ready()
@@ -54,8 +55,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                    info.tokenizer, body.stream_options, grammar, plan)
     events = slot.admit(len(job.specs), merged_events(state.client, info.tokenizer, job.specs, stops,
                                                       metrics_of(request)))
+    response.headers.update(schema_headers(grammar))
     if body.stream:
-        return EventStream(_stream(job, events, bool(body.logprobs)))
+        stream = EventStream(_stream(job, events, bool(body.logprobs)))
+        stream.headers.update(schema_headers(grammar))
+        return stream
     with engine_errors():
         collector = await unless_disconnected(request, collect(events, job.collector()))
     if collector is None:

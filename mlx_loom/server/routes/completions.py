@@ -19,7 +19,7 @@ from mlx_loom.server.routes.common import (Job, collect, engine_errors, make_job
 from mlx_loom.server.sampling import base_params, check_prompt, limits_of, resolve_max_tokens, stop_strings
 from mlx_loom.server.sse import DONE, EventStream, event, unless_disconnected
 from mlx_loom.server.state import get_state
-from mlx_loom.server.structured import compile_grammar, grammar_spec
+from mlx_loom.server.structured import compile_grammar, grammar_spec, schema_headers
 
 router = APIRouter()
 
@@ -29,7 +29,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 @router.post("/v1/completions", response_model=CompletionResponse,
              summary="Text completion (stream: true answers with server-sent events)",
              responses={**STREAM_OK, **error_responses(*GENERATION_ERRORS)})
-async def create_completion(body: CompletionRequest, request: Request, slot: AdmissionSlot):
+async def create_completion(body: CompletionRequest, request: Request, response: Response,
+                           slot: AdmissionSlot):
     state = get_state(request)
     reject_unsupported(body)
     info = state.require_ready()
@@ -50,8 +51,11 @@ async def create_completion(body: CompletionRequest, request: Request, slot: Adm
     events = slot.admit(len(job.specs), merged_events(state.client, info.tokenizer, job.specs, stops,
                                                       metrics_of(request)))
     want_top = bool(body.logprobs)
+    response.headers.update(schema_headers(grammar))
     if body.stream:
-        return EventStream(_stream(job, events, body.logprobs is not None, want_top))
+        stream = EventStream(_stream(job, events, body.logprobs is not None, want_top))
+        stream.headers.update(schema_headers(grammar))
+        return stream
     with engine_errors():
         collector = await unless_disconnected(request, collect(events, job.collector()))
     if collector is None:
