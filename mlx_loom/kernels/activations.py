@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_loom.kernels import qmm
+from mlx_loom.kernels import lowp, qmm
 
 _LOG2E = 1.4426950408889634
 
@@ -87,9 +87,12 @@ def _same_on_probe(module: nn.Module, routed: type) -> bool:
 
 
 def _float32_input_width(proj: nn.Module) -> int | None:
-    """Input features of a float32 Linear / QuantizedLinear (float32 scales); None for anything else."""
+    """Input features of a projection with float32 output: a float32 Linear / QuantizedLinear (float32
+    scales), or one the lowp kernels run (16-bit Linear, MXFP4 / NVFP4); None for anything else."""
+    if isinstance(proj, lowp.NativeFp4Linear):
+        return proj.weight.shape[1] * 32 // proj.bits
     if isinstance(proj, nn.QuantizedLinear) and proj.scales.dtype == mx.float32:
         return proj.weight.shape[1] * 32 // proj.bits
-    if isinstance(proj, nn.Linear) and proj.weight.dtype == mx.float32:
+    if isinstance(proj, nn.Linear) and (proj.weight.dtype == mx.float32 or isinstance(proj, lowp.NativeHalfLinear)):
         return proj.weight.shape[1]
     return None

@@ -1,5 +1,6 @@
 """The loader's class switches in one place: leaf modules of a loaded model become subclasses that
-run the native CPU kernels inside the model's own code (quantized layers: qmm; RMSNorm and RoPE:
+run the native CPU kernels inside the model's own code (affine quantized layers: qmm; 16-bit
+and MXFP4 / NVFP4 layers: lowp; RMSNorm and RoPE:
 rope_norm; SiLU-gated MLPs, after a probe: activations). Parameters and names stay; only classes
 change. `unroute_model` undoes them, for benchmark peers that must run MLX's and mlx-lm's own modules.
 """
@@ -8,14 +9,15 @@ from __future__ import annotations
 
 import mlx.nn as nn
 
-from mlx_loom.kernels import qmm
+from mlx_loom.kernels import lowp, qmm
 from mlx_loom.kernels.activations import route_gated_mlps
 from mlx_loom.kernels.rope_norm import route_norm_rope_modules
 
 
 def route_model(model: nn.Module) -> int:
     """Every switch that applies to `model`; returns how many modules were switched."""
-    return qmm.route_quantized_modules(model) + route_norm_rope_modules(model) + route_gated_mlps(model)
+    return (qmm.route_quantized_modules(model) + lowp.route_lowp_modules(model) + route_norm_rope_modules(model)
+            + route_gated_mlps(model))
 
 
 def unroute_model(model: nn.Module) -> int:
