@@ -27,7 +27,7 @@ import numpy as np
 
 from mlx_loom.sched.request import Request
 from mlx_loom.sched.scheduler import ScheduledRow, Scheduler, SchedulerOutput
-from mlx_loom.spec.acceptance import greedy_accept, rejection_accept
+from mlx_loom.spec.acceptance import PositionCounts, greedy_accept, rejection_accept
 from mlx_loom.spec.controller import LinearCost, SpecController, SpecCosts
 from mlx_loom.spec.drafter import (
     Draft,
@@ -56,6 +56,8 @@ class Speculator:
         self.max_model_len = max_model_len
         self.target = LevelStats()
         self.num_drafts = 0
+        self.by_position = {"greedy": PositionCounts(), "sampled": PositionCounts()}
+        """Target-level acceptance by draft position, greedy and sampled rows apart (benchmarks)."""
         self._drafts: dict[str, Draft] = {}
 
     # -- before the forward --
@@ -103,12 +105,14 @@ class Speculator:
         draft = self._drafts.pop(req.request_id)
         tokens = draft.tokens[:num_valid]
         x = np.asarray(logits[: num_valid + 1], dtype=np.float32)  # [n+1, V]
-        if is_greedy(req.params):
+        greedy = is_greedy(req.params)
+        if greedy:
             out = greedy_accept(tokens, [int(t) for t in np.argmax(biased(x, req.params), axis=-1)])
         else:
             q = draft.q[:num_valid] if draft.q is not None else None
             out = rejection_accept(tokens, q, processed_probs(x, req.params), _rng(req, _VERIFY_STREAM))
         accepted = len(out) - 1
+        self.by_position["greedy" if greedy else "sampled"].record(len(tokens), accepted)
         self.num_drafts += 1
         self.target.proposed += len(draft.tokens)
         self.target.accepted += accepted
