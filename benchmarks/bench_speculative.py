@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,12 +83,17 @@ def measure(loaded, name: str, n: int, args, temperature: float = 0.0) -> dict:
 
         core.spec.by_position = {"greedy": PositionCounts(), "sampled": PositionCounts()}
     # New prompts every run (same for every config): no run reuses another's prefix-cache blocks.
-    timed = [run_batch(core, chat_prompts(loaded.tokenizer, n, r), params, f"run{r}")
-             for r in range(1, args.repeats + 1)]
+    timed, cpu = [], []
+    for r in range(1, args.repeats + 1):
+        c0 = time.process_time()  # every thread of this process: robust to other processes' load
+        timed.append(run_batch(core, chat_prompts(loaded.tokenizer, n, r), params, f"run{r}"))
+        cpu.append(time.process_time() - c0)
     after = core.stats()
     times = [b.seconds for b in timed]
     res = {"config": name, "batch": n, "temperature": temperature, "times_s": times,
-           "tok_per_s": n * args.new_tokens / median(times), "target_weight_bytes": weight_bytes(loaded.model),
+           "tok_per_s": n * args.new_tokens / median(times), "cpu_s": cpu,
+           "cpu_ms_per_token": 1e3 * median(cpu) / (n * args.new_tokens),
+           "target_weight_bytes": weight_bytes(loaded.model),
            **cache_note(timed)}
     if core.spec is not None:
         drafts = after.spec_num_drafts - before.spec_num_drafts
@@ -138,20 +144,26 @@ def report(rows: list[dict], args) -> str:
 def report_16bit(rows: list[dict], args) -> str:
     """Issue 32's table: per (N, temperature), each config against plain on the 16-bit target."""
     plain = {(r["batch"], r["temperature"]): r["tok_per_s"] for r in rows if r["config"] == "plain"}
+    plain_cpu = {(r["batch"], r["temperature"]): r["cpu_ms_per_token"] for r in rows if r["config"] == "plain"}
     lines = [
         f"# bench_speculative ({args.target} target): ML-SpecQD on a 16-bit target, MXFP4 self-draft",
         "",
         f"The default SmolLM2-135M-Instruct written as a {args.target} mlx-lm directory from the shipped Q4_1 GGUF "
         f"(benchmarks/smollm2_checkpoint.py). {args.new_tokens} tokens per request (EOS ignored), varied chat "
         f"prompts new in every run, median of {args.repeats} runs after a warm-up; temperature > 0 rows are "
-        "seeded. Each config runs in its own process (one after another), so peak RSS is per config. "
+        "seeded. Each config runs in its own process"
+        f"{' (all at once: --parallel)' if args.parallel else ' (one after another)'}, so peak RSS is per config; "
+        f"{'native and BLAS threads per process: %d; ' % args.threads if args.threads else ''}"
+        "CPU ms per token = process CPU time (all threads) / tokens, the measure that holds up when other "
+        "processes share the CPUs (tok/s then mostly measures the scheduler's share). "
         "plain-f32 = the float32 path a 16-bit checkpoint took before this change (MLX_LOOM_HALF_WEIGHTS=0). "
         "auto = `--speculative mxfp4 --spec-mode auto` (k <= 4; the controller decides from costs measured "
         "at start-up); always-l1 = MXFP4 draft, k=4, every eligible step.",
         "",
         "| config | N | temperature | tok/s | vs plain | tokens per target forward | acceptance by position "
-        "(P(draft i kept given 0..i-1 kept)) | drafts kept / proposed | peak RSS MB | target / draft weight MB per step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(P(draft i kept given 0..i-1 kept)) | drafts kept / proposed | CPU ms per token | vs plain (CPU) | "
+        "peak RSS MB | target / draft weight MB per step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = plain.get((r["batch"], r["temperature"]))
@@ -162,7 +174,9 @@ def report_16bit(rows: list[dict], args) -> str:
         wb = f"{r['target_weight_bytes'] / 1e6:.0f}" + (f" / {r['draft_weight_bytes'] / 1e6:.0f}" if r.get("draft_weight_bytes") else "")
         lines.append(f"| {r['config']} | {r['batch']} | {r['temperature']} | {r['tok_per_s']:.1f} | "
                      f"{f'{ratio:.2f}x' if ratio else '-'} | {f'{tpf:.2f}' if tpf else '-'} | {pos or '-'} | "
-                     f"{f'{kept:.2f}' if kept is not None else '-'} | {r['peak_rss_mb']:.0f} | {wb} |")
+                     f"{f'{kept:.2f}' if kept is not None else '-'} | {r['cpu_ms_per_token']:.1f} | "
+                     f"{plain_cpu[(r['batch'], r['temperature'])] / r['cpu_ms_per_token']:.2f}x | "
+                     f"{r['peak_rss_mb']:.0f} | {wb} |")
     costs = [(r["config"], r["costs"]) for r in rows if r.get("costs")]
     if costs:
         lines += ["", "Controller costs measured at start-up (seconds; fixed + per_token x n):", ""]
@@ -188,24 +202,34 @@ def parent_16bit(args) -> None:
 
     checkpoint(args.target)  # written once, before any timed child
     rows, backend = [], ""
+    threads = {} if args.threads is None else {"MLX_LOOM_NATIVE_THREADS": str(args.threads),
+                                               "OPENBLAS_NUM_THREADS": str(args.threads)}
+    procs = []
     for config in args.configs:
         cmd = [sys.executable, __file__, "--child", "--target", args.target, "--configs", config,
                "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
                "--batch", *map(str, args.batch), "--temperatures", *map(str, args.temperatures)]
-        res = subprocess.run(cmd, env={**os.environ, **ENV.get(config, {})}, stdout=subprocess.PIPE, text=True)
-        line = next((x for x in res.stdout.splitlines() if x.startswith("ROWS ")), None)
-        if res.returncode != 0 or line is None:
-            raise SystemExit(f"{config} failed (exit {res.returncode}):\n{res.stdout[-3000:]}")
+        proc = subprocess.Popen(cmd, env={**os.environ, **threads, **ENV.get(config, {})}, stdout=subprocess.PIPE,
+                                text=True)
+        procs.append((config, proc))
+        if not args.parallel:
+            proc.wait()
+    for config, proc in procs:
+        stdout, _ = proc.communicate()
+        line = next((x for x in stdout.splitlines() if x.startswith("ROWS ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"{config} failed (exit {proc.returncode}):\n{stdout[-3000:]}")
         out = json.loads(line[5:])
         rows += out["rows"]
         backend = out["backend"]
-        print(res.stdout.replace(line, "").strip(), flush=True)
+        print(stdout.replace(line, "").strip(), flush=True)
     load = os.getloadavg()
     md = report_16bit(rows, args) + (f"\nBackend: {backend}\n\nLoad average at the end (1/5/15 min): "
                                       f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs "
                                       "(the machine is shared: other processes took CPU during the run).\n")
     payload = {"machine": machine(), "target": args.target, "new_tokens": args.new_tokens, "repeats": args.repeats,
-               "backend": backend, "load_average": load, "rows": rows}
+               "parallel": args.parallel, "threads": args.threads, "backend": backend, "load_average": load,
+               "rows": rows}
     js, mdp = write_results(args.out, payload, md)
     print(md)
     print(f"wrote {js} and {mdp}")
@@ -220,6 +244,10 @@ def main() -> None:
     ap.add_argument("--target", default="default", choices=["default", "float16", "bfloat16"])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--parallel", action="store_true",
+                    help="16-bit target: run the configs' processes at once (compare CPU ms per token then)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="16-bit target: native and BLAS threads per process (1: CPU time is work, not spinning)")
     ap.add_argument("--out", default="bench_speculative")
     args = ap.parse_args()
     if args.child:
