@@ -57,7 +57,8 @@ def test_half_matmul_matches_reference_for_odd_shapes(dtype, M, isa):
 
 
 def test_half_matmul_reads_subnormals_and_specials(isa):
-    bits = np.array([0x0001, 0x03FF, 0x8001, 0x7BFF, 0x3C00, 0x0000, 0x8000, 0x0400] * 4, dtype=np.uint16)
+    bits = np.array([0x0001, 0x03FF, 0x8001, 0x7BFF, 0x3C00, 0x0000, 0x8000, 0x0400, 0x7C00, 0xFC00, 0x0200, 0x83FF] * 4,
+                    dtype=np.uint16)
     w = mx.array(bits.view(np.float16).reshape(1, -1))
     x = mx.ones((1, w.shape[1]))
     _close(native.half_matmul(x, w), lowp.half_matmul_reference(x, w), tol=1e-6)

@@ -39,26 +39,19 @@ static inline float bf16_to_float(uint16_t h) {
   return v.f;
 }
 
-// IEEE binary16 -> float32, subnormals, infinities and NaNs included.
+// IEEE binary16 -> float32, subnormals, infinities and NaNs included; branch-free (selects), so
+// the scalar family's loops vectorize (F. Giesen's half_to_float_fast: subnormals through a float
+// subtraction).
 static inline float f16_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalize
-    int e = -1;
-    do {
-      man <<= 1;
-      ++e;
-    } while ((man & 0x400) == 0);
-    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((man & 0x3FF) << 13);
-  }
-  union { uint32_t u; float f; } v{bits};
-  return v.f;
+  union U { uint32_t u; float f; };
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7FFF) << 13;  // exponent / mantissa
+  const uint32_t exp = shifted & 0x0F800000u;
+  U o{shifted + ((127u - 15u) << 23)};
+  o.u += exp == 0x0F800000u ? ((128u - 16u) << 23) : 0u;  // Inf / NaN keep an all-ones exponent
+  U sub{o.u + (1u << 23)}, magic{113u << 23};
+  sub.f -= magic.f;  // zero / subnormal: renormalize
+  U r{(exp == 0 ? sub.u : o.u) | (static_cast<uint32_t>(h & 0x8000) << 16)};
+  return r.f;
 }
 
 void lowp_rows_scalar(const LowpArgs& a, int n0, int n1);

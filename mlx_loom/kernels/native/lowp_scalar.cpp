@@ -12,10 +12,16 @@ void decode_row(const LowpArgs& a, int n, float* dst) {
   const int K = a.K;
   if (a.format == kFp4) {
     const uint32_t* wr = static_cast<const uint32_t*>(a.w) + (long long)n * (K / 8);
-    const int G = K / a.group_size;
+    const int gs = a.group_size, G = K / gs;
     const uint8_t* sr = a.scales + (long long)n * G;
-    for (int k = 0; k < K; ++k)
-      dst[k] = kE2M1[(wr[k / 8] >> (4 * (k % 8))) & 0xF] * a.scale_lut[sr[k / a.group_size]];
+    for (int g = 0; g < G; ++g) {
+      const float s = a.scale_lut[sr[g]];
+      for (int j = 0; j < gs / 8; ++j) {
+        const uint32_t word = wr[g * gs / 8 + j];
+        float* d = dst + g * gs + 8 * j;
+        for (int i = 0; i < 8; ++i) d[i] = kE2M1[(word >> (4 * i)) & 0xF] * s;
+      }
+    }
     return;
   }
   const uint16_t* wr = static_cast<const uint16_t*>(a.w) + (long long)n * K;
