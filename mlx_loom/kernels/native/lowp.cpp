@@ -7,11 +7,13 @@
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "native_util.h"
 #include "qmm.h"
+#include "qmm_kernels.h"
 
 namespace loom {
 
@@ -63,7 +65,22 @@ void lowp_run(const LowpArgs& a) {
     for (int m = 0; m < a.M; ++m) std::fill(a.out + m * a.ldo, a.out + m * a.ldo + a.N, 0.f);
     return;
   }
-  const LowpFn rows = kernel_for(kernel_isa());
+  const std::string isa = kernel_isa();
+  const LowpFn rows = kernel_for(isa);
+  LowpArgs base = a;
+  base.xi = nullptr;
+  thread_local std::vector<float> xi;
+  if (a.format == kFp4 && a.group_size == 32 && isa == "avx512") {  // it reads x in the words' order
+    QmmArgs q{};
+    q.x = a.x;
+    q.ldx = a.ldx;
+    q.M = a.M;
+    q.K = a.K;
+    base.ldxi = interleaved_stride(a.K);
+    xi.resize((size_t)a.M * base.ldxi);
+    interleave_x(q, xi.data());
+    base.xi = xi.data();
+  }
   const long long work = (long long)a.N * a.K * a.M;
   const int blocks = (a.N + kRowBlock - 1) / kRowBlock;
   const int nt = static_cast<int>(std::min<long long>({num_threads(), std::max(1LL, work / (1 << 14)), blocks}));
@@ -72,9 +89,10 @@ void lowp_run(const LowpArgs& a) {
     for (int b = b0; b < b1; ++b) {
       const int n0 = b * kRowBlock, n1 = std::min(a.N, n0 + kRowBlock);
       for (int m0 = 0; m0 < a.M; m0 += kLowpMaxM) {
-        LowpArgs part = a;
+        LowpArgs part = base;
         part.x = a.x + m0 * a.ldx;
         part.out = a.out + m0 * a.ldo;
+        part.xi = base.xi ? base.xi + m0 * base.ldxi : nullptr;
         part.M = std::min(kLowpMaxM, a.M - m0);
         rows(part, n0, n1);
       }

@@ -87,12 +87,62 @@ void direct_fp4(const LowpArgs& a, int n0, int n1) {
   }
 }
 
+// The E8M0 scales of lanes j = 0..15 of chunk c (lane j's group is 4c + j / 4): 2^(e - 127) built
+// as float bits e << 23 (e = 0: 2^-127, a subnormal; e = 255: NaN), no table lookups.
+inline __m512 e8m0_lanes(const uint8_t* sr, int c, int G) {
+  uint32_t word = 0;
+  for (int g = 0; g < 4 && 4 * c + g < G; ++g) word |= static_cast<uint32_t>(sr[4 * c + g]) << (8 * g);
+  const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+  const __m512i e = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
+                                     _mm512_set1_epi32(0xFF));
+  __m512i bits = _mm512_slli_epi32(e, 23);
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(0xFF)), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(bits);
+}
+
+// MXFP4 with x interleaved (as the affine 4-bit kernel reads it): one load of 16 words = 128 values;
+// nibble i of lane j is k = 128c + 8j + i, so a shift of the whole vector by 4i and one vpermps give
+// 16 values matching 16 contiguous floats of xi (2 instructions + the FMA per 16 values); the
+// scales multiply per lane once per 128 values.
+template <int MB>
+void direct_mxfp4_interleaved(const LowpArgs& a, int n0, int n1) {
+  const int G = a.K / 32, wpr = a.K / 8, chunks = (wpr + 15) / 16;
+  const __m512 table = _mm512_loadu_ps(kE2M1);
+  for (int n = n0; n < n1; ++n) {
+    const uint32_t* wr = static_cast<const uint32_t*>(a.w) + (long long)n * wpr;
+    const uint8_t* sr = a.scales + (long long)n * G;
+    __m512 acc[MB];
+    for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
+    for (int c = 0; c < chunks; ++c) {
+      const int left = wpr - 16 * c;
+      const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+      _mm_prefetch(reinterpret_cast<const char*>(wr + 16 * c) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i v = _mm512_maskz_loadu_epi32(m, wr + 16 * c);
+      __m512 t[MB];
+      for (int mb = 0; mb < MB; ++mb) t[mb] = _mm512_setzero_ps();
+      const float* xc = a.xi + 128LL * c;
+#define LOOM_FP4_STEP(I)                                                                         \
+  {                                                                                              \
+    const __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (I)), table);                \
+    for (int mb = 0; mb < MB; ++mb) t[mb] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xc + mb * a.ldxi + 16 * (I)), t[mb]); \
+  }
+      LOOM_FP4_STEP(0) LOOM_FP4_STEP(1) LOOM_FP4_STEP(2) LOOM_FP4_STEP(3)
+      LOOM_FP4_STEP(4) LOOM_FP4_STEP(5) LOOM_FP4_STEP(6) LOOM_FP4_STEP(7)
+#undef LOOM_FP4_STEP
+      const __m512 s = e8m0_lanes(sr, c, G);
+      for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_fmadd_ps(t[mb], s, acc[mb]);
+    }
+    for (int mb = 0; mb < MB; ++mb) a.out[mb * a.ldo + n] = _mm512_reduce_add_ps(acc[mb]);
+  }
+}
+
 template <int MB>
 void direct(const LowpArgs& a, int n0, int n1) {
   switch (a.format) {
     case kF16: return direct_half<kF16, MB>(a, n0, n1);
     case kBF16: return direct_half<kBF16, MB>(a, n0, n1);
-    default: return direct_fp4<MB>(a, n0, n1);
+    default: return a.xi && a.group_size == 32 ? direct_mxfp4_interleaved<MB>(a, n0, n1) : direct_fp4<MB>(a, n0, n1);
   }
 }
 

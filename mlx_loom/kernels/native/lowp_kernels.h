@@ -27,6 +27,8 @@ struct LowpArgs {
   const float* scale_lut;  // [256] (kFp4 only)
   float* out;              // [M, N], row stride ldo
   long long ldo;
+  const float* xi;         // [M, ldxi]: x in the AVX-512 4-bit order (qmm_kernels.h interleave_x), or null
+  long long ldxi;
   int M, N, K, group_size, format;
 };
 
