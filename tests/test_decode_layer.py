@@ -95,6 +95,46 @@ def test_matches_reference_for_each_quantization(bits, group_size):
     _check(_layer(dm=256, heads=4, head_dim=64, ff=384, bits=bits, group_size=group_size), [3, 20, 41])
 
 
+def _lowp_layer(kind: str):
+    """A float layer whose projections are 16-bit (float16 / bfloat16) or cast to mxfp4 / nvfp4, routed
+    to the lowp kernels as the loader and the draft builder route them."""
+    from mlx_loom.kernels.lowp import route_lowp_modules
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=256, num_hidden_layers=1, intermediate_size=384,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-5,
+                           vocab_size=64, rope_theta=10000.0)
+    mx.random.seed(0)
+    model = llama.Model(args)
+    if kind in ("float16", "bfloat16"):
+        for _, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                m.weight = m.weight.astype(getattr(mx, kind))
+    else:
+        nn.quantize(model, mode=kind, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    assert route_lowp_modules(model) > 0
+    layer = model.model.layers[0]
+    layer.input_layernorm.weight = mx.random.uniform(0.5, 1.5, (256,))
+    layer.post_attention_layernorm.weight = mx.random.uniform(0.5, 1.5, (256,))
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "mxfp4", "nvfp4"])
+def test_matches_reference_for_16_bit_and_fp4_projections(kind, isa):
+    layer = _lowp_layer(kind)
+    assert fused_layer_weights(layer) is not None
+    _check(layer, [3, 20, 41])
+    _check(layer, [0, 7, 8, 9, 64, 100])
+
+
+@pytest.fixture(params=qmm.native_module().kernel_isas() if qmm.native_available() else ["none"])
+def isa(request):
+    native = qmm.native_module()
+    previous = native.kernel_isa()
+    native.set_kernel_isa(request.param)
+    yield request.param
+    native.set_kernel_isa(previous)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (9, 3, 64), (8, 1, 24), (2, 2, 128)])
 def test_matches_reference_for_head_layouts(heads, kv_heads, head_dim):
     # head_dim 24: not a multiple of the 8-float SIMD lanes, so the tail loops run.

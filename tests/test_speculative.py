@@ -254,3 +254,42 @@ def test_many_rows_at_high_acceptance_near_their_max_tokens(default_model, promp
     assert {rid: r.tokens for rid, r in got.items()} == plain_tokens
     assert all(r.error is None for r in got.values())
     assert core.stats().spec_accepted[0] > 0
+
+
+def test_greedy_tokens_identical_on_a_16_bit_target_with_native_fp4_drafts(tmp_path):
+    """A float16 checkpoint stays 16-bit (native half kernels, fused decode layer) and its MXFP4 /
+    NVFP4 self-drafts run on the native fp4 kernels, fused too: speculation is still lossless."""
+    from tiny_model import make_tiny_llama_dir
+
+    from mlx_loom.kernels import lowp
+    from mlx_loom.models.loader import load_model
+
+    d = make_tiny_llama_dir(tmp_path / "m")
+    weights = mx.load(str(d / "model.safetensors"))
+    mx.save_safetensors(str(d / "model.safetensors"), {k: v.astype(mx.float16) for k, v in weights.items()})
+    loaded = load_model(str(d))
+    ids = [[1, 5, 9, 20, 33], [7, 3, 3, 8], [40, 41, 42, 43, 44, 45]]
+    reqs = [(f"h{i}", p, SamplingParams(temperature=0, max_tokens=12)) for i, p in enumerate(ids)]
+    want = {rid: r.tokens for rid, r in run(_core(loaded), reqs).items()}
+    for method in ("mxfp4", "nvfp4"):
+        core = _core(loaded, SpecConfig(method=method, k=3, mode="always"))
+        if lowp.half_weights_enabled():
+            assert core.spec.drafter.runner.fused_layers is not None
+            proj = core.spec.drafter.runner.model.model.layers[0].mlp.up_proj
+            assert isinstance(proj, lowp.NativeFp4Linear)
+        got = run(core, reqs)
+        assert {rid: r.tokens for rid, r in got.items()} == want
+        assert core.stats().spec_num_drafts > 0
+        counts = core.spec.by_position["greedy"]
+        assert counts.tried and counts.tried[0] == core.stats().spec_num_drafts
+
+
+def test_position_counts_condition_on_the_drafts_before():
+    from mlx_loom.spec.acceptance import PositionCounts
+
+    c = PositionCounts()
+    c.record(4, 4)  # all kept
+    c.record(4, 1)  # first kept, second rejected: positions 2, 3 never tried
+    c.record(2, 0)
+    assert c.tried == [3, 2, 1, 1] and c.kept == [2, 1, 1, 1]
+    assert c.rates() == [2 / 3, 0.5, 1.0, 1.0]

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 
-from mlx_loom.kernels import qmm
+from mlx_loom.kernels import lowp, qmm
 
 _LOG2E = 1.4426950408889634
 
@@ -100,7 +100,10 @@ def _float32_projections(module: nn.Module) -> bool:
 
 
 def _is_float32_linear(proj: object) -> bool:
-    """A plain or affine-quantized Linear with float32 weights / scales (exact classes, routed ones included)."""
+    """A projection whose output is float32: a plain or affine-quantized Linear with float32 weights /
+    scales, or one the lowp kernels run (16-bit Linear, MXFP4 / NVFP4); exact classes, routed ones included."""
+    if isinstance(proj, (lowp.NativeHalfLinear, lowp.NativeFp4Linear)):
+        return True
     if isinstance(proj, nn.QuantizedLinear):
         return getattr(proj, "mode", "affine") == "affine" and proj.scales.dtype == mx.float32
     return isinstance(proj, nn.Linear) and proj.weight.dtype == mx.float32

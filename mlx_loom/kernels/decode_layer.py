@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx_lm.models import llama, qwen3
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from mlx_loom.kernels import qmm
+from mlx_loom.kernels import lowp, qmm
 from mlx_loom.kernels.activations import unrouted_type
 from mlx_loom.kernels.reference import paged_attention_reference, write_kv_reference
 from mlx_loom.kernels.rope_norm import PLAIN_NORMS, PLAIN_ROPES, fast_rope_inv_freq
@@ -86,6 +86,7 @@ def decode_layer_reference(
     spec: DecodeLayerSpec,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """h [T, DM]; weights = [attn_norm, ffn_norm, (w, scales, biases) x q, k, v, o, gate, up, down]
+    (affine; 16-bit w with placeholders; fp4 w, uint8 scales and a placeholder)
     (+ [q_norm, k_norm], per-head RMSNorms of q and k before RoPE); pools [HKV, NB, BS, D]; slots,
     positions [T]; block_tables [T, MB]; inv_freq [D/2]. Returns (h' [T, DM], k_pool', v_pool')."""
     T = h.shape[0]
@@ -108,8 +109,13 @@ def decode_layer_reference(
 
 
 def _matmul(x: mx.array, wsb: list[mx.array]) -> mx.array:
+    """x [T, K] @ one projection's (w, scales, biases): affine, 16-bit (w alone) or fp4 (uint8 scales)."""
     w, scales, biases = wsb
     K = x.shape[-1]
+    if w.dtype in lowp.HALF_DTYPES:
+        return lowp.half_matmul_reference(x, w)
+    if scales.dtype == mx.uint8:
+        return lowp.fp4_matmul_reference(x, w, scales, "mxfp4" if K // scales.shape[-1] == 32 else "nvfp4")
     return qmm.affine_qmm_reference(x, w, scales, biases, K // scales.shape[-1], w.shape[-1] * 32 // K)
 
 
@@ -131,10 +137,30 @@ def rope_inv_freq(rope: nn.Module, head_dim: int) -> tuple[mx.array, bool] | Non
     return None
 
 
+_PLACEHOLDER = mx.zeros((1,), dtype=mx.float32)  # the scales / biases slots a 16-bit or fp4 projection lacks
+
+
+def projection_arrays(m: nn.Module) -> list[mx.array] | None:
+    """(w, scales, biases) of a bias-free projection the primitive runs: affine 4/8-bit with float32
+    scales, a 16-bit Linear or an MXFP4 / NVFP4 QuantizedLinear routed to the lowp kernels (missing
+    slots hold a placeholder); None for anything else."""
+    if "bias" in m:
+        return None
+    if isinstance(m, lowp.NativeHalfLinear):
+        return [m.weight, _PLACEHOLDER, _PLACEHOLDER]
+    if isinstance(m, lowp.NativeFp4Linear):
+        return [m.weight, m.scales, _PLACEHOLDER]
+    if not (isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine"):
+        return None
+    if m.bits not in (4, 8) or m.group_size not in (32, 64, 128) or m.scales.dtype != mx.float32:
+        return None
+    return [m.weight, m.scales, m.biases]
+
+
 def fused_layer_weights(layer: nn.Module) -> list[mx.array] | None:
     """The 23 arrays decode_layer takes (25 with qwen3's q/k norms), or None when the layer is not a
-    llama layer (or qwen3's: llama plus per-head q/k RMSNorms) with affine-quantized float32
-    projections (bias-free) and float32 RMSNorms."""
+    llama layer (or qwen3's: llama plus per-head q/k RMSNorms) with bias-free projections of one of
+    `projection_arrays`' kinds and float32 RMSNorms."""
     norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
     if not all(type(n) in PLAIN_NORMS and n.weight.dtype == mx.float32 for n in norms):
         return None
@@ -146,11 +172,10 @@ def fused_layer_weights(layer: nn.Module) -> list[mx.array] | None:
     out = [norms[0].weight, norms[1].weight]
     for parent, name in _PROJECTIONS:
         m = getattr(getattr(layer, parent, None), name, None)
-        if not (isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine") or "bias" in m:
+        arrays = projection_arrays(m) if isinstance(m, nn.Module) else None
+        if arrays is None:
             return None
-        if m.bits not in (4, 8) or m.group_size not in (32, 64, 128) or m.scales.dtype != mx.float32:
-            return None
-        out += [m.weight, m.scales, m.biases]
+        out += arrays
     return out + (qk or [])
 
 

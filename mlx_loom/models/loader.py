@@ -22,7 +22,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_loom.kernels import blas, qmm
+from mlx_loom.kernels import blas, lowp, qmm
 from mlx_loom.models import gguf_arch
 from mlx_loom.models.gguf_reader import read_gguf
 from mlx_loom.models.layout import kv_layout
@@ -204,10 +204,25 @@ def _native_quantized(model: nn.Module) -> bool:
                                    and m.group_size in (32, 64, 128) for m in quantized)
 
 
+def _float32_except_half_weights(model: nn.Module) -> None:
+    """Floating parameters to float32 (packed weights stay uint32), except the float16 / bfloat16
+    weight matrices of Linear and Embedding layers where the native lowp kernels read them as stored
+    (mlx_loom/kernels/lowp.py): widening those would double the bytes each token reads."""
+    keep = []
+    if lowp.half_weights_enabled():
+        keep = [(m, m.weight) for _, m in model.named_modules()
+                if type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype in lowp.HALF_DTYPES]
+    model.set_dtype(mx.float32)  # lazy casts (in place): the kept weights' float32 copies are never evaluated
+    for module, weight in keep:
+        module.weight = weight
+
+
 def _load_mlx_dir(path: str, dequantize: bool | None, name: str | None = None) -> LoadedModel:
     """mlx-lm's own loader. On the CPU (dequantize=None): quantized weights stay packed when the native
     kernels run every quantized layer (scales cast to float32, which those kernels take), else
-    everything is dequantized to float32 (MLX's CPU quantized matmul is slow); on a GPU as stored."""
+    everything is dequantized to float32 (MLX's CPU quantized matmul is slow); float16 / bfloat16
+    Linear and Embedding weights stay 16-bit where the native lowp kernels run (the rest of the
+    model computes in float32); on a GPU as stored."""
     from mlx_lm.utils import dequantize_model, load
 
     model, hf_tokenizer = load(path)
@@ -217,7 +232,7 @@ def _load_mlx_dir(path: str, dequantize: bool | None, name: str | None = None) -
     if dequantize:
         model = dequantize_model(model)
     if on_cpu:
-        model.set_dtype(mx.float32)  # floating parameters only: packed weights stay uint32
+        _float32_except_half_weights(model)
         mx.eval(model.parameters())
     _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
     name = name or Path(path).name  # a hub id is served under its full id

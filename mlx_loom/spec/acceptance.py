@@ -81,3 +81,27 @@ def _check_shapes(k: int, q: np.ndarray | None, p: np.ndarray) -> None:
         raise ValueError(f"p must be [k+1, V] = [{k + 1}, V], got {p.shape}")
     if q is not None and q.shape != (k, p.shape[1]):
         raise ValueError(f"q must be [k, V] = [{k}, {p.shape[1]}], got {q.shape}")
+
+
+class PositionCounts:
+    """Acceptance by draft position: position i is tried when drafts 0..i-1 were all kept, and kept or
+    not. rates()[i] = P(draft i kept | drafts before it kept), the per-token acceptance `a` the
+    controller models, measured where it applies. (The share of proposed drafts kept is a different
+    number: with a = 0.7 and k = 4 it is (a + a^2 + a^3 + a^4) / 4 = 0.44.)"""
+
+    def __init__(self) -> None:
+        self.tried: list[int] = []
+        self.kept: list[int] = []
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """One verified row: `proposed` drafts, the first `accepted` kept."""
+        need = min(proposed, accepted + 1)
+        while len(self.tried) < need:
+            self.tried.append(0)
+            self.kept.append(0)
+        for i in range(need):
+            self.tried[i] += 1
+            self.kept[i] += i < accepted
+
+    def rates(self) -> list[float]:
+        return [k / t for k, t in zip(self.kept, self.tried)]

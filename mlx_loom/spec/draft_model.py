@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from mlx_loom.models.routing import route_model
 from mlx_loom.spec.draft_scaling import LayerScales
 
 DRAFT_KINDS = ("mxfp4", "nvfp4", "mxfp8")
@@ -57,6 +58,7 @@ def build_draft_model(target: nn.Module, kind: str, scales: Sequence[LayerScales
 
     draft.update_modules(tree_map_with_path(pick, target.leaf_modules(), is_leaf=nn.Module.is_module))
     mx.eval(draft.parameters())
+    route_model(draft)  # the cast projections and the draft's own norms run the native kernels
     return draft
 
 

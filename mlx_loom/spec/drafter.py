@@ -101,8 +101,7 @@ class _Row:
 class ModelDrafter:
     def __init__(self, model, num_blocks: int, block_size: int, dtype: mx.Dtype,
                  sub: Proposer | None = None) -> None:
-        self.runner = ModelRunner(model, num_blocks, block_size, dtype)
-        self.runner.fused_layers = None  # the draft's quantization modes run on MLX's own kernels
+        self.runner = ModelRunner(model, num_blocks, block_size, dtype)  # MXFP4 / NVFP4 drafts run fused
         self.sub = sub
         self.stats = LevelStats()  # the sub-level's tokens verified by this draft
         self._kv_end: dict[str, tuple[int, int]] = {}  # request -> (num_preemptions, tokens with draft KV)

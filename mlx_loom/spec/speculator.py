@@ -27,7 +27,7 @@ import numpy as np
 
 from mlx_loom.sched.request import Request
 from mlx_loom.sched.scheduler import ScheduledRow, Scheduler, SchedulerOutput
-from mlx_loom.spec.acceptance import greedy_accept, rejection_accept
+from mlx_loom.spec.acceptance import PositionCounts, greedy_accept, rejection_accept
 from mlx_loom.spec.controller import LinearCost, SpecController, SpecCosts
 from mlx_loom.spec.drafter import (
     Draft,
@@ -56,6 +56,8 @@ class Speculator:
         self.max_model_len = max_model_len
         self.target = LevelStats()
         self.num_drafts = 0
+        self.by_position = {"greedy": PositionCounts(), "sampled": PositionCounts()}
+        """Target-level acceptance by draft position, greedy and sampled rows apart (benchmarks)."""
         self._drafts: dict[str, Draft] = {}
 
     # -- before the forward --
@@ -103,12 +105,14 @@ class Speculator:
         draft = self._drafts.pop(req.request_id)
         tokens = draft.tokens[:num_valid]
         x = np.asarray(logits[: num_valid + 1], dtype=np.float32)  # [n+1, V]
-        if is_greedy(req.params):
+        greedy = is_greedy(req.params)
+        if greedy:
             out = greedy_accept(tokens, [int(t) for t in np.argmax(biased(x, req.params), axis=-1)])
         else:
             q = draft.q[:num_valid] if draft.q is not None else None
             out = rejection_accept(tokens, q, processed_probs(x, req.params), _rng(req, _VERIFY_STREAM))
         accepted = len(out) - 1
+        self.by_position["greedy" if greedy else "sampled"].record(len(tokens), accepted)
         self.num_drafts += 1
         self.target.proposed += len(draft.tokens)
         self.target.accepted += accepted
@@ -151,24 +155,30 @@ def _rng(req: Request, stream: int) -> np.random.Generator:
 def measure_costs(target, drafter: ModelDrafter, k: int, block_size: int, repeats: int = 5) -> SpecCosts:
     """Time target decode, target verification (k+1 tokens per row) and draft forwards at 1 and 8
     rows on scratch blocks (the pool is empty at start-up; nothing reads what this writes). The
-    fastest of `repeats` runs: other work on the machine only ever adds time."""
-    def timed(runner, rows):
-        mx.eval(runner.execute(rows)[0])  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            mx.eval(runner.execute(rows)[0])
-            times.append(time.perf_counter() - start)
-        return min(times)
-
+    fastest of `repeats` rounds, the six measurements interleaved within each round: other work on
+    the machine only ever adds time, and a burst of it (e.g. while the process next door loads)
+    then inflates every measurement of a round instead of one kind (a decode measured 5x slow
+    once made plain steps look dear and switched speculation on where it lost). A decode step is a
+    verification with no drafts, so it is never costed above a verification of as many tokens."""
     def rows(n_rows, n_tokens):
         pages = -(-(32 + n_tokens) // block_size)
         return [ScheduledRow(f"_cost{r}", tuple([1] * n_tokens), 32, tuple(range(r * pages, (r + 1) * pages)),
                              sample=True, num_draft=n_tokens - 1) for r in range(n_rows)]
 
-    decode = LinearCost.fit(1, timed(target, rows(1, 1)), 8, timed(target, rows(8, 1)))
-    verify = LinearCost.fit(k + 1, timed(target, rows(1, k + 1)), 8 * (k + 1), timed(target, rows(8, k + 1)))
-    draft = LinearCost.fit(1, timed(drafter.runner, rows(1, 1)), 8, timed(drafter.runner, rows(8, 1)))
+    cases = [(target, rows(1, 1)), (target, rows(8, 1)), (target, rows(1, k + 1)), (target, rows(8, k + 1)),
+             (drafter.runner, rows(1, 1)), (drafter.runner, rows(8, 1))]
+    for runner, batch in cases:
+        mx.eval(runner.execute(batch)[0])  # warm-up
+    best = [float("inf")] * len(cases)
+    for _ in range(repeats):
+        for i, (runner, batch) in enumerate(cases):
+            start = time.perf_counter()
+            mx.eval(runner.execute(batch)[0])
+            best[i] = min(best[i], time.perf_counter() - start)
+    d1, d8, v1, v8, r1, r8 = best
+    verify = LinearCost.fit(k + 1, v1, 8 * (k + 1), v8)
+    decode = LinearCost.fit(1, min(d1, verify(1)), 8, min(d8, verify(8)))
+    draft = LinearCost.fit(1, r1, 8, r8)
     return SpecCosts(decode=decode, verify=verify, draft=draft)
 
 

@@ -8,6 +8,7 @@
 #include "decode_layer.h"
 #include "rope_norm.h"
 
+#include "lowp.h"
 #include "qmm.h"
 
 namespace nb = nanobind;
@@ -36,6 +37,22 @@ NB_MODULE(_loom_native, m) {
       "x @ dequantize(w, scales, biases).T on the CPU stream (MLX affine layout, transpose=True).\n\n"
       "x float32 [..., K]; w uint32 [N, K*bits/32]; scales, biases float32 [N, K/group_size];\n"
       "bits 4 or 8; group_size 32, 64 or 128. Returns float32 [..., N] (lazy, like any MLX op).");
+  m.def(
+      "half_matmul",
+      [](const mlx::core::array& x, const mlx::core::array& w) {
+        return loom::half_matmul(x, w, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "x"_a, "w"_a,
+      "x float32 [..., K] @ w.T for w float16 / bfloat16 [N, K], read as stored (float32 accumulation).\n"
+      "Returns float32 [..., N].");
+  m.def(
+      "fp4_matmul",
+      [](const mlx::core::array& x, const mlx::core::array& w, const mlx::core::array& scales, const std::string& mode) {
+        return loom::fp4_matmul(x, w, scales, mode, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "x"_a, "w"_a, "scales"_a, "mode"_a = "mxfp4",
+      "x float32 [..., K] @ dequantize(w, scales, mode).T: mx.quantized_matmul's mxfp4 / nvfp4 contract\n"
+      "(w uint32 [N, K/8], scales uint8 [N, K/group], transpose=True). Returns float32 [..., N].");
   m.def(
       "decode_layer",
       [](const mlx::core::array& h,

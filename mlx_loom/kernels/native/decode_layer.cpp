@@ -13,6 +13,7 @@
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "lowp.h"
 #include "native_util.h"
 #include "row_ops.h"
 
@@ -31,15 +32,36 @@ namespace {
 constexpr int kNumWeights = 23;  // 2 norms + 7 x (w, scales, biases)
 enum InputIndex : int { kH = 0, kKPool = 1 + kNumWeights, kVPool, kSlots, kPositions, kTables, kInvFreq, kNumInputs };
 
+// A projection's weight: affine (format kAffine: w, scales, biases as qmm) or one the lowp kernels
+// read (kF16 / kBF16: w alone; kFp4: w and uint8 scales; the other arrays are placeholders).
+constexpr int kAffine = -1;
+
 struct QWeight {
   const uint32_t* w;
   const float* scales;
   const float* biases;
   int N, K, group_size, bits;
+  int format = kAffine;
 };
 
 // y [M, N] = x [M, K] @ dequantize(q).T
 void matmul(const QWeight& q, const float* x, int M, float* y) {
+  if (q.format != kAffine) {
+    LowpArgs l{};
+    l.x = x;
+    l.ldx = q.K;
+    l.w = q.w;
+    l.scales = reinterpret_cast<const uint8_t*>(q.scales);
+    l.scale_lut = q.format == kFp4 ? scale_table(q.group_size) : nullptr;
+    l.out = y;
+    l.ldo = q.N;
+    l.M = M;
+    l.N = q.N;
+    l.K = q.K;
+    l.group_size = q.group_size;
+    l.format = q.format;
+    return lowp_run(l);
+  }
   QmmArgs a{};
   a.x = x;
   a.ldx = q.K;
@@ -214,10 +236,34 @@ std::string shape_str(const mx::array& a) {
   return s.str();
 }
 
+// The format of the projection whose arrays start at in[first] (kAffine, kF16, kBF16 or kFp4).
+int weight_format(const std::vector<mx::array>& in, int first) {
+  const auto &w = in[first], &s = in[first + 1];
+  if (w.dtype() == mx::float16) return kF16;
+  if (w.dtype() == mx::bfloat16) return kBF16;
+  return s.dtype() == mx::uint8 ? kFp4 : kAffine;
+}
+
+// (bits, group_size) of a lowp matrix: [N, K] 16-bit, or fp4 with uint8 scales [N, K / 16 or 32].
+std::pair<int, int> check_lowp(const std::vector<mx::array>& in, int first, int K, int N, const std::string& what) {
+  const auto &w = in[first], &s = in[first + 1];
+  const int format = weight_format(in, first);
+  if (w.ndim() != 2 || w.shape(0) != N) fail(what + ": expected " + std::to_string(N) + " output rows");
+  if (format != kFp4) {
+    if (w.shape(1) != K) fail(what + ": K does not match");
+    return {16, 0};
+  }
+  if (w.dtype() != mx::uint32 || s.ndim() != 2 || s.shape(0) != N || w.shape(1) * 8 != K || s.shape(1) == 0 ||
+      K % s.shape(1) != 0 || (K / s.shape(1) != 16 && K / s.shape(1) != 32))
+    fail(what + ": expected uint32 w [N, K/8] and uint8 scales [N, K/16 or K/32]");
+  return {4, K / s.shape(1)};
+}
+
 // (bits, group_size) of a quantized matrix whose input width is K, checking its three arrays.
 std::pair<int, int> check_qweight(const std::vector<mx::array>& in, int first, int K, int N, const char* name) {
   const auto &w = in[first], &s = in[first + 1], &b = in[first + 2];
   const std::string what = std::string(name) + " (w " + shape_str(w) + ", scales " + shape_str(s) + ")";
+  if (weight_format(in, first) != kAffine) return check_lowp(in, first, K, N, what);
   if (w.dtype() != mx::uint32 || w.ndim() != 2 || s.ndim() != 2 || s.dtype() != mx::float32 ||
       b.dtype() != mx::float32 || b.shape() != s.shape())
     fail(what + ": expected uint32 w and float32 scales/biases of equal 2-d shape");
@@ -338,7 +384,13 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
   for (const auto& in : inputs) views.push_back(input(in));
   // (first input, K) of each quantized matrix: q, k, v, o, gate, up, down
   const std::array<std::pair<int, int>, 7> mats{{{3, DM}, {6, DM}, {9, DM}, {12, HD}, {15, DM}, {18, DM}, {21, FF}}};
-  encoder.dispatch([p, spec = spec_, views = std::move(views), mats]() mutable {
+  std::array<int, 7> formats;
+  for (int m = 0; m < 7; ++m) {
+    formats[m] = weight_format(inputs, mats[m].first);
+    if (formats[m] != kAffine && !(views[mats[m].first].dense && views[mats[m].first + 1].dense))
+      throw std::runtime_error("[decode_layer] 16-bit / fp4 weights must be dense row-major arrays");
+  }
+  encoder.dispatch([p, spec = spec_, views = std::move(views), mats, formats]() mutable {
     // Inputs are row-contiguous in practice; a strided one is gathered into `store` first.
     std::vector<std::vector<uint32_t>> store(views.size());
     auto ptr = [&](int i) { return dense_ptr<uint32_t>(views[i], store[i]); };
@@ -347,6 +399,11 @@ void DecodeLayer::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
       auto [first, K] = mats[m];
       const auto& w = views[first];
       const int groups = views[first + 1].shape[1];
+      if (formats[m] == kF16 || formats[m] == kBF16)
+        return QWeight{static_cast<const uint32_t*>(views[first].ptr), nullptr, nullptr, w.shape[0], K, 0, 16, formats[m]};
+      if (formats[m] == kFp4)
+        return QWeight{static_cast<const uint32_t*>(views[first].ptr), static_cast<const float*>(views[first + 1].ptr),
+                       nullptr, w.shape[0], K, K / groups, 4, kFp4};
       return QWeight{ptr(first), f(first + 1), f(first + 2), w.shape[0], K, K / groups, w.shape[1] * 32 / K};
     };
     p.h = f(kH);
