@@ -1,4 +1,4 @@
-"""One model over a 2-rank group on loopback (MLX's ring backend): tensor parallel through mlx-lm's
+"""One model over a 2-rank (and a 4-rank) group on loopback (MLX's ring backend): tensor parallel through mlx-lm's
 shard(), pipeline parallel through its pipeline().
 
 The launches are the costly part (each rank imports and loads; ~30-60 s on this 2-core host), so
@@ -194,3 +194,26 @@ def test_watchdog_reports_a_stalled_step_once():
     runner.busy_since = time.monotonic()
     dog.join(3)
     assert len(reasons) == 1 and "stalled" in reasons[0] and "0.2s" in reasons[0]
+
+
+def test_four_ranks_give_one_process_tokens(tmp_path):
+    """4 ranks on loopback: tensor parallel (llama, 4 KV heads) and pipeline parallel (qwen2, 4 layers)."""
+    dirs = {"tensor": make_tiny_arch_dir(tmp_path / "llama4", "llama", overrides={"num_key_value_heads": 4}),
+            "pipeline": make_tiny_arch_dir(tmp_path / "qwen2x4", "qwen2", overrides={"num_hidden_layers": 4})}
+    cases = [f"{mode}:{path}" for mode, path in dirs.items()]
+    driver = str(ROOT / "tests" / "dist_driver.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    import dist_driver
+
+    dist_driver.main(str(tmp_path / "one.json"), *cases)
+    subprocess.run([*_launch_python(), "--backend", "ring", "-n", "4", "--python", sys.executable, driver,
+                    str(tmp_path / "four.json"), *cases], env=env, check=True, timeout=900)
+    one = json.loads((tmp_path / "one.json").read_text())
+    four = json.loads((tmp_path / "four.json").read_text())
+    for case in cases:
+        assert four[case]["errors"] == [], case
+        assert four[case]["alone"] == one[case]["alone"], case
+        assert four[case]["batched"] == one[case]["batched"], case
+        group = four[case]["group"]
+        assert group["world_size"] == 4 and group["mode"] == case.split(":")[0]
+        assert len(group["ranks"]) == 4
