@@ -56,18 +56,22 @@ class EngineCore:
         backend_text = describe_backend()
         log.info("backend: %s", backend_text)
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
-        num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
+        num_blocks = cfg.cache.num_blocks or _default_num_blocks(cfg, block_bytes, max_len)
+        num_slots = _num_state_slots(cfg, ModelRunner.state_bytes_per_slot(loaded.model))
+        if num_slots is not None:
+            cfg = _hybrid_config(cfg, loaded)
         dense_gb = cfg.cache.dense_decode_kv_gb
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
                                   sparse=_sparse_config(cfg.sparse_prefill, loaded),
-                                  dense_decode_bytes=None if dense_gb is None else int(dense_gb * 2**30))
+                                  dense_decode_bytes=None if dense_gb is None else int(dense_gb * 2**30),
+                                  num_state_slots=num_slots or 0)
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
         self.runner.discard_derived()  # the check's rows are not requests
         log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
                  self.runner.path, check.max_error, check.positions, check.tolerance)
         backend_text = f"{backend_text}; forward: {self.runner.path}"
-        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
+        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks, num_slots)
         self.spec = None
         if cfg.spec.method is not None:
             from mlx_loom.spec.draft_model import DRAFT_KINDS
@@ -97,13 +101,17 @@ class EngineCore:
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
         log.info("KV pool: %d blocks x %d tokens (%.0f MB)", num_blocks, cfg.cache.block_size,
                  num_blocks * block_bytes / 2**20)
+        if num_slots is not None:
+            log.info("state pool: %d slots x %.1f MB (recurrent state of the hybrid's own cache)", num_slots,
+                     ModelRunner.state_bytes_per_slot(loaded.model) / 2**20)
 
     def warm_up(self) -> WarmUpResult:
         """Run every step shape once before the first request (warm_up.py); recorded in self.info."""
         assert not self.has_unfinished(), "warm up before taking requests"
         sched, sparse = self._config.scheduler, (self.runner.sparse_chunks, self.runner.sparse_tokens)
-        result = warm_up(self.runner, self._vocab_size, sched.max_num_seqs, sched.max_num_batched_tokens,
-                         self.info.max_model_len)
+        slots = self.scheduler.state_slots
+        rows = sched.max_num_seqs if slots is None else min(sched.max_num_seqs, slots.num_slots)
+        result = warm_up(self.runner, self._vocab_size, rows, sched.max_num_batched_tokens, self.info.max_model_len)
         self.runner.sparse_chunks, self.runner.sparse_tokens = sparse  # counters are for requests
         self.runner.discard_derived()  # nothing of the warm-up's rows is kept for requests
         self.info = replace(self.info, warmup_seconds=result.seconds)
@@ -222,14 +230,14 @@ class EngineCore:
         self.runner.discard_derived()
         _check_pools(self._pools(), cause)
 
-    def _pools(self) -> list:
-        """The KV pools a step writes: the target's and each draft model's."""
-        pools, level = [self.runner.pools], getattr(self.spec, "drafter", None)
+    def _pools(self) -> list[mx.array]:
+        """The arrays a step writes: the target's KV (and state) pools and each draft model's."""
+        arrays, level = self.runner.pool_arrays(), getattr(self.spec, "drafter", None)
         while level is not None:
             if hasattr(level, "runner"):
-                pools.append(level.runner.pools)
+                arrays.extend(level.runner.pool_arrays())
             level = getattr(level, "sub", None)
-        return pools
+        return arrays
 
     def _step(self, out: SchedulerOutput) -> list[RequestOutput]:
         if self.spec is not None:
@@ -276,8 +284,8 @@ class EngineCore:
 
     def _run(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
         logits, sample_rows = self.runner.execute(out.rows)  # [S', V]
-        if not sample_rows:  # only mid-prompt chunks: just materialize their KV writes
-            mx.eval(self.runner.k_pools, self.runner.v_pools)
+        if not sample_rows:  # only mid-prompt chunks: just materialize their KV (and state) writes
+            mx.eval(self.runner.pool_arrays())
             return {}
         reqs = [self.scheduler.requests[out.rows[i].request_id] for i in sample_rows]
         counts = [out.rows[i].num_draft + 1 for i in sample_rows]
@@ -360,14 +368,49 @@ class EngineCore:
                     spec_accepted=s.accepted)
 
 
-def _check_pools(pools: list, cause: Exception) -> None:
-    """After a failed step: the KV it wrote must still evaluate, else the cache is lost for every
-    request and the engine stops loudly. (No copy of the pools is kept to roll back to: holding the
-    old arrays would stop MLX from updating them in place, a full pool copy per step.)"""
+def _check_pools(arrays: list[mx.array], cause: Exception) -> None:
+    """After a failed step: the KV (and state) it wrote must still evaluate, else the cache is lost for
+    every request and the engine stops loudly. (No copy of the pools is kept to roll back to: holding
+    the old arrays would stop MLX from updating them in place, a full pool copy per step.)"""
     try:
-        mx.eval([a for p in pools for a in (*p.k, *p.v)])
+        mx.eval(arrays)
     except Exception as exc:
         raise RuntimeError(f"the KV cache cannot be evaluated after a failed step ({cause!r}): {exc}") from exc
+
+
+def _default_num_blocks(cfg: EngineConfig, block_bytes: int, max_len: int) -> int:
+    """KV pages from kv_cache_memory_gb; a model without KV layers (pure SSM) gets one context per row."""
+    if block_bytes == 0:
+        return max(2, -(-max_len // cfg.cache.block_size) * cfg.scheduler.max_num_seqs)
+    return max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
+
+
+def _num_state_slots(cfg: EngineConfig, slot_bytes: int) -> int | None:
+    """State slots of a hybrid model (None: it keeps only KV): from memory, at most one per row, at
+    least the self-check's two."""
+    if slot_bytes == 0:
+        return None
+    if cfg.cache.num_state_slots is not None:
+        return cfg.cache.num_state_slots
+    fit = int(cfg.cache.state_cache_memory_gb * 2**30 // slot_bytes)
+    if fit < 2:
+        raise ValueError(f"one request's recurrent state takes {slot_bytes / 2**20:.1f} MB: give the state "
+                         f"cache at least two ({cfg.cache.state_cache_memory_gb} GB holds {fit})")
+    return min(fit, max(2, cfg.scheduler.max_num_seqs))
+
+
+def _hybrid_config(cfg: EngineConfig, loaded: LoadedModel) -> EngineConfig:
+    """What a model with recurrent state runs without: speculative decoding is refused (a rejected
+    draft would have to be rolled out of a state that cannot be rewound), and prefix caching is off
+    (a recurrent state cannot be rebuilt from KV pages alone, so a page hit is not a reusable prefix)."""
+    if cfg.spec.method is not None:
+        raise ValueError(f"speculative decoding is not supported for {loaded.name}: it keeps recurrent state "
+                         "(SSM / linear-attention layers) that a rejected draft would leave advanced; "
+                         "serve it without --speculative")
+    if cfg.cache.enable_prefix_caching:
+        log.info("prefix caching off: %s keeps recurrent state, which KV pages alone cannot restore", loaded.name)
+        cfg = replace(cfg, cache=replace(cfg.cache, enable_prefix_caching=False))
+    return cfg
 
 
 def _sparse_config(setting: str, loaded: LoadedModel):

@@ -24,7 +24,7 @@ import mlx.nn as nn
 
 from mlx_loom.kernels import blas, qmm
 from mlx_loom.models import gguf_arch
-from mlx_loom.models.layout import kv_layout
+from mlx_loom.models.layout import LayerKV, kv_layout
 from mlx_loom.models.routing import route_model
 from mlx_loom.models.tokenizer import TextTokenizer
 
@@ -171,15 +171,16 @@ def _load_gguf(path: str, dequantize: bool) -> LoadedModel:
 
 def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
     route_model(model)  # the model's own code then runs the native kernels where they apply
-    layout, _ = kv_layout(model)  # refuses models whose state is not a KV cache
+    layout, _ = kv_layout(model)  # refuses cache layouts the engine does not page
+    first = layout[0] if layout else LayerKV(0, 0, 0)  # a pure SSM model keeps no KV
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
         num_layers=len(layout),
-        num_heads=int(getattr(args, "num_attention_heads", 0) or layout[0].kv_heads),
-        num_kv_heads=layout[0].kv_heads,
-        head_dim=layout[0].k_dim,
+        num_heads=int(getattr(args, "num_attention_heads", 0) or first.kv_heads),
+        num_kv_heads=first.kv_heads,
+        head_dim=first.k_dim,
         vocab_size=int(getattr(args, "vocab_size", 0) or tokenizer.vocab_size),
         max_model_len=int(getattr(args, "max_position_embeddings", None) or 4096),
         dtype=dtype,

@@ -20,6 +20,12 @@ class CacheConfig:
     (decode_mirror.py; its attention reads it instead of gathering pages every step). None: twice
     the KV pool's memory (its rows are padded to the longest); 0: no copy. A group that does not
     fit gathers its pages."""
+    num_state_slots: int | None = None
+    """Hybrid models only: requests that can hold a recurrent state at once (one slot each, per SSM /
+    linear-attention layer whatever the model's own cache keeps); None sizes the pool from
+    state_cache_memory_gb, capped at max_num_seqs. A full pool makes requests wait."""
+    state_cache_memory_gb: float = 0.5
+    """Memory for the state slots when num_state_slots is None."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -28,6 +34,10 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.num_state_slots is not None and self.num_state_slots < 2:
+            raise ValueError(f"num_state_slots must be >= 2 (the self-check runs two sequences), got {self.num_state_slots}")
+        if self.state_cache_memory_gb <= 0:
+            raise ValueError(f"state_cache_memory_gb must be > 0, got {self.state_cache_memory_gb}")
         if self.dense_decode_kv_gb is not None and not self.dense_decode_kv_gb >= 0:
             raise ValueError(f"dense_decode_kv_gb must be >= 0, got {self.dense_decode_kv_gb}")
 

@@ -8,6 +8,9 @@ decodes or waits a prompt takes at most long_prefill_chunk tokens per step: a lo
 down, it never holds back a short request's first token or a running stream. When a running request cannot
 get a block, the most recently admitted running request is preempted by recompute: its
 blocks are freed and it goes back to the front of the queue with its tokens so far.
+
+Hybrid models (recurrent state beside attention) also need a state slot per running request
+(state_slots.py): admission waits for a free one, and finish, abort and preemption give it back.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from mlx_loom.sched.config import CacheConfig, SchedulerConfig
 from mlx_loom.sched.kv_cache_manager import KVCacheManager, cdiv
 from mlx_loom.sched.request import Request, RequestStatus
+from mlx_loom.sched.state_slots import StateSlots
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class ScheduledRow:
     num_draft: int = 0
     """Speculative tokens at the end of token_ids (not yet part of the sequence): the step needs
     logits at the last num_draft + 1 positions, and only the accepted ones become computed."""
+    state_slot: int = -1
+    """The request's recurrent-state slot (hybrid models; -1: the model keeps no state). The state
+    there holds the tokens before start_pos; at start_pos 0 the row starts from a zero state."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +53,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 num_state_slots: int | None = None) -> None:
         self.config = config
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.state_slots = StateSlots(num_state_slots) if num_state_slots is not None else None
+        """Recurrent-state slots of a hybrid model (None: the model keeps only KV)."""
         self.requests: dict[str, Request] = {}
         """Unfinished requests by id."""
         self.waiting: deque[Request] = deque()
@@ -169,6 +179,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._free_state(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -185,12 +196,16 @@ class Scheduler:
         """Move waiting requests to running, FCFS, while budget, rows and blocks allow."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if self.state_slots is not None and self.state_slots.num_free == 0:
+                break  # every state slot is held: wait for a running request to end
             hits, num_cached = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_cached, budget, cap)
             block_ids = self.kv.allocate_slots(req, num_new, hits)
             if block_ids is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
+            if self.state_slots is not None:
+                self.state_slots.allocate(req.request_id)
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached
                 self.prefix_cache_queries += req.num_prompt_tokens
@@ -205,8 +220,9 @@ class Scheduler:
     def _row(self, req: Request, num_new: int, block_ids: tuple[int, ...]) -> ScheduledRow:
         start = req.num_computed_tokens
         end = start + num_new
+        slot = self.state_slots.slot_of(req.request_id) if self.state_slots is not None else None
         return ScheduledRow(req.request_id, tuple(req.all_token_ids[start:end]), start, block_ids,
-                            sample=end == req.num_tokens)
+                            sample=end == req.num_tokens, state_slot=-1 if slot is None else slot)
 
     # -- results ---------------------------------------------------------------------------
     def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]],
@@ -255,10 +271,15 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _free_state(self, req: Request) -> None:
+        if self.state_slots is not None:
+            self.state_slots.free(req.request_id)
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         """The one exit: blocks back to the pool, request out of every queue."""
         if req in self.running:
             self.running.remove(req)
         self.kv.free(req)
+        self._free_state(req)
         req.status = status
         del self.requests[req.request_id]

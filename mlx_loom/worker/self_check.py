@@ -60,14 +60,14 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
     seqs = _sequences(vocab_size)
     bs = runner.block_size
     per_seq = [-(-n // bs) for n in LENGTHS]
-    if sum(per_seq) > runner.pools.k[0].shape[1]:
-        raise ModelCheckError(f"the KV pool ({runner.pools.k[0].shape[1]} blocks) cannot hold the self-check's "
+    if sum(per_seq) > runner.pools.num_blocks:
+        raise ModelCheckError(f"the KV pool ({runner.pools.num_blocks} blocks) cannot hold the self-check's "
                               f"{sum(per_seq)} blocks; give the cache more memory")
     blocks = [tuple(range(sum(per_seq[:s]), sum(per_seq[: s + 1]))) for s in range(len(seqs))]
     plain = [model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32) for s in seqs]  # [L, V] each
     worst, count = 0.0, 0
     for step in STEPS:
-        rows = [ScheduledRow(f"check-{s}", tuple(seqs[s][start : start + n]), start, blocks[s], sample)
+        rows = [ScheduledRow(f"check-{s}", tuple(seqs[s][start : start + n]), start, blocks[s], sample, state_slot=s)
                 for s, start, n, sample in step]
         logits, sample_rows = runner.execute(rows)
         for j, i in enumerate(sample_rows):
@@ -75,7 +75,7 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
             expect = plain[s][start + n - 1]
             err = (mx.abs(logits[j] - expect).max() / mx.maximum(mx.abs(expect).max(), 1.0)).item()
             worst, count = max(worst, err), count + 1
-        mx.eval(runner.pools.k, runner.pools.v)
+        mx.eval(runner.pool_arrays())
     result = CheckResult(worst, _tolerance(dtype), count)
     if not worst <= result.tolerance:  # NaN fails too
         raise ModelCheckError(

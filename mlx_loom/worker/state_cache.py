@@ -1,0 +1,66 @@
+"""mlx-lm's ArraysCache protocol over the state pools: one state entry's view for one model call.
+
+An mlx-lm SSM / linear-attention layer reads `cache[e]` (None: start from zeros), writes
+`cache[e] = new_state`, reads `cache.lengths` (None: every row's L tokens are real) and calls
+`cache.advance(L)`; its model calls `cache.make_mask(L)` (None: no padding). `SlotStateCache`
+answers these for B rows of L tokens each: `cache[e]` is the rows' slots gathered ([B, *shape]),
+zeros for rows that start a sequence, and `commit` writes what the call left in `cache[e]` back to
+the rows' slots. All rows of a call have the same L and no padding, so no lengths or masks are
+needed. Nothing of mlx-lm is patched.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import mlx.core as mx
+
+from mlx_loom.sched.scheduler import ScheduledRow
+from mlx_loom.worker.state_pools import StatePools
+
+
+class SlotStateCache:
+    """State entry `index` of `pools` for the rows of one call (the ArraysCache protocol)."""
+
+    lengths = None  # every row's tokens are all real: no right padding
+    left_padding = None
+
+    def __init__(self, pools: StatePools, index: int, rows: Sequence[ScheduledRow]) -> None:
+        self.pools = pools
+        self.index = index
+        self.slots = mx.array([r.state_slot for r in rows], dtype=mx.int32)  # [B]
+        assert all(r.state_slot >= 0 for r in rows), "every row of a hybrid model holds a state slot"
+        fresh = [r.start_pos == 0 for r in rows]
+        self.cache: list[mx.array | None] = [None] * len(pools.layers[index].shapes)
+        if not all(fresh):  # all fresh: None, exactly as mlx-lm's own first call
+            keep = mx.array([not f for f in fresh])  # [B] rows that continue their state
+            for e, pool in enumerate(pools.states[index]):
+                gathered = pool[self.slots]  # [B, *shape]
+                self.cache[e] = gathered if all(not f for f in fresh) else mx.where(
+                    keep.reshape(-1, *([1] * (gathered.ndim - 1))), gathered, mx.zeros_like(gathered))
+
+    def __getitem__(self, e: int) -> mx.array | None:
+        return self.cache[e]
+
+    def __setitem__(self, e: int, value: mx.array) -> None:
+        self.cache[e] = value
+
+    @property
+    def batch_size(self) -> int:
+        return self.slots.size
+
+    def empty(self) -> bool:
+        return self.cache[0] is None
+
+    def advance(self, n: int) -> None:
+        pass  # no lengths or padding to move
+
+    def make_mask(self, n: int, **_: object) -> None:
+        return None  # no padding: every token of every row is real
+
+    def commit(self) -> None:
+        """Write the states the call left in cache[e] ([B, *shape]) back to the rows' slots."""
+        pools = self.pools.states[self.index]
+        for e, value in enumerate(self.cache):
+            if value is not None:
+                pools[e][self.slots] = value.astype(pools[e].dtype)
