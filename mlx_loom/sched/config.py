@@ -34,8 +34,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.num_state_slots is not None and self.num_state_slots < 2:
-            raise ValueError(f"num_state_slots must be >= 2 (the self-check runs two sequences), got {self.num_state_slots}")
+        if self.num_state_slots is not None and self.num_state_slots < 3:
+            raise ValueError(f"num_state_slots must be >= 3 (the self-check runs three sequences), got {self.num_state_slots}")
         if self.state_cache_memory_gb <= 0:
             raise ValueError(f"state_cache_memory_gb must be > 0, got {self.state_cache_memory_gb}")
         if self.dense_decode_kv_gb is not None and not self.dense_decode_kv_gb >= 0:

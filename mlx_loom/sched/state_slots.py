@@ -11,13 +11,13 @@ from __future__ import annotations
 
 
 class StateSlots:
-    """Slot ids 0..num_slots-1 handed to requests (lowest free first)."""
+    """Slot ids 0..num_slots-1 handed to requests (0, 1, ... at first; then the most recently freed)."""
 
     def __init__(self, num_slots: int) -> None:
         if num_slots < 1:
             raise ValueError(f"a hybrid model needs at least one state slot, got {num_slots}")
         self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # a stack: pop() gives the lowest id
+        self._free = list(range(num_slots - 1, -1, -1))  # a stack: pop() gives 0 first
         self._held: dict[str, int] = {}
 
     @property

@@ -1,9 +1,11 @@
 """Load-time self-check: the engine's forward must give the model's own logits.
 
-Two short sequences go through the runner the way the scheduler runs them (prefill chunks of
+Three short sequences go through the runner the way the scheduler runs them (prefill chunks of
 different lengths, a step mixing a chunk with a decode row, batched decode rows at different
-positions, a row alone) and every sampled position is compared with the model's plain forward
-(`model(tokens)`, no cache). A fast path that computes something else, or an architecture the
+positions beside a one-token prompt, a row alone) and every sampled position is compared with the
+model's plain forward (`model(tokens)`, no cache). For hybrid models this also checks the state
+slots: a chunked prompt continues its state, decode rows continue theirs while the one-token
+prompt starts from zeros in the same call. A fast path that computes something else, or an architecture the
 generic path gets wrong, is refused before the server takes a request.
 """
 
@@ -20,12 +22,12 @@ from mlx_loom.worker.runner import ModelRunner
 
 log = logging.getLogger("mlx_loom.engine")
 
-LENGTHS = (20, 16)  # sequence A, sequence B
+LENGTHS = (20, 16, 1)  # sequences A, B and a one-token prompt C
 # (sequence, first position, number of tokens, sampled) per row, one tuple of rows per step
 STEPS = (
     ((0, 0, 12, False), (1, 0, 13, True)),  # two prefill chunks, only B's sampled
     ((0, 12, 5, True), (1, 13, 1, True)),  # a chunk next to a decode row
-    ((0, 17, 1, True), (1, 14, 1, True)),  # decode rows at different positions
+    ((0, 17, 1, True), (1, 14, 1, True), (2, 0, 1, True)),  # decode rows at different positions, C starts
     ((0, 18, 1, True), (1, 15, 1, True)),
     ((0, 19, 1, True),),  # a row alone
 )
@@ -86,13 +88,16 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
 
 
 def check_or_unbatch(runner: ModelRunner, model: nn.Module, vocab_size: int, dtype: mx.Dtype) -> CheckResult:
-    """The self-check; a generic-path model that fails it batched is checked again one row per call
-    and served that way if it then passes (slower, never wrong). Raises ModelCheckError otherwise."""
+    """The self-check; a generic-path model that fails it batched (wrong logits, or its code raises a
+    ValueError on the batch's shapes: gemma2 with three rows) is checked again one row per call and
+    served that way if it then passes (slower, never wrong). Raises ModelCheckError otherwise."""
     try:
         return check_engine_matches_model(runner, model, vocab_size, dtype)
-    except ModelCheckError as batched:
+    except (ModelCheckError, ValueError) as batched:  # ValueError: its code cannot even shape the batch
         if runner.generic is None:
             raise
+        if not isinstance(batched, ModelCheckError):
+            batched = ModelCheckError(f"batched rows fail in the model's own code: {batched}")
         runner.generic.rows_per_call = 1
         try:
             result = check_engine_matches_model(runner, model, vocab_size, dtype)
