@@ -58,20 +58,24 @@ class EngineCore:
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
         num_blocks = cfg.cache.num_blocks or _default_num_blocks(cfg, block_bytes, max_len)
-        num_slots = _num_state_slots(cfg, ModelRunner.state_bytes_per_slot(loaded.model))
+        slot_bytes = ModelRunner.state_bytes_per_slot(loaded.model)
+        num_slots = _num_state_slots(cfg, slot_bytes)
+        num_snapshots = 0
         if num_slots is not None:
-            cfg = _hybrid_config(cfg, loaded)
+            num_snapshots = _num_state_snapshots(cfg, slot_bytes, num_blocks)
+            cfg = _hybrid_config(cfg, loaded, num_snapshots)
         dense_gb = cfg.cache.dense_decode_kv_gb
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
                                   sparse=_sparse_config(cfg.sparse_prefill, loaded),
                                   dense_decode_bytes=None if dense_gb is None else int(dense_gb * 2**30),
-                                  num_state_slots=num_slots or 0)
+                                  num_state_slots=num_slots or 0, num_state_snapshots=num_snapshots)
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
         self.runner.discard_derived()  # the check's rows are not requests
         log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
                  self.runner.path, check.max_error, check.positions, check.tolerance)
         backend_text = f"{backend_text}; forward: {self.runner.path}"
-        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks, num_slots)
+        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks, num_slots,
+                                   num_snapshots)
         self.spec = None
         if cfg.spec.method is not None:
             from mlx_loom.spec.draft_model import DRAFT_KINDS
@@ -102,8 +106,8 @@ class EngineCore:
         log.info("KV pool: %d blocks x %d tokens (%.0f MB)", num_blocks, cfg.cache.block_size,
                  num_blocks * block_bytes / 2**20)
         if num_slots is not None:
-            log.info("state pool: %d slots x %.1f MB (recurrent state of the hybrid's own cache)", num_slots,
-                     ModelRunner.state_bytes_per_slot(loaded.model) / 2**20)
+            log.info("state pool: %d slots and %d prefix snapshots x %.1f MB (recurrent state of the hybrid's "
+                     "own cache)", num_slots, num_snapshots, slot_bytes / 2**20)
 
     def warm_up(self) -> WarmUpResult:
         """Run every step shape once before the first request (warm_up.py); recorded in self.info."""
@@ -399,16 +403,26 @@ def _num_state_slots(cfg: EngineConfig, slot_bytes: int) -> int | None:
     return min(fit, max(3, cfg.scheduler.max_num_seqs))
 
 
-def _hybrid_config(cfg: EngineConfig, loaded: LoadedModel) -> EngineConfig:
+def _num_state_snapshots(cfg: EngineConfig, slot_bytes: int, num_blocks: int) -> int:
+    """Prefix snapshots of a hybrid's state (0: prefix caching off): from memory, at most one per block."""
+    if not cfg.cache.enable_prefix_caching:
+        return 0
+    if cfg.cache.num_state_snapshots is not None:
+        return cfg.cache.num_state_snapshots
+    return min(num_blocks, int(cfg.cache.state_snapshot_memory_gb * 2**30 // slot_bytes))
+
+
+def _hybrid_config(cfg: EngineConfig, loaded: LoadedModel, num_snapshots: int) -> EngineConfig:
     """What a model with recurrent state runs without: speculative decoding is refused (a rejected
     draft would have to be rolled out of a state that cannot be rewound), and prefix caching is off
-    (a recurrent state cannot be rebuilt from KV pages alone, so a page hit is not a reusable prefix)."""
+    without state snapshots (a recurrent state cannot be rebuilt from KV pages alone, so a page hit
+    is not a reusable prefix)."""
     if cfg.spec.method is not None:
         raise ValueError(f"speculative decoding is not supported for {loaded.name}: it keeps recurrent state "
                          "(SSM / linear-attention layers) that a rejected draft would leave advanced; "
                          "serve it without --speculative")
-    if cfg.cache.enable_prefix_caching:
-        log.info("prefix caching off: %s keeps recurrent state, which KV pages alone cannot restore", loaded.name)
+    if cfg.cache.enable_prefix_caching and num_snapshots == 0:
+        log.info("prefix caching off: %s keeps recurrent state and no state snapshot fits", loaded.name)
         cfg = replace(cfg, cache=replace(cfg.cache, enable_prefix_caching=False))
     return cfg
 

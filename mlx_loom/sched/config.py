@@ -26,6 +26,15 @@ class CacheConfig:
     state_cache_memory_gb, capped at max_num_seqs. A full pool makes requests wait."""
     state_cache_memory_gb: float = 0.5
     """Memory for the state slots when num_state_slots is None."""
+    num_state_snapshots: int | None = None
+    """Hybrid models with prefix caching: recurrent-state snapshots kept with the cached blocks (a
+    prefix hit restores the deepest one); None sizes them from state_snapshot_memory_gb, 0 turns
+    prefix caching off for hybrids."""
+    state_snapshot_memory_gb: float = 0.5
+    """Memory for the state snapshots when num_state_snapshots is None."""
+    state_snapshot_interval: int = 64
+    """Blocks between a hybrid prompt's snapshot points (its last full block is one too): a chunk
+    ends there, so prefix hits can resume every interval * block_size tokens."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -36,6 +45,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.num_state_slots is not None and self.num_state_slots < 3:
             raise ValueError(f"num_state_slots must be >= 3 (the self-check runs three sequences), got {self.num_state_slots}")
+        if self.state_snapshot_interval < 1:
+            raise ValueError(f"state_snapshot_interval must be >= 1, got {self.state_snapshot_interval}")
         if self.state_cache_memory_gb <= 0:
             raise ValueError(f"state_cache_memory_gb must be > 0, got {self.state_cache_memory_gb}")
         if self.dense_decode_kv_gb is not None and not self.dense_decode_kv_gb >= 0:

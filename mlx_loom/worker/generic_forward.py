@@ -82,10 +82,14 @@ class GenericForward:
         if self.mirror is not None and (self.rows_per_call == 1 or 1 not in groups):
             self.mirror.drop()  # no decode group: free its memory
         picked: dict[int, mx.array] = {}
+        if self.states is not None:
+            self.states.restore(rows)  # prefix hits: their state snapshots into their slots
         for n, index in enumerate(groups.values()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
                 mx.eval(list(picked.values()), self.pool_arrays())
             picked.update(self._call(rows, index, tokens))
+        if self.states is not None:
+            self.states.snapshot(rows)  # rows at a prompt snapshot point
         sample_rows = tuple(sorted(picked))
         if not sample_rows:
             return mx.zeros((0, 0), dtype=mx.float32), ()

@@ -170,7 +170,8 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype,
                  sparse: SparsePatternConfig | None = None, force_generic: bool = False,
-                 dense_decode_bytes: int | None = None, num_state_slots: int = 0) -> None:
+                 dense_decode_bytes: int | None = None, num_state_slots: int = 0,
+                 num_state_snapshots: int = 0) -> None:
         self.model = model
         self.sparse = sparse
         """Per-head sparse prefill patterns (MInference); long prefill chunks use them when the cost
@@ -181,7 +182,7 @@ class ModelRunner:
         full = model_layout(model)
         layout = list(full.kv)
         self.pools = KVPools(layout, num_blocks, block_size, dtype)
-        self.states = StatePools(full.states, num_state_slots) if full.states else None
+        self.states = StatePools(full.states, num_state_slots, num_state_snapshots) if full.states else None
         """Recurrent-state slots of a hybrid model (None: the model keeps only KV)."""
         if full.states and num_state_slots < 1:
             raise ValueError("this hybrid model keeps recurrent state: give the runner state slots")
