@@ -94,3 +94,59 @@ def test_speculative_decoding_is_refused_for_hybrids(tmp_path):
     loaded = load_model(str(make_tiny_arch_dir(tmp_path / "mamba2", "mamba2")))
     with pytest.raises(ValueError, match="speculative decoding is not supported.*recurrent state"):
         EngineCore(EngineConfig(spec=SpecConfig(method="mxfp4")), loaded)
+
+
+def test_a_failing_hybrid_row_fails_alone_and_leaves_the_others_states_as_they_were(tmp_path):
+    """The failing call comes after another row's call in the same step: states are written only once
+    every call is built, so the other row's retry resumes from its unadvanced state."""
+    import mlx_loom.kernels  # noqa: F401
+    from engine_driver import make_core, run
+    from mlx_loom.models.loader import load_model
+    from tiny_archs import make_tiny_arch_dir
+
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / "qwen3_5", "qwen3_5")))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompt = [30 + i for i in range(9)]
+    expected = run(make_core(loaded), [("r0", prompt, params)])["r0"].tokens
+    core = make_core(loaded)
+    call = core.runner.generic._call
+
+    def failing(rows, index, *args):
+        if any(rows[i].request_id == "bad" for i in index):
+            raise IndexError("injected failure")
+        return call(rows, index, *args)
+
+    core.runner.generic._call = failing
+    got = run(core, [("r0", prompt, params), ("bad", [40, 41, 42], params)], join_step={"bad": 2})
+    assert got["bad"].finish_reason == "error" and got["r0"].error is None
+    assert got["r0"].tokens == expected
+
+
+def test_a_row_whose_state_was_advanced_by_a_failed_step_fails_instead_of_running_on(tmp_path):
+    import mlx_loom.kernels  # noqa: F401
+    from engine_driver import make_core
+    from mlx_loom.models.loader import load_model
+    from mlx_loom.sched.scheduler import ScheduledRow
+    from mlx_loom.worker.state_cache import StateOutOfStepError
+    from tiny_archs import make_tiny_arch_dir
+
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / "mamba2", "mamba2")))
+    runner = make_core(loaded).runner
+    runner.execute([ScheduledRow("a", (5, 6, 7), 0, (0,), True, state_slot=0)])
+    runner.execute([ScheduledRow("a", (8,), 3, (0,), True, state_slot=0)])  # the state holds 4 tokens now
+    with pytest.raises(StateOutOfStepError, match="holds 4 tokens but the step resumes at 3"):
+        runner.execute([ScheduledRow("a", (8,), 3, (0,), True, state_slot=0)])  # a retry of the same step
+
+
+def test_warm_up_of_a_hybrid_leaves_nothing_a_request_resumes_from(tmp_path):
+    import mlx_loom.kernels  # noqa: F401
+    from engine_driver import make_core, run
+    from mlx_loom.models.loader import load_model
+    from tiny_archs import make_tiny_arch_dir
+
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / "lfm2", "lfm2")))
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    cold = run(make_core(loaded, max_num_seqs=8), [("a", [50, 51, 52, 53], params)])["a"].tokens
+    core = make_core(loaded, max_num_seqs=8)
+    assert core.warm_up().batch_sizes == (1, 2, 4, 8)
+    assert run(core, [("a", [50, 51, 52, 53], params)])["a"].tokens == cold

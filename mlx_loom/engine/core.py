@@ -71,6 +71,7 @@ class EngineCore:
                                   num_state_slots=num_slots or 0, num_state_snapshots=num_snapshots)
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
         self.runner.discard_derived()  # the check's rows are not requests
+        self.runner.forget_scratch_states()
         log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
                  self.runner.path, check.max_error, check.positions, check.tolerance)
         backend_text = f"{backend_text}; forward: {self.runner.path}"
@@ -118,6 +119,7 @@ class EngineCore:
         result = warm_up(self.runner, self._vocab_size, rows, sched.max_num_batched_tokens, self.info.max_model_len)
         self.runner.sparse_chunks, self.runner.sparse_tokens = sparse  # counters are for requests
         self.runner.discard_derived()  # nothing of the warm-up's rows is kept for requests
+        self.runner.forget_scratch_states()
         self.info = replace(self.info, warmup_seconds=result.seconds)
         return result
 

@@ -52,6 +52,7 @@ def warm_up(runner: ModelRunner, vocab_size: int, max_num_seqs: int, chunk_token
     token = min(vocab_size - 1, 8)
     sizes = batch_buckets(max_num_seqs, num_blocks)
     for b in sizes:  # decode rows at the last slot of a page each: attention over a full page
+        runner.forget_scratch_states()  # every bucket resumes its scratch states at the same position
         rows = [ScheduledRow(f"warm-up-{i}", (token,), bs - 1, (i,), True, state_slot=i) for i in range(b)]
         logits, _ = runner.execute(rows)  # [B, V]
         mx.eval(device_tokens(logits), runner.pool_arrays())

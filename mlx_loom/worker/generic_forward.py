@@ -82,13 +82,16 @@ class GenericForward:
         if self.mirror is not None and (self.rows_per_call == 1 or 1 not in groups):
             self.mirror.drop()  # no decode group: free its memory
         picked: dict[int, mx.array] = {}
+        written: list[SlotStateCache] = []
         if self.states is not None:
-            self.states.restore(rows)  # prefix hits: their state snapshots into their slots
+            self.states.restore(rows)  # prefix hits: their snapshots into their slots (a retry copies them again)
         for n, index in enumerate(groups.values()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
                 mx.eval(list(picked.values()), self.pool_arrays())
-            picked.update(self._call(rows, index, tokens))
-        if self.states is not None:
+            picked.update(self._call(rows, index, tokens, written))
+        if self.states is not None:  # only once every call is built: a failed step leaves the states as they were
+            for cache in written:
+                cache.commit()
             self.states.snapshot(rows)  # rows at a prompt snapshot point
         sample_rows = tuple(sorted(picked))
         if not sample_rows:
@@ -104,7 +107,9 @@ class GenericForward:
         if self.mirror is not None:
             self.mirror.drop()
 
-    def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None) -> dict[int, mx.array]:
+    def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None,
+              written: list[SlotStateCache]) -> dict[int, mx.array]:
+        """One call of the model over rows[index]; its state caches are appended to `written`."""
         group = [rows[i] for i in index]
         plan = None
         if self.mirror is not None and self.rows_per_call != 1 and len(group[0].token_ids) == 1:
@@ -122,9 +127,7 @@ class GenericForward:
             tokens = device_tokens[mx.array(index, dtype=mx.int32)][:, None]
         try:
             picked = self._logits(rows, index, tokens, caches, batch.q_len)
-            for c in caches:
-                if isinstance(c, SlotStateCache):
-                    c.commit()
+            written.extend(c for c in caches if isinstance(c, SlotStateCache))
             return picked
         finally:
             if plan is not None:

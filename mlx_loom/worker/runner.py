@@ -217,6 +217,11 @@ class ModelRunner:
         if self.generic is not None:
             self.generic.discard_derived()
 
+    def forget_scratch_states(self) -> None:
+        """After rows that are not requests (self-check, warm-up): no state slot holds a request's tokens."""
+        if self.states is not None:
+            self.states.forget_positions()
+
     def pool_arrays(self) -> list[mx.array]:
         """Every array a step writes (KV pools, state pools): evaluate these to finish a step."""
         return self.generic.pool_arrays() if self.generic is not None else self.pools.arrays()

@@ -19,6 +19,11 @@ from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.state_pools import StatePools
 
 
+class StateOutOfStepError(RuntimeError):
+    """A row resumes at a position its slot's state is not at (a failed step advanced it): that request
+    fails alone rather than continue from a wrong state."""
+
+
 class SlotStateCache:
     """State entry `index` of `pools` for the rows of one call (the ArraysCache protocol)."""
 
@@ -30,6 +35,12 @@ class SlotStateCache:
         self.index = index
         self.slots = mx.array([r.state_slot for r in rows], dtype=mx.int32)  # [B]
         assert all(r.state_slot >= 0 for r in rows), "every row of a hybrid model holds a state slot"
+        self.ends = [(r.state_slot, r.start_pos + len(r.token_ids)) for r in rows]
+        for r in rows:
+            held = pools.positions[r.state_slot]
+            if r.start_pos and held is not None and held != r.start_pos:
+                raise StateOutOfStepError(f"request {r.request_id}: its recurrent state holds {held} tokens but the "
+                                          f"step resumes at {r.start_pos} (an earlier step failed after advancing it)")
         fresh = [r.start_pos == 0 for r in rows]
         self.cache: list[mx.array | None] = [None] * len(pools.layers[index].shapes)
         if not all(fresh):  # all fresh: None, exactly as mlx-lm's own first call
@@ -64,3 +75,5 @@ class SlotStateCache:
         for e, value in enumerate(self.cache):
             if value is not None:
                 pools[e][self.slots] = value.astype(pools[e].dtype)
+        for slot, end in self.ends:
+            self.pools.positions[slot] = end

@@ -29,12 +29,23 @@ class StatePools:
         self.states = _zeros(layers, num_slots)
         self.snapshots = _zeros(layers, num_snapshots) if num_snapshots > 0 else None
         mx.eval(self.states, self.snapshots or [])
+        self.positions: list[int | None] = [None] * num_slots
+        """Per slot: how many tokens its state holds, as far as the steps written so far say (None:
+        unknown, e.g. scratch rows). A state cannot be rewound, so a row resuming at another position
+        (its state was advanced by a step that failed later) must fail, not run on a wrong state."""
+
+    def forget_positions(self) -> None:
+        """Scratch rows (self-check, warm-up) leave nothing a request resumes from."""
+        self.positions = [None] * self.num_slots
 
     def restore(self, rows: Sequence[ScheduledRow]) -> None:
         """Before a step: rows resuming from a prefix hit get their snapshot in their state slot."""
         pairs = [(r.state_slot, r.restore_from) for r in rows if r.restore_from >= 0]
         if pairs:
             self._copy(self.snapshots, self.states, pairs)
+        for r in rows:
+            if r.restore_from >= 0:
+                self.positions[r.state_slot] = r.start_pos
 
     def snapshot(self, rows: Sequence[ScheduledRow]) -> None:
         """After a step: rows that reached a snapshot point copy their state to their snapshot slot."""
