@@ -130,10 +130,26 @@ ARCHS: dict[str, dict] = {
     "mamba2": {"model_type": "mamba2", "num_heads": 8, "head_dim": 16, "state_size": 16, "conv_kernel": 4,
                "n_groups": 2, "use_bias": False, "use_conv_bias": True, "layer_norm_epsilon": 1e-5,
                "time_step_limit": [0.001, 100.0], "time_step_rank": "auto"},
+    "qwen3_5_moe": {"model_type": "qwen3_5_moe", "num_hidden_layers": 4, "full_attention_interval": 2,
+                    "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, **_MOE,
+                    "shared_expert_intermediate_size": 32, "tie_word_embeddings": False,
+                    "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+    "jamba": {"model_type": "jamba", "num_hidden_layers": 4, "attn_layer_offset": 1, "attn_layer_period": 2,
+              "expert_layer_offset": 1, "expert_layer_period": 2, "mamba_d_conv": 4, "mamba_d_state": 16,
+              "mamba_expand": 2, "num_experts": 4, "num_experts_per_tok": 2},
+    "lfm2_moe": {"model_type": "lfm2_moe", "num_hidden_layers": 4, "norm_eps": 1e-5, "conv_bias": False,
+                 "conv_L_cache": 3, **_MOE, "norm_topk_prob": True, "use_expert_bias": True, "num_dense_layers": 1,
+                 "layer_types": ["conv", "conv", "full_attention", "conv"]},
+    "rwkv7": {"model_type": "rwkv7", "norm_eps": 1e-5, "a_low_rank_dim": 16, "v_low_rank_dim": 16,
+              "gate_low_rank_dim": 16, "decay_low_rank_dim": 16},
+    "mamba": {"model_type": "mamba", "state_size": 16, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
+              "time_step_rank": 8},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
-HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2"})
+HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2",
+                                     "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7"})
 
 
 def arch_config(case: str) -> dict:

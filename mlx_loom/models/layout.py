@@ -35,7 +35,8 @@ TESTED_ARCHITECTURES = (
     "deepseek_v3", "gpt_oss", "exaone4",
 )
 # Hybrids with recurrent state (ArraysCache entries) the matrix checks token for token.
-TESTED_HYBRIDS = ("qwen3_5", "qwen3_next", "lfm2", "nemotron_h", "granitemoehybrid", "mamba2")
+TESTED_HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid",
+                  "jamba", "mamba", "mamba2", "rwkv7")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ An mlx-lm SSM / linear-attention layer reads `cache[e]` (None: start from zeros)
 answers these for B rows of L tokens each: `cache[e]` is the rows' slots gathered ([B, *shape]),
 zeros for rows that start a sequence, and `commit` writes what the call left in `cache[e]` back to
 the rows' slots. All rows of a call have the same L and no padding, so no lengths or masks are
-needed. Nothing of mlx-lm is patched.
+needed. Nothing of mlx-lm is patched (the class subclasses mlx-lm's public ArraysCache).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache
 
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.state_pools import StatePools
@@ -24,13 +25,12 @@ class StateOutOfStepError(RuntimeError):
     fails alone rather than continue from a wrong state."""
 
 
-class SlotStateCache:
-    """State entry `index` of `pools` for the rows of one call (the ArraysCache protocol)."""
-
-    lengths = None  # every row's tokens are all real: no right padding
-    left_padding = None
+class SlotStateCache(ArraysCache):
+    """State entry `index` of `pools` for the rows of one call (the ArraysCache protocol; a subclass, as
+    some models test `isinstance(cache, ArraysCache)` before writing their state)."""
 
     def __init__(self, pools: StatePools, index: int, rows: Sequence[ScheduledRow]) -> None:
+        super().__init__(len(pools.layers[index].shapes))  # lengths, left_padding: None (no padding)
         self.pools = pools
         self.index = index
         self.slots = mx.array([r.state_slot for r in rows], dtype=mx.int32)  # [B]
