@@ -45,7 +45,7 @@ def run_loom(model: str, n: int, new_tokens: int, repeats: int) -> dict:
     loaded = load_model(model)
     runs = [chat_prompts(loaded.tokenizer, n, run) for run in range(repeats + 1)]  # [0]: warm-up
     blocks = n * -(-(max(len(p) for r in runs for p in r) + new_tokens) // 16) + 64
-    config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=blocks, num_state_slots=max(n, 3)),
+    config = EngineConfig(cache=CacheConfig(block_size=16, num_blocks=blocks, num_state_slots=max(n, 4)),
                           scheduler=SchedulerConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(512, n)))
     core = EngineCore(config, loaded)
     core.warm_up()

@@ -393,16 +393,16 @@ def _default_num_blocks(cfg: EngineConfig, block_bytes: int, max_len: int) -> in
 
 def _num_state_slots(cfg: EngineConfig, slot_bytes: int) -> int | None:
     """State slots of a hybrid model (None: it keeps only KV): from memory, at most one per row, at
-    least the self-check's three."""
+    least the self-check's four."""
     if slot_bytes == 0:
         return None
     if cfg.cache.num_state_slots is not None:
         return cfg.cache.num_state_slots
     fit = int(cfg.cache.state_cache_memory_gb * 2**30 // slot_bytes)
-    if fit < 3:
+    if fit < 4:
         raise ValueError(f"one request's recurrent state takes {slot_bytes / 2**20:.1f} MB: give the state "
-                         f"cache room for at least three ({cfg.cache.state_cache_memory_gb} GB holds {fit})")
-    return min(fit, max(3, cfg.scheduler.max_num_seqs))
+                         f"cache room for at least four ({cfg.cache.state_cache_memory_gb} GB holds {fit})")
+    return min(fit, max(4, cfg.scheduler.max_num_seqs))
 
 
 def _num_state_snapshots(cfg: EngineConfig, slot_bytes: int, num_blocks: int) -> int:

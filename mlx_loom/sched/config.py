@@ -43,8 +43,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.num_state_slots is not None and self.num_state_slots < 3:
-            raise ValueError(f"num_state_slots must be >= 3 (the self-check runs three sequences), got {self.num_state_slots}")
+        if self.num_state_slots is not None and self.num_state_slots < 4:
+            raise ValueError(f"num_state_slots must be >= 4 (the self-check runs four sequences), got {self.num_state_slots}")
         if self.state_snapshot_interval < 1:
             raise ValueError(f"state_snapshot_interval must be >= 1, got {self.state_snapshot_interval}")
         if self.state_cache_memory_gb <= 0:
