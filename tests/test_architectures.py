@@ -158,3 +158,16 @@ def test_unpaged_cache_layouts_are_refused_with_the_reason(case):
 def test_every_tested_architecture_is_in_the_matrix():
     assert set(TESTED_ARCHITECTURES) | set(TESTED_HYBRIDS) <= {ARCHS[c]["model_type"] for c in CASES}
     assert set(TESTED_HYBRIDS) == {ARCHS[c]["model_type"] for c in HYBRIDS}
+
+
+def test_hybrid_pipelined_decode_matches_mlx_lm(tmp_path):
+    """Greedy rows without logprobs decode pipelined (the next step launched on the device tokens): the
+    state slots chain through the launched steps."""
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / "nemotron_h", "nemotron_h")))
+    prompts = _prompts(loaded.vocab_size)[:2]
+    expected = [_reference(loaded.model, p)[0] for p in prompts]
+    core = make_core(loaded, max_num_seqs=4, budget=64)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    results = run(core, [(f"r{i}", p, params) for i, p in enumerate(prompts)])
+    assert core.pipelined_steps > 0
+    assert [results[f"r{i}"].tokens for i in range(2)] == expected

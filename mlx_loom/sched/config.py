@@ -47,6 +47,8 @@ class CacheConfig:
             raise ValueError(f"num_state_slots must be >= 4 (the self-check runs four sequences), got {self.num_state_slots}")
         if self.state_snapshot_interval < 1:
             raise ValueError(f"state_snapshot_interval must be >= 1, got {self.state_snapshot_interval}")
+        if self.state_snapshot_memory_gb < 0:
+            raise ValueError(f"state_snapshot_memory_gb must be >= 0, got {self.state_snapshot_memory_gb}")
         if self.state_cache_memory_gb <= 0:
             raise ValueError(f"state_cache_memory_gb must be > 0, got {self.state_cache_memory_gb}")
         if self.dense_decode_kv_gb is not None and not self.dense_decode_kv_gb >= 0:
