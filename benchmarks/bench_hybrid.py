@@ -166,7 +166,12 @@ def child(args) -> None:
 def measure(kind: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--batch", str(n), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--model", args.model, "--shared-tokens", str(args.shared_tokens)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ),
+                             timeout=args.cell_timeout)
+    except subprocess.TimeoutExpired:  # recorded: it did not finish its runs within the limit
+        print(f"{kind:12s} N={n:<4d} did not finish within {args.cell_timeout} s", flush=True)
+        return {"system": kind, "batch": n, "timed_out_s": args.cell_timeout}
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{kind} N={n} failed:\n{out.stderr[-3000:]}")
@@ -195,24 +200,46 @@ def report(rows: list[dict], prefix: dict | None, args) -> str:
         f"{args.new_tokens} greedy new tokens per request (EOS ignored), varied chat prompts; tok/s = N x "
         f"{args.new_tokens} / (prefill + decode time); median of {args.repeats} run(s) after a short warm-up; "
         "each cell its own process.",
-        f"Backend: {next((r['backend'] for r in rows if r.get('backend')), '?')}",
+        f"Backend: {next((r['backend'] for r in [*rows, prefix or {}] if r.get('backend')), '?')}",
+        "Host load average (1/5/15 min) when this report was written: "
+        + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs (a shared machine: "
+        "compare ratios within one run).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for n in args.batch:
         loom = by.get(("mlx-loom", n))
-        cells = [str(n)] + [f"{by[(s, n)]['tok_per_s']:.1f}" if (s, n) in by else "-" for s in systems]
-        cells += [f"{loom['tok_per_s'] / by[(s, n)]['tok_per_s']:.2f}x" if loom and (s, n) in by else "-"
-                  for s in systems if s != "mlx-loom"]
-        cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if (s, n) in by else "-" for s in systems]
+        cells = [str(n)] + [_tok_per_s(by.get((s, n)), n, args) for s in systems]
+        cells += [f"{loom['tok_per_s'] / by[(s, n)]['tok_per_s']:.2f}x" if _done(loom) and _done(by.get((s, n)))
+                  else "-" for s in systems if s != "mlx-loom"]
+        cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if _done(by.get((s, n))) else "-" for s in systems]
         lines.append("| " + " | ".join(cells) + " |")
+    if any("timed_out_s" in r for r in rows):
+        lines += ["", "< x: the cell did not finish its warm-up and timed runs within --cell-timeout seconds, so its "
+                  "tok/s is below N x new tokens / timeout (an upper bound, shown)."]
+    if prefix and "timed_out_s" in prefix:
+        lines += ["", f"Prefix hit: the cold {args.shared_tokens}-token prefill did not finish within "
+                  f"{prefix['timed_out_s']} s."]
+        prefix = None
     if prefix:
         lines += ["", f"Prefix hit (mlx-loom): a {prefix['shared_tokens']}-token shared prompt plus a short suffix. "
                   f"Cold TTFT {prefix['cold_ttft_s']:.2f} s; second request over the same prompt "
                   f"{prefix['hit_ttft_s']:.3f} s ({100 * prefix['hit_over_cold']:.1f}% of cold; "
                   f"{prefix['hit_cached_tokens']} prompt tokens from the cache: KV blocks and a state snapshot)."]
     return "\n".join(lines) + "\n"
+
+
+def _done(row: dict | None) -> bool:
+    return row is not None and "tok_per_s" in row
+
+
+def _tok_per_s(row: dict | None, n: int, args) -> str:
+    if row is None:
+        return "-"
+    if "timed_out_s" in row:
+        return f"< {n * args.new_tokens / row['timed_out_s']:.2f}"
+    return f"{row['tok_per_s']:.1f}"
 
 
 def main() -> None:
@@ -226,6 +253,7 @@ def main() -> None:
     ap.add_argument("--no-prefix", action="store_true", help="skip the prefix-hit TTFT measurement")
     ap.add_argument("--child", choices=[*SYSTEMS, "prefix"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench_hybrid")
+    ap.add_argument("--cell-timeout", type=int, default=1800, help="seconds one (system, N) process may run")
     args = ap.parse_args()
     if args.model is None:
         from qwen35_checkpoint import checkpoint
@@ -233,10 +261,16 @@ def main() -> None:
         args.model = str(checkpoint())
     if args.child:
         return child(args)
-    rows = [measure(s, n, args) for n in args.batch for s in args.systems if s != "mlx-lm-step" or n == 1]
     prefix = None if args.no_prefix else measure("prefix", 1, args)
-    md = report(rows, prefix, args)
-    js, mdp = write_results(args.out, {"machine": machine(), "args": vars(args), "rows": rows, "prefix": prefix}, md)
+    rows: list[dict] = []
+    for n in args.batch:  # the results are rewritten after every cell: a cut-short run keeps what it measured
+        for s in args.systems:
+            if s != "mlx-lm-step" or n == 1:
+                rows.append(measure(s, n, args))
+                md = report(rows, prefix, args)
+                payload = {"machine": {**machine(), "load_average": os.getloadavg()}, "args": vars(args),
+                           "rows": rows, "prefix": prefix}
+                js, mdp = write_results(args.out, payload, md)
     print(md)
     print(f"wrote {js} and {mdp}")
 

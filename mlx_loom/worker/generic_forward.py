@@ -121,6 +121,7 @@ class GenericForward:
         mirror = (self.mirror, plan) if plan is not None else None
         caches = [PagedLayerCache(self.pools, j, batch, mirror) if kind == "kv"
                   else SlotStateCache(self.states, j, group) for kind, j in self.entries]
+        mx.eval([a for c in caches if isinstance(c, SlotStateCache) for a in c.inputs()])  # state writes in place
         if device_tokens is None:
             tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
         else:  # decode rows: [B, 1]

@@ -50,6 +50,11 @@ class SlotStateCache(ArraysCache):
                 self.cache[e] = gathered if all(not f for f in fresh) else mx.where(
                     keep.reshape(-1, *([1] * (gathered.ndim - 1))), gathered, mx.zeros_like(gathered))
 
+    def inputs(self) -> list[mx.array]:
+        """The gathered states the call starts from. Evaluate them before the call: a pool read in the
+        same graph as its write keeps MLX from writing it in place (a copy of the whole pool per step)."""
+        return [a for a in self.cache if a is not None]
+
     def __getitem__(self, e: int) -> mx.array | None:
         return self.cache[e]
 
