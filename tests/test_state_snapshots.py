@@ -82,6 +82,7 @@ def test_second_request_over_a_1k_shared_prompt_prefills_only_its_suffix(tmp_pat
     from tiny_archs import make_tiny_arch_dir
 
     loaded = load_model(str(make_tiny_arch_dir(tmp_path / "q", "qwen3_5", overrides={"max_position_embeddings": 2048})))
+    assert loaded.max_model_len == 2048  # read from the text config of qwen3_5's vision-language wrapper
     shared = [3 + (13 * i) % 250 for i in range(1024)]
     first, second = shared + [60, 61, 62, 63, 64], shared + [70, 71, 72, 73, 74, 75, 76]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -178,13 +178,23 @@ def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dt
         tokenizer=tokenizer,
         name=name,
         num_layers=len(layout),
-        num_heads=int(getattr(args, "num_attention_heads", 0) or first.kv_heads),
+        num_heads=int(_text_arg(args, "num_attention_heads") or first.kv_heads),
         num_kv_heads=first.kv_heads,
         head_dim=first.k_dim,
-        vocab_size=int(getattr(args, "vocab_size", 0) or tokenizer.vocab_size),
-        max_model_len=int(getattr(args, "max_position_embeddings", None) or 4096),
+        vocab_size=int(_text_arg(args, "vocab_size") or tokenizer.vocab_size),
+        max_model_len=int(_text_arg(args, "max_position_embeddings") or 4096),
         dtype=dtype,
     )
+
+
+def _text_arg(args: Any, name: str) -> Any:
+    """A config field of the text model: on args, or in its text_config (qwen3_5, llama4: a
+    vision-language wrapper around the text model)."""
+    value = getattr(args, name, None)
+    if value is None:
+        text = getattr(args, "text_config", None)
+        value = text.get(name) if isinstance(text, dict) else getattr(text, name, None)
+    return value
 
 
 # -- mlx-lm directory --
