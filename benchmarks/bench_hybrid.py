@@ -186,7 +186,9 @@ def measure(kind: str, n: int, args) -> dict:
     return res
 
 
-def report(rows: list[dict], prefix: dict | None, args) -> str:
+def report(rows: list[dict], prefix: dict | None, args, load: tuple[float, ...] | None = None) -> str:
+    """The Markdown table; load: the host's load averages when the last cell ended (default: now)."""
+    load = load or os.getloadavg()
     by = {(r["system"], r["batch"]): r for r in rows}
     systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
     head = ["N"] + [f"{s} tok/s" for s in systems] + [f"mlx-loom / {s}" for s in systems if s != "mlx-loom"] + \
@@ -201,8 +203,8 @@ def report(rows: list[dict], prefix: dict | None, args) -> str:
         f"{args.new_tokens} / (prefill + decode time); median of {args.repeats} run(s) after a short warm-up; "
         "each cell its own process.",
         f"Backend: {next((r['backend'] for r in [*rows, prefix or {}] if r.get('backend')), '?')}",
-        "Host load average (1/5/15 min) when this report was written: "
-        + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs (a shared machine: "
+        "Host load average (1/5/15 min) when the last cell ended: "
+        + " / ".join(f"{x:.1f}" for x in load) + f" on {os.cpu_count()} CPUs (a shared machine: "
         "compare ratios within one run).",
         "",
         "| " + " | ".join(head) + " |",
@@ -216,8 +218,8 @@ def report(rows: list[dict], prefix: dict | None, args) -> str:
         cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if _done(by.get((s, n))) else "-" for s in systems]
         lines.append("| " + " | ".join(cells) + " |")
     if any("timed_out_s" in r for r in rows):
-        lines += ["", "< x: the cell did not finish its warm-up and timed runs within --cell-timeout seconds, so its "
-                  "tok/s is below N x new tokens / timeout (an upper bound, shown)."]
+        lines += ["", "timeout: the cell's process (load, warm-up and timed runs) did not finish within "
+                  "--cell-timeout seconds on this machine at this load; no tok/s is claimed for it."]
     if prefix and "timed_out_s" in prefix:
         lines += ["", f"Prefix hit: the cold {args.shared_tokens}-token prefill did not finish within "
                   f"{prefix['timed_out_s']} s."]
@@ -238,7 +240,7 @@ def _tok_per_s(row: dict | None, n: int, args) -> str:
     if row is None:
         return "-"
     if "timed_out_s" in row:
-        return f"< {n * args.new_tokens / row['timed_out_s']:.2f}"
+        return f"timeout ({row['timed_out_s']} s)"
     return f"{row['tok_per_s']:.1f}"
 
 
@@ -254,7 +256,14 @@ def main() -> None:
     ap.add_argument("--child", choices=[*SYSTEMS, "prefix"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench_hybrid")
     ap.add_argument("--cell-timeout", type=int, default=1800, help="seconds one (system, N) process may run")
+    ap.add_argument("--report-from", default=None, metavar="JSON",
+                    help="only rewrite the Markdown report of a results JSON this script wrote")
     args = ap.parse_args()
+    if args.report_from:
+        data = json.loads(Path(args.report_from).read_text())
+        md = report(data["rows"], data["prefix"], argparse.Namespace(**data["args"]), data["machine"]["load_average"])
+        Path(args.report_from).with_suffix(".md").write_text(md)
+        return print(md)
     if args.model is None:
         from qwen35_checkpoint import checkpoint
 
