@@ -86,7 +86,7 @@ def test_seeded_sampling_same_alone_and_batched(default_model, prompts):
 
 
 def test_request_that_can_never_fit_gets_clear_error(default_model, prompts):
-    core = make_core(default_model, num_blocks=4)
+    core = make_core(default_model, num_blocks=5)
     res = run(core, [("big", prompts[0], SamplingParams(max_tokens=200))])["big"]
     assert res.finish_reason == "error" and "block" in res.error.lower()
 

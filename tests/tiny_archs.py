@@ -120,9 +120,41 @@ ARCHS: dict[str, dict] = {
     "lfm2": {"model_type": "lfm2", "num_hidden_layers": 4, "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
              "block_dim": 64, "block_ff_dim": 128, "block_multiple_of": 32, "block_ffn_dim_multiplier": 1.0,
              "block_auto_adjust_ff_dim": False, "layer_types": ["conv", "conv", "full_attention", "conv"]},
+    "qwen3_5": {"model_type": "qwen3_5", "num_hidden_layers": 4, "full_attention_interval": 2,
+                "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+                "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+    "nemotron_h": {"model_type": "nemotron_h", "hybrid_override_pattern": ["M", "*", "-", "M"],
+                   "mamba_num_heads": 4, "mamba_head_dim": 16, "mamba_proj_bias": False, "ssm_state_size": 16,
+                   "conv_kernel": 4, "n_groups": 2, "mlp_bias": False, "layer_norm_epsilon": 1e-5, "use_bias": False,
+                   "use_conv_bias": True, "attention_bias": False, "tie_word_embeddings": False},
+    "granitemoehybrid": {"model_type": "granitemoehybrid", **_GRANITE, "num_hidden_layers": 3,
+                         "layer_types": ["mamba", "attention", "mamba"], "mamba_n_heads": 8, "mamba_d_head": 16,
+                         "mamba_proj_bias": False, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_n_groups": 2,
+                         "mamba_conv_bias": True, "shared_intermediate_size": 128, "position_embedding_type": "rope"},
+    "mamba2": {"model_type": "mamba2", "num_heads": 8, "head_dim": 16, "state_size": 16, "conv_kernel": 4,
+               "n_groups": 2, "use_bias": False, "use_conv_bias": True, "layer_norm_epsilon": 1e-5,
+               "time_step_limit": [0.001, 100.0], "time_step_rank": "auto"},
+    "qwen3_5_moe": {"model_type": "qwen3_5_moe", "num_hidden_layers": 4, "full_attention_interval": 2,
+                    "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, **_MOE,
+                    "shared_expert_intermediate_size": 32, "tie_word_embeddings": False,
+                    "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+    "jamba": {"model_type": "jamba", "num_hidden_layers": 4, "attn_layer_offset": 1, "attn_layer_period": 2,
+              "expert_layer_offset": 1, "expert_layer_period": 2, "mamba_d_conv": 4, "mamba_d_state": 16,
+              "mamba_expand": 2, "num_experts": 4, "num_experts_per_tok": 2},
+    "lfm2_moe": {"model_type": "lfm2_moe", "num_hidden_layers": 4, "norm_eps": 1e-5, "conv_bias": False,
+                 "conv_L_cache": 3, **_MOE, "norm_topk_prob": True, "use_expert_bias": True, "num_dense_layers": 1,
+                 "layer_types": ["conv", "conv", "full_attention", "conv"]},
+    "rwkv7": {"model_type": "rwkv7", "norm_eps": 1e-5, "a_low_rank_dim": 16, "v_low_rank_dim": 16,
+              "gate_low_rank_dim": 16, "decay_low_rank_dim": 16},
+    "mamba": {"model_type": "mamba", "state_size": 16, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
+              "time_step_rank": 8},
 }
 
-HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2"})
+# Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
+HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2",
+                                     "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7"})
 
 
 def arch_config(case: str) -> dict:
@@ -155,7 +187,9 @@ def _init_array(path: str, module: nn.Module, key: str, w: mx.array, tied: bool)
         return mx.random.normal(w.shape) / math.sqrt(math.prod(w.shape[1:]))
     if w.ndim >= 2:  # Linear, SwitchLinear, MultiLinear, MoE gates
         return _GAIN * mx.random.normal(w.shape) / math.sqrt(w.shape[-1])
-    return w + 2 * _NOISE * mx.random.normal(w.shape)  # sinks, dt_bias, A_log, router score biases
+    if key == "A_log":  # decay exp(-exp(A_log) * dt) near 0.8 per token: the state remembers several tokens
+        return mx.log(mx.random.uniform(0.05, 0.3, w.shape))
+    return w + 2 * _NOISE * mx.random.normal(w.shape)  # sinks, dt_bias, router score biases
 
 
 def _randomize(model: nn.Module) -> None:

@@ -24,6 +24,7 @@ from mlx_loom.engine.messages import (
 )
 from mlx_loom.engine.pipeline import next_decode_step, rows_sample_on_device
 from mlx_loom.engine.warm_up import WarmUpResult, warm_up
+from mlx_loom.models.layout import UnsupportedModelError
 from mlx_loom.models.loader import LoadedModel, describe_backend, load_model
 from mlx_loom.sample.sampler import (
     DeviceSample,
@@ -63,22 +64,34 @@ class EngineCore:
         backend_text = describe_backend()
         log.info("backend: %s", backend_text)
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
-        num_blocks = cfg.cache.num_blocks or max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
+        num_blocks = cfg.cache.num_blocks or _default_num_blocks(cfg, block_bytes, max_len)
+        slot_bytes = ModelRunner.state_bytes_per_slot(loaded.model)
+        num_slots = _num_state_slots(cfg, slot_bytes)
+        num_snapshots = 0
+        if num_slots is not None:
+            num_snapshots = _num_state_snapshots(cfg, slot_bytes, num_blocks)
+            cfg = _hybrid_config(cfg, loaded, num_snapshots)
         dense_gb = cfg.cache.dense_decode_kv_gb
         dense_bytes = None if dense_gb is None else int(dense_gb * 2**30)
         if self.group is not None:  # every rank builds the same pools over its own heads / layers
+            if num_slots is not None:
+                raise UnsupportedModelError(
+                    "models with recurrent state (hybrids) are served in one process only, not over a group")
             num_blocks = self.group.model.num_blocks
             self.runner = self.group.make_runner(num_blocks, cfg.cache.block_size, loaded.dtype, dense_bytes)
         else:
             self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
-                                      sparse=_sparse_config(cfg.sparse_prefill, loaded), dense_decode_bytes=dense_bytes)
+                                      sparse=_sparse_config(cfg.sparse_prefill, loaded), dense_decode_bytes=dense_bytes,
+                                      num_state_slots=num_slots or 0, num_state_snapshots=num_snapshots)
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
         self.runner.discard_derived()  # the check's rows are not requests
+        self.runner.forget_scratch_states()
         log.info("forward: %s; self-check max relative logit error %.2g over %d positions (tolerance %g)",
                  self.runner.path, check.max_error, check.positions, check.tolerance)
         backend_text = f"{backend_text}; forward: {self.runner.path}"
-        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks)
+        self.scheduler = Scheduler(replace(cfg.scheduler, max_model_len=max_len), cfg.cache, num_blocks, num_slots,
+                                   num_snapshots)
         self.spec = None
         if cfg.spec.method is not None:
             from mlx_loom.spec.draft_model import DRAFT_KINDS
@@ -107,15 +120,20 @@ class EngineCore:
         self._pending_logprobs: dict[str, list[TokenLogprob]] = {}
         log.info("KV pool: %d blocks x %d tokens (%.0f MB)", num_blocks, cfg.cache.block_size,
                  num_blocks * block_bytes / 2**20)
+        if num_slots is not None:
+            log.info("state pool: %d slots and %d prefix snapshots x %.1f MB (recurrent state of the hybrid's "
+                     "own cache)", num_slots, num_snapshots, slot_bytes / 2**20)
 
     def warm_up(self) -> WarmUpResult:
         """Run every step shape once before the first request (warm_up.py); recorded in self.info."""
         assert not self.has_unfinished(), "warm up before taking requests"
         sched, sparse = self._config.scheduler, (self.runner.sparse_chunks, self.runner.sparse_tokens)
-        result = warm_up(self.runner, self._vocab_size, sched.max_num_seqs, sched.max_num_batched_tokens,
-                         self.info.max_model_len)
+        slots = self.scheduler.state_slots
+        rows = sched.max_num_seqs if slots is None else min(sched.max_num_seqs, slots.num_slots)
+        result = warm_up(self.runner, self._vocab_size, rows, sched.max_num_batched_tokens, self.info.max_model_len)
         self.runner.sparse_chunks, self.runner.sparse_tokens = sparse  # counters are for requests
         self.runner.discard_derived()  # nothing of the warm-up's rows is kept for requests
+        self.runner.forget_scratch_states()
         self.info = replace(self.info, warmup_seconds=result.seconds)
         return result
 
@@ -301,14 +319,14 @@ class EngineCore:
         self.runner.discard_derived()
         _check_pools(self._pools(), cause)
 
-    def _pools(self) -> list:
-        """The KV pools a step writes: the target's and each draft model's."""
-        pools, level = [self.runner.pools], getattr(self.spec, "drafter", None)
+    def _pools(self) -> list[mx.array]:
+        """The arrays a step writes: the target's KV (and state) pools and each draft model's."""
+        arrays, level = self.runner.pool_arrays(), getattr(self.spec, "drafter", None)
         while level is not None:
             if hasattr(level, "runner"):
-                pools.append(level.runner.pools)
+                arrays.extend(level.runner.pool_arrays())
             level = getattr(level, "sub", None)
-        return pools
+        return arrays
 
     def _step(self, out: SchedulerOutput) -> list[RequestOutput]:
         if self.spec is not None:
@@ -355,8 +373,8 @@ class EngineCore:
 
     def _run(self, out: SchedulerOutput) -> dict[str, list[SampledToken]]:
         logits, sample_rows = self.runner.execute(out.rows)  # [S', V]
-        if not sample_rows:  # only mid-prompt chunks: just materialize their KV writes
-            mx.eval(self.runner.k_pools, self.runner.v_pools)
+        if not sample_rows:  # only mid-prompt chunks: just materialize their KV (and state) writes
+            mx.eval(self.runner.pool_arrays())
             return {}
         reqs = [self.scheduler.requests[out.rows[i].request_id] for i in sample_rows]
         counts = [out.rows[i].num_draft + 1 for i in sample_rows]
@@ -443,14 +461,59 @@ def _sampling_rows(reqs: list[Request]) -> list[SamplingRow]:
     return [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.sample_seed) for r in reqs]
 
 
-def _check_pools(pools: list, cause: Exception) -> None:
-    """After a failed step: the KV it wrote must still evaluate, else the cache is lost for every
-    request and the engine stops loudly. (No copy of the pools is kept to roll back to: holding the
-    old arrays would stop MLX from updating them in place, a full pool copy per step.)"""
+def _check_pools(arrays: list[mx.array], cause: Exception) -> None:
+    """After a failed step: the KV (and state) it wrote must still evaluate, else the cache is lost for
+    every request and the engine stops loudly. (No copy of the pools is kept to roll back to: holding
+    the old arrays would stop MLX from updating them in place, a full pool copy per step.)"""
     try:
-        mx.eval([a for p in pools for a in (*p.k, *p.v)])
+        mx.eval(arrays)
     except Exception as exc:
         raise RuntimeError(f"the KV cache cannot be evaluated after a failed step ({cause!r}): {exc}") from exc
+
+
+def _default_num_blocks(cfg: EngineConfig, block_bytes: int, max_len: int) -> int:
+    """KV pages from kv_cache_memory_gb; a model without KV layers (pure SSM) gets one context per row."""
+    if block_bytes == 0:
+        return max(2, -(-max_len // cfg.cache.block_size) * cfg.scheduler.max_num_seqs)
+    return max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
+
+
+def _num_state_slots(cfg: EngineConfig, slot_bytes: int) -> int | None:
+    """State slots of a hybrid model (None: it keeps only KV): from memory, at most one per row, at
+    least the self-check's four."""
+    if slot_bytes == 0:
+        return None
+    if cfg.cache.num_state_slots is not None:
+        return cfg.cache.num_state_slots
+    fit = int(cfg.cache.state_cache_memory_gb * 2**30 // slot_bytes)
+    if fit < 4:
+        raise ValueError(f"one request's recurrent state takes {slot_bytes / 2**20:.1f} MB: give the state "
+                         f"cache room for at least four ({cfg.cache.state_cache_memory_gb} GB holds {fit})")
+    return min(fit, max(4, cfg.scheduler.max_num_seqs))
+
+
+def _num_state_snapshots(cfg: EngineConfig, slot_bytes: int, num_blocks: int) -> int:
+    """Prefix snapshots of a hybrid's state (0: prefix caching off): from memory, at most one per block."""
+    if not cfg.cache.enable_prefix_caching:
+        return 0
+    if cfg.cache.num_state_snapshots is not None:
+        return cfg.cache.num_state_snapshots
+    return min(num_blocks, int(cfg.cache.state_snapshot_memory_gb * 2**30 // slot_bytes))
+
+
+def _hybrid_config(cfg: EngineConfig, loaded: LoadedModel, num_snapshots: int) -> EngineConfig:
+    """What a model with recurrent state runs without: speculative decoding is refused (a rejected
+    draft would have to be rolled out of a state that cannot be rewound), and prefix caching is off
+    without state snapshots (a recurrent state cannot be rebuilt from KV pages alone, so a page hit
+    is not a reusable prefix)."""
+    if cfg.spec.method is not None:
+        raise ValueError(f"speculative decoding is not supported for {loaded.name}: it keeps recurrent state "
+                         "(SSM / linear-attention layers) that a rejected draft would leave advanced; "
+                         "serve it without --speculative")
+    if cfg.cache.enable_prefix_caching and num_snapshots == 0:
+        log.info("prefix caching off: %s keeps recurrent state and no state snapshot fits", loaded.name)
+        cfg = replace(cfg, cache=replace(cfg.cache, enable_prefix_caching=False))
+    return cfg
 
 
 def _sparse_config(setting: str, loaded: LoadedModel):

@@ -55,6 +55,7 @@ def next_decode_step(scheduler: Scheduler, launched: SchedulerOutput) -> Schedul
         block_ids = scheduler.kv.allocate_slots(req, 2)  # the launched position and the next
         if block_ids is None:
             return None  # the pool is short: a synchronous step preempts as usual
-        rows.append(replace(row, token_ids=PLACEHOLDER, start_pos=row.start_pos + 1, block_ids=block_ids))
+        rows.append(replace(row, token_ids=PLACEHOLDER, start_pos=row.start_pos + 1, block_ids=block_ids,
+                            restore_from=-1, snapshot_to=-1))  # a hybrid's state copies were the launched row's
     return SchedulerOutput(tuple(rows), len(rows))
 

@@ -48,21 +48,22 @@ def warm_up(runner: ModelRunner, vocab_size: int, max_num_seqs: int, chunk_token
     """Run every bucket's decode step, one prefill chunk and the sampler once; the time it took."""
     start = time.perf_counter()
     bs = runner.block_size
-    num_blocks = runner.pools.k[0].shape[1]
+    num_blocks = runner.pools.num_blocks
     token = min(vocab_size - 1, 8)
     sizes = batch_buckets(max_num_seqs, num_blocks)
     for b in sizes:  # decode rows at the last slot of a page each: attention over a full page
-        rows = [ScheduledRow(f"warm-up-{i}", (token,), bs - 1, (i,), True) for i in range(b)]
+        runner.forget_scratch_states()  # every bucket resumes its scratch states at the same position
+        rows = [ScheduledRow(f"warm-up-{i}", (token,), bs - 1, (i,), True, state_slot=i) for i in range(b)]
         logits, _ = runner.execute(rows)  # [B, V]
-        mx.eval(device_tokens(logits), runner.pools.k, runner.pools.v)
+        mx.eval(device_tokens(logits), runner.pool_arrays())
     n = min(chunk_tokens, max_len - 1, num_blocks * bs)
     n = n if n > 1 else 0
     if n:
-        chunk = ScheduledRow("warm-up-prefill", (token,) * n, 0, tuple(range(-(-n // bs))), True)
+        chunk = ScheduledRow("warm-up-prefill", (token,) * n, 0, tuple(range(-(-n // bs))), True, state_slot=0)
         logits, _ = runner.execute([chunk])  # [1, V]
         row = SamplingRow(_SAMPLED, chunk.token_ids, (), seed=0)
         sample(mx.concatenate([logits, logits]), [row, SamplingRow(SamplingParams(temperature=0), (), (), 0)])
-        mx.eval(runner.pools.k, runner.pools.v)
+        mx.eval(runner.pool_arrays())
     result = WarmUpResult(time.perf_counter() - start, sizes, n)
     log.info("warm-up: decode batches %s and a %d-token prefill chunk in %.2f s", ",".join(map(str, sizes)),
              result.prefill_tokens, result.seconds)

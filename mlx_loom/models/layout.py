@@ -1,10 +1,12 @@
 """What an mlx-lm model needs from the engine, learned from the model itself.
 
-`kv_layout` asks the model's own cache factory (mlx-lm's `make_prompt_cache`) which layers keep
-KV and which slide, then runs one lazy forward with recording caches to read each layer's key
-and value shapes (MLA layers store a latent and a rope key of different widths). Nothing is
-evaluated, so this costs no compute. Models whose per-request state is not only a KV cache (SSM
-and linear-attention hybrids) are refused here with a message naming the architecture.
+`model_layout` asks the model's own cache factory (mlx-lm's `make_prompt_cache`) which cache
+entries keep KV (and which of those slide) and which keep recurrent state (`ArraysCache`: conv
+windows, SSM / linear-attention states of SSM and linear-attention hybrids), then runs one lazy
+forward with recording caches to read each KV layer's key and value shapes (MLA layers store a
+latent and a rope key of different widths) and each state entry's per-request shape and dtype.
+Nothing is evaluated, so this costs no compute. Cache layouts the engine does not page
+(`CacheList`, `ChunkedKVCache`, anything else) are refused here with the real reason.
 
 `flattened_llama_reason` is the structural check for the hand-written llama path (and the fused
 native decode layer): exactly mlx-lm's llama classes, or qwen3's (a llama block plus per-head
@@ -14,13 +16,14 @@ code (mlx_loom/worker/generic_forward.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama, qwen3
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
 from mlx_loom.kernels.activations import unrouted_type
 from mlx_loom.kernels.rope_norm import PLAIN_NORMS
@@ -31,6 +34,9 @@ TESTED_ARCHITECTURES = (
     "olmo2", "olmoe", "granite", "granitemoe", "glm4", "cohere", "starcoder2", "mixtral", "deepseek_v2",
     "deepseek_v3", "gpt_oss", "exaone4", "step3p5",
 )
+# Hybrids with recurrent state (ArraysCache entries) the matrix checks token for token.
+TESTED_HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid",
+                  "jamba", "mamba", "mamba2", "rwkv7")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,31 @@ class LayerKV:
     k_dim: int
     v_dim: int
     window: int | None = None  # sliding-window layers see only the last `window` keys
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """One recurrent-state cache entry (an mlx-lm ArraysCache): per request, array e has shape shapes[e]."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[mx.Dtype, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one request's state for this entry."""
+        return sum(math.prod(s) * d.size for s, d in zip(self.shapes, self.dtypes))
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the engine keeps per request: paged KV layers, state entries, and which cache entry is which."""
+
+    kv: tuple[LayerKV, ...]
+    states: tuple[LayerState, ...]
+    entries: tuple[tuple[str, int], ...]
+    """Per cache entry of the model, in order: ("kv", index into kv) or ("state", index into states)."""
+    dtype: mx.Dtype
+    """The dtype the model's own attention produces K/V in (its activations' dtype without attention)."""
 
 
 class UnsupportedModelError(ValueError):
@@ -71,25 +102,63 @@ class _ShapeProbe:
 
 
 def kv_layout(model: nn.Module) -> tuple[list[LayerKV], mx.Dtype]:
-    """Per cache entry: kv heads, key/value widths and sliding window; and the KV dtype."""
+    """Per KV cache entry: kv heads, key/value widths and sliding window; and the KV dtype."""
+    layout = model_layout(model)
+    return list(layout.kv), layout.dtype
+
+
+def model_layout(model: nn.Module) -> ModelLayout:
+    """The KV layers and state entries of the model's own cache, learned from one lazy forward."""
     caches = make_prompt_cache(model)
     staged = getattr(getattr(model, "model", None), "pipeline_layers", None)
     if staged is not None:  # mlx-lm's pipeline(): this rank's layers only (earlier ones are None)
         caches = caches[:len(staged)]
-    other = sorted({type(c).__name__ for c in caches if type(c) not in (KVCache, RotatingKVCache)})
-    if other:
-        raise UnsupportedModelError(
-            f"architecture {model_type(model)!r} keeps per-request state that is not a KV cache ({', '.join(other)}); "
-            f"mlx-loom serves attention-only models: {', '.join(TESTED_ARCHITECTURES)} are tested token for token")
-    probes = [_ShapeProbe(c.max_size if isinstance(c, RotatingKVCache) else None) for c in caches]
-    model(mx.array([[0, 1]], dtype=mx.int32), cache=probes)  # lazy: shapes only, nothing evaluated
-    missing = [i for i, p in enumerate(probes) if p.shapes is None]
+    _refuse_unpaged(model, caches)
+    probes = [ArraysCache(len(c.cache)) if isinstance(c, ArraysCache)
+              else _ShapeProbe(c.max_size if isinstance(c, RotatingKVCache) else None) for c in caches]
+    out = model(mx.array([[0, 1]], dtype=mx.int32), cache=probes)  # lazy: shapes only, nothing evaluated
+    missing = [i for i, p in enumerate(probes)
+               if (p.shapes is None if isinstance(p, _ShapeProbe) else any(a is None for a in p.cache))]
     if missing:
         raise UnsupportedModelError(f"architecture {model_type(model)!r}: cache entries {missing} were never "
                                     "written by a forward, so their layers cannot be paged")
-    layers = [LayerKV(kv_heads=k[1], k_dim=k[3], v_dim=v[3], window=p.window)
-              for p in probes for k, v, _ in [p.shapes]]
-    return layers, probes[0].shapes[2]
+    kv, states, entries = [], [], []
+    for p in probes:
+        if isinstance(p, _ShapeProbe):
+            (k, v, _) = p.shapes
+            entries.append(("kv", len(kv)))
+            kv.append(LayerKV(kv_heads=k[1], k_dim=k[3], v_dim=v[3], window=p.window))
+        else:  # [1, ...] per array: one request's state
+            entries.append(("state", len(states)))
+            states.append(LayerState(tuple(tuple(a.shape[1:]) for a in p.cache), tuple(a.dtype for a in p.cache)))
+    dtype = next((p.shapes[2] for p in probes if isinstance(p, _ShapeProbe)), out.dtype)
+    return ModelLayout(tuple(kv), tuple(states), tuple(entries), dtype)
+
+
+def _refuse_unpaged(model: nn.Module, caches: list) -> None:
+    """UnsupportedModelError naming the real reason for a cache entry the engine does not page."""
+    name = model_type(model)
+    for c in caches:
+        if isinstance(c, CacheList) and all(type(x) is KVCache for x in c.caches):
+            raise UnsupportedModelError(
+                f"architecture {name!r} keeps two key caches per layer (CacheList: the attention's plus a "
+                "lightning indexer's) and its attention reads the cache's key array directly; the paged pools "
+                "expose neither, so it is not served")
+        if isinstance(c, CacheList):
+            kinds = ", ".join(type(x).__name__ for x in c.caches)
+            raise UnsupportedModelError(
+                f"architecture {name!r} keeps an SSM state and a KV cache in one layer entry (CacheList of "
+                f"{kinds}), which the engine does not split into slots and pages yet, so it is not served")
+        if isinstance(c, ChunkedKVCache):
+            raise UnsupportedModelError(
+                f"architecture {name!r} uses chunked attention (ChunkedKVCache: each query sees only the keys of "
+                "its own attention chunk) and builds that mask from one offset for the whole batch, so rows at "
+                "different positions cannot share a step; it is not served")
+        if type(c) not in (KVCache, RotatingKVCache, ArraysCache):
+            raise UnsupportedModelError(
+                f"architecture {name!r} keeps per-request state of a kind the engine does not page "
+                f"({type(c).__name__}); served: attention-only models ({', '.join(TESTED_ARCHITECTURES)}) and "
+                f"hybrids with ArraysCache state ({', '.join(TESTED_HYBRIDS)}), tested token for token")
 
 
 # Model classes the flattened path computes exactly: (Model, inner model, block, attention, MLP).

@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx_loom.kernels import blas, lowp, qmm
 from mlx_loom.models import gguf_arch
 from mlx_loom.models.gguf_reader import read_gguf
-from mlx_loom.models.layout import kv_layout
+from mlx_loom.models.layout import LayerKV, kv_layout
 from mlx_loom.models.model_source import ACCEPTED, ModelSourceError, is_hub_id, resolve_hub_model
 from mlx_loom.models.routing import route_model
 from mlx_loom.models.tokenizer import TextTokenizer
@@ -179,20 +179,31 @@ def text_model_args(model: nn.Module, args: Any) -> Any:
 
 def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
     route_model(model)  # the model's own code then runs the native kernels where they apply
-    layout, _ = kv_layout(model)  # refuses models whose state is not a KV cache
+    layout, _ = kv_layout(model)  # refuses cache layouts the engine does not page
     args = text_model_args(model, args)
+    first = layout[0] if layout else LayerKV(0, 0, 0)  # a pure SSM model keeps no KV
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
         num_layers=len(layout),
-        num_heads=int(getattr(args, "num_attention_heads", 0) or layout[0].kv_heads),
-        num_kv_heads=layout[0].kv_heads,
-        head_dim=layout[0].k_dim,
-        vocab_size=int(getattr(args, "vocab_size", 0) or tokenizer.vocab_size),
-        max_model_len=int(getattr(args, "max_position_embeddings", None) or 4096),
+        num_heads=int(_text_arg(args, "num_attention_heads") or first.kv_heads),
+        num_kv_heads=first.kv_heads,
+        head_dim=first.k_dim,
+        vocab_size=int(_text_arg(args, "vocab_size") or tokenizer.vocab_size),
+        max_model_len=int(_text_arg(args, "max_position_embeddings") or 4096),
         dtype=dtype,
     )
+
+
+def _text_arg(args: Any, name: str) -> Any:
+    """A config field of the text model: on args (text_model_args' pick), or in its text_config
+    (qwen3_5, llama4: a vision-language wrapper whose text model's args are not a module's)."""
+    value = getattr(args, name, None)
+    if value is None:
+        text = getattr(args, "text_config", None)
+        value = text.get(name) if isinstance(text, dict) else getattr(text, name, None)
+    return value
 
 
 # -- mlx-lm directory --

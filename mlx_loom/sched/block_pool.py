@@ -8,7 +8,7 @@ back (touch) until get_new_blocks evicts it from the front of the queue.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 BlockHash = int
@@ -41,6 +41,8 @@ class BlockPool:
         # Front = evicted first. OrderedDict gives O(1) pop-front, append and remove-by-id.
         self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockHash, KVCacheBlock] = {}
+        self.on_evict: Callable[[BlockHash], None] | None = None
+        """Called with a block's hash when it leaves the prefix cache (hybrids drop its state snapshot)."""
 
     @property
     def num_free_blocks(self) -> int:
@@ -105,4 +107,6 @@ class BlockPool:
         if block.block_hash is not None:
             assert self._cached.get(block.block_hash) is block
             del self._cached[block.block_hash]
+            if self.on_evict is not None:
+                self.on_evict(block.block_hash)
             block.block_hash = None

@@ -20,6 +20,21 @@ class CacheConfig:
     (decode_mirror.py; its attention reads it instead of gathering pages every step). None: twice
     the KV pool's memory (its rows are padded to the longest); 0: no copy. A group that does not
     fit gathers its pages."""
+    num_state_slots: int | None = None
+    """Hybrid models only: requests that can hold a recurrent state at once (one slot each, per SSM /
+    linear-attention layer whatever the model's own cache keeps); None sizes the pool from
+    state_cache_memory_gb, capped at max_num_seqs. A full pool makes requests wait."""
+    state_cache_memory_gb: float = 0.5
+    """Memory for the state slots when num_state_slots is None."""
+    num_state_snapshots: int | None = None
+    """Hybrid models with prefix caching: recurrent-state snapshots kept with the cached blocks (a
+    prefix hit restores the deepest one); None sizes them from state_snapshot_memory_gb, 0 turns
+    prefix caching off for hybrids."""
+    state_snapshot_memory_gb: float = 0.5
+    """Memory for the state snapshots when num_state_snapshots is None."""
+    state_snapshot_interval: int = 64
+    """Blocks between a hybrid prompt's snapshot points (its last full block is one too): a chunk
+    ends there, so prefix hits can resume every interval * block_size tokens."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -28,6 +43,14 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 2, got {self.num_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.num_state_slots is not None and self.num_state_slots < 4:
+            raise ValueError(f"num_state_slots must be >= 4 (the self-check runs four sequences), got {self.num_state_slots}")
+        if self.state_snapshot_interval < 1:
+            raise ValueError(f"state_snapshot_interval must be >= 1, got {self.state_snapshot_interval}")
+        if self.state_snapshot_memory_gb < 0:
+            raise ValueError(f"state_snapshot_memory_gb must be >= 0, got {self.state_snapshot_memory_gb}")
+        if self.state_cache_memory_gb <= 0:
+            raise ValueError(f"state_cache_memory_gb must be > 0, got {self.state_cache_memory_gb}")
         if self.dense_decode_kv_gb is not None and not self.dense_decode_kv_gb >= 0:
             raise ValueError(f"dense_decode_kv_gb must be >= 0, got {self.dense_decode_kv_gb}")
 

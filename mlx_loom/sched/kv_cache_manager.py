@@ -112,6 +112,10 @@ class KVCacheManager:
         self._num_cached.pop(rid, None)
         self.pool.free_blocks(reversed(blocks))
 
+    def block_hashes(self, request: Request) -> list[BlockHash]:
+        """Chained hashes of the request's full blocks of known tokens (block i: tokens up to (i+1)*block_size)."""
+        return self._block_hashes(request)
+
     def _block_hashes(self, request: Request) -> list[BlockHash]:
         """Hashes of every full block of the request's known tokens, extended incrementally."""
         hashes = self._hashes.setdefault(request.request_id, [])

@@ -8,6 +8,12 @@ decodes or waits a prompt takes at most long_prefill_chunk tokens per step: a lo
 down, it never holds back a short request's first token or a running stream. When a running request cannot
 get a block, the most recently admitted running request is preempted by recompute: its
 blocks are freed and it goes back to the front of the queue with its tokens so far.
+
+Hybrid models (recurrent state beside attention) also need a state slot per running request
+(state_slots.py): admission waits for a free one, and finish, abort and preemption give it back.
+With prefix caching, their prompts' chunks end at snapshot points and the step snapshots the state
+there (state_snapshots.py); a prefix hit is used only up to the deepest snapshot, which the row
+restores into its slot.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass
 from mlx_loom.sched.config import CacheConfig, SchedulerConfig
 from mlx_loom.sched.kv_cache_manager import KVCacheManager, cdiv
 from mlx_loom.sched.request import Request, RequestStatus
+from mlx_loom.sched.state_slots import StateSlots
+from mlx_loom.sched.state_snapshots import StateSnapshots
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,13 @@ class ScheduledRow:
     num_draft: int = 0
     """Speculative tokens at the end of token_ids (not yet part of the sequence): the step needs
     logits at the last num_draft + 1 positions, and only the accepted ones become computed."""
+    state_slot: int = -1
+    """The request's recurrent-state slot (hybrid models; -1: the model keeps no state). The state
+    there holds the tokens before start_pos; at start_pos 0 the row starts from a zero state."""
+    restore_from: int = -1
+    """A prefix hit of a hybrid: copy this state snapshot into the row's slot before the step."""
+    snapshot_to: int = -1
+    """Copy the row's state into this snapshot slot after the step (its chunk ends at a snapshot point)."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +61,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 num_state_slots: int | None = None, num_state_snapshots: int = 0) -> None:
         self.config = config
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.state_slots = StateSlots(num_state_slots) if num_state_slots is not None else None
+        """Recurrent-state slots of a hybrid model (None: the model keeps only KV)."""
+        self.snapshots: StateSnapshots | None = None
+        """State snapshots keyed with the cached blocks (a hybrid with prefix caching)."""
+        if self.state_slots is not None and cache_config.enable_prefix_caching and num_state_snapshots > 0:
+            self.snapshots = StateSnapshots(num_state_snapshots, cache_config.state_snapshot_interval)
+            self.kv.pool.on_evict = self.snapshots.evict
         self.requests: dict[str, Request] = {}
         """Unfinished requests by id."""
         self.waiting: deque[Request] = deque()
@@ -135,7 +158,7 @@ class Scheduler:
                 reserved -= 1
                 num_new = 1
             else:
-                num_new = min(remaining, budget - reserved, cap)
+                num_new = self._cut(req, req.num_computed_tokens, min(remaining, budget - reserved, cap))
                 if num_new <= 0:
                     i += 1
                     continue  # the decode rows behind it take the rest of this step
@@ -169,6 +192,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._free_state(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -185,12 +209,20 @@ class Scheduler:
         """Move waiting requests to running, FCFS, while budget, rows and blocks allow."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if self.state_slots is not None and self.state_slots.num_free == 0:
+                break  # every state slot is held: wait for a running request to end
             hits, num_cached = self.kv.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_cached, budget, cap)
+            restore = -1
+            if self.state_slots is not None:
+                hits, restore = self._usable_hits(req, hits)
+                num_cached = len(hits) * self.block_size
+            num_new = self._cut(req, num_cached, min(req.num_tokens - num_cached, budget, cap))
             block_ids = self.kv.allocate_slots(req, num_new, hits)
             if block_ids is None:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
+            if self.state_slots is not None:
+                self.state_slots.allocate(req.request_id)
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached
                 self.prefix_cache_queries += req.num_prompt_tokens
@@ -198,15 +230,47 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            rows.append(self._row(req, num_new, block_ids))
+            rows.append(self._row(req, num_new, block_ids, restore))
             budget -= num_new
         return budget
 
-    def _row(self, req: Request, num_new: int, block_ids: tuple[int, ...]) -> ScheduledRow:
+    def _usable_hits(self, req: Request, hits: list) -> tuple[list, int]:
+        """A hybrid's prefix hits up to its deepest state snapshot, and that snapshot (-1: none)."""
+        if self.snapshots is None or not hits:
+            return [], -1
+        found = self.snapshots.deepest(self.kv.block_hashes(req)[: len(hits)])
+        if found is None:
+            return [], -1
+        n, slot = found
+        return hits[:n], slot
+
+    def _cut(self, req: Request, start: int, num_new: int) -> int:
+        """A hybrid's prompt chunk ends at the first snapshot point inside it (its state is snapshotted there)."""
+        if self.snapshots is None:
+            return num_new
+        for point in self.snapshots.points(req.num_prompt_tokens, self.block_size):
+            if start < point < start + num_new:
+                return point - start
+        return num_new
+
+    def _row(self, req: Request, num_new: int, block_ids: tuple[int, ...], restore: int = -1) -> ScheduledRow:
         start = req.num_computed_tokens
         end = start + num_new
+        slot = self.state_slots.slot_of(req.request_id) if self.state_slots is not None else None
         return ScheduledRow(req.request_id, tuple(req.all_token_ids[start:end]), start, block_ids,
-                            sample=end == req.num_tokens)
+                            sample=end == req.num_tokens, state_slot=-1 if slot is None else slot,
+                            restore_from=restore, snapshot_to=self._snapshot_slot(req, end))
+
+    def _snapshot_slot(self, req: Request, end: int) -> int:
+        """The snapshot slot the row's state goes to after the step, when its chunk ends at a snapshot
+        point not snapshotted yet; else -1."""
+        if self.snapshots is None or end not in self.snapshots.points(req.num_prompt_tokens, self.block_size):
+            return -1
+        block_hash = self.kv.block_hashes(req)[end // self.block_size - 1]
+        if self.snapshots.has(block_hash):
+            return -1
+        slot = self.snapshots.reserve(req.request_id, block_hash)
+        return -1 if slot is None else slot
 
     # -- results ---------------------------------------------------------------------------
     def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]],
@@ -236,6 +300,8 @@ class Scheduler:
             # (a stop token or max_tokens can cut the list; that request finishes below anyway).
             req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens)
             self.kv.cache_blocks(req)
+            if row.snapshot_to >= 0:
+                self.snapshots.commit(req.request_id, lambda h: self.kv.pool.get_cached_block(h) is not None)
             if not row.sample:
                 continue
             if status is None and row.request_id in stop_after:
@@ -255,10 +321,17 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _free_state(self, req: Request) -> None:
+        if self.state_slots is not None:
+            self.state_slots.free(req.request_id)
+        if self.snapshots is not None:
+            self.snapshots.cancel(req.request_id)
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         """The one exit: blocks back to the pool, request out of every queue."""
         if req in self.running:
             self.running.remove(req)
         self.kv.free(req)
+        self._free_state(req)
         req.status = status
         del self.requests[req.request_id]

@@ -50,6 +50,10 @@ class Settings:
     dense_decode_kv_gb: float | None = _opt(None, "Models on the generic path: cap in GiB on the dense copy "
                                                   "of the decoding requests' KV kept across steps (default: "
                                                   "twice the KV cache's memory; 0: gather pages every step).")
+    state_cache_memory_gb: float = _opt(CacheConfig.state_cache_memory_gb, "Hybrid models: memory for the "
+                                        "per-request recurrent-state slots, in GiB (a full pool makes requests wait).")
+    state_snapshot_memory_gb: float = _opt(CacheConfig.state_snapshot_memory_gb, "Hybrid models: memory for the "
+                                           "state snapshots that make prefix caching work for them, in GiB.")
     enable_prefix_caching: bool = _opt(True, "Disable sharing KV pages between requests with the "
                                              "same prompt prefix.", flag="--no-prefix-caching")
     pipeline: bool = _opt(False, "Under mlx.launch with several ranks: pipeline parallel (each rank runs a "
@@ -119,7 +123,9 @@ class Settings:
             cache=CacheConfig(block_size=self.block_size, num_blocks=self.num_blocks,
                               kv_cache_memory_gb=self.kv_cache_memory_gb,
                               enable_prefix_caching=self.enable_prefix_caching,
-                              dense_decode_kv_gb=self.dense_decode_kv_gb),
+                              dense_decode_kv_gb=self.dense_decode_kv_gb,
+                              state_cache_memory_gb=self.state_cache_memory_gb,
+                              state_snapshot_memory_gb=self.state_snapshot_memory_gb),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_model_len=self.max_model_len,

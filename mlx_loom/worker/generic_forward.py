@@ -12,6 +12,10 @@ softcap, a logit scale, a subclass) runs whole, its own code.
 
 The decode group (one query per row) reads its keys from a dense mirror kept across steps
 (decode_mirror.py) when one fits its byte cap, instead of gathering every row's pages each step.
+
+Hybrid models get, for each recurrent-state entry of their cache, a `SlotStateCache` over the rows'
+state slots (state_cache.py) in the model's own cache order; after the call, what the model wrote
+there goes back to the slots. A chunked prompt continues its row's state from chunk to chunk.
 """
 
 from __future__ import annotations
@@ -26,13 +30,20 @@ from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.decode_mirror import DecodeMirror
 from mlx_loom.worker.kv_pools import KVPools
 from mlx_loom.worker.paged_cache import PagedLayerCache, paged_batch
+from mlx_loom.worker.state_cache import SlotStateCache
+from mlx_loom.worker.state_pools import StatePools
 
 class GenericForward:
     """One step as calls of the model's own code, grouped by query length (engine thread only)."""
 
-    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0) -> None:
+    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0,
+                 states: StatePools | None = None, entries: Sequence[tuple[str, int]] | None = None) -> None:
         self.model = model
         self.pools = pools
+        self.states = states
+        """The recurrent-state slots of a hybrid model (None: KV only)."""
+        self.entries = tuple(entries) if entries is not None else tuple(("kv", j) for j in range(len(pools.layers)))
+        """Per cache entry of the model: ("kv", KV layer) or ("state", state entry)."""
         self.head = plain_head(model)
         self.mirror = DecodeMirror(pools, mirror_bytes) if mirror_bytes > 0 else None
         """Dense KV of the decode group, at most mirror_bytes; None: every call gathers pages."""
@@ -50,21 +61,34 @@ class GenericForward:
         if self.mirror is not None and (self.rows_per_call == 1 or 1 not in groups):
             self.mirror.drop()  # no decode group: free its memory
         picked: dict[int, mx.array] = {}
+        written: list[SlotStateCache] = []
+        if self.states is not None:
+            self.states.restore(rows)  # prefix hits: their snapshots into their slots (a retry copies them again)
         for n, index in enumerate(groups.values()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
-                mx.eval(list(picked.values()), self.pools.k, self.pools.v)
-            picked.update(self._call(rows, index, tokens))
+                mx.eval(list(picked.values()), self.pool_arrays())
+            picked.update(self._call(rows, index, tokens, written))
+        if self.states is not None:  # only once every call is built: a failed step leaves the states as they were
+            for cache in written:
+                cache.commit()
+            self.states.snapshot(rows)  # rows at a prompt snapshot point
         sample_rows = tuple(sorted(picked))
         if not sample_rows:
             return mx.zeros((0, 0), dtype=mx.float32), ()
         return mx.concatenate([picked[i] for i in sample_rows]).astype(mx.float32), sample_rows
+
+    def pool_arrays(self) -> list[mx.array]:
+        """The arrays a step writes: KV pools and state pools."""
+        return [*self.pools.k, *self.pools.v, *(self.states.arrays() if self.states is not None else ())]
 
     def discard_derived(self) -> None:
         """Drop what is derived from the pools (after a failed step the mirror may hold its error)."""
         if self.mirror is not None:
             self.mirror.drop()
 
-    def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None) -> dict[int, mx.array]:
+    def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None,
+              written: list[SlotStateCache]) -> dict[int, mx.array]:
+        """One call of the model over rows[index]; its state caches are appended to `written`."""
         group = [rows[i] for i in index]
         plan = None
         if self.mirror is not None and self.rows_per_call != 1 and len(group[0].token_ids) == 1:
@@ -74,19 +98,23 @@ class GenericForward:
             group = [rows[i] for i in index]
         batch = paged_batch(group, self.pools.block_size)
         mirror = (self.mirror, plan) if plan is not None else None
-        caches = [PagedLayerCache(self.pools, j, batch, mirror) for j in range(len(self.pools.layers))]
+        caches = [PagedLayerCache(self.pools, j, batch, mirror) if kind == "kv"
+                  else SlotStateCache(self.states, j, group) for kind, j in self.entries]
+        mx.eval([a for c in caches if isinstance(c, SlotStateCache) for a in c.inputs()])  # state writes in place
         if device_tokens is None:
             tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
         else:  # decode rows: [B, 1]
             tokens = device_tokens[mx.array(index, dtype=mx.int32)][:, None]
         try:
-            return self._logits(rows, index, tokens, caches, batch.q_len)
+            picked = self._logits(rows, index, tokens, caches, batch.q_len)
+            written.extend(c for c in caches if isinstance(c, SlotStateCache))
+            return picked
         finally:
             if plan is not None:
                 self.mirror.finish()  # a call that did not write every layer voids the mirror
 
     def _logits(self, rows: Sequence[ScheduledRow], index: list[int], tokens: mx.array,
-                caches: list[PagedLayerCache], L: int) -> dict[int, mx.array]:
+                caches: list[PagedLayerCache | SlotStateCache], L: int) -> dict[int, mx.array]:
         """The model's call; logits of the sampled positions by row index."""
         wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
                   for b, i in enumerate(index) if rows[i].sample}

@@ -15,9 +15,13 @@ class KVPools:
     def __init__(self, layers: Sequence[LayerKV], num_blocks: int, block_size: int, dtype: mx.Dtype) -> None:
         self.layers = tuple(layers)
         self.block_size = block_size
+        self.num_blocks = num_blocks  # also without KV layers (a pure SSM model pages nothing)
         self.k = [mx.zeros((s.kv_heads, num_blocks, block_size, s.k_dim), dtype=dtype) for s in layers]
         self.v = [mx.zeros((s.kv_heads, num_blocks, block_size, s.v_dim), dtype=dtype) for s in layers]
         mx.eval(self.k, self.v)
+
+    def arrays(self) -> list[mx.array]:
+        return [*self.k, *self.v]
 
     @staticmethod
     def bytes_per_block(layers: Sequence[LayerKV], block_size: int, dtype: mx.Dtype) -> int:

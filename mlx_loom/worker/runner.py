@@ -28,10 +28,11 @@ from mlx_loom.kernels.qmm import embedding_logits, linear, native_on_cpu
 from mlx_loom.kernels.rope_norm import PLAIN_NORMS, rms_norm, rope
 from mlx_loom.kernels.sparse_patterns import SparsePatternConfig, should_use_sparse
 from mlx_loom.kernels.sparse_prefill import sparse_prefill_attention
-from mlx_loom.models.layout import flattened_llama_reason, kv_layout
+from mlx_loom.models.layout import flattened_llama_reason, model_layout
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.generic_forward import GenericForward
 from mlx_loom.worker.kv_pools import KVPools
+from mlx_loom.worker.state_pools import StatePools
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype,
                  sparse: SparsePatternConfig | None = None, force_generic: bool = False,
-                 dense_decode_bytes: int | None = None) -> None:
+                 dense_decode_bytes: int | None = None, num_state_slots: int = 0,
+                 num_state_snapshots: int = 0) -> None:
         self.model = model
         self.sparse = sparse
         """Per-head sparse prefill patterns (MInference); long prefill chunks use them when the cost
@@ -177,15 +179,21 @@ class ModelRunner:
         self.sparse_chunks = 0
         self.sparse_tokens = 0
         self.block_size = block_size
-        layout, _ = kv_layout(model)
+        full = model_layout(model)
+        layout = list(full.kv)
         self.pools = KVPools(layout, num_blocks, block_size, dtype)
+        self.states = StatePools(full.states, num_state_slots, num_state_snapshots) if full.states else None
+        """Recurrent-state slots of a hybrid model (None: the model keeps only KV)."""
+        if full.states and num_state_slots < 1:
+            raise ValueError("this hybrid model keeps recurrent state: give the runner state slots")
         forced = force_generic or os.environ.get("MLX_LOOM_GENERIC_FORWARD", "0") == "1"  # for comparisons
         self.generic_reason = "forced" if forced else flattened_llama_reason(model)
         """None: the flattened llama path (and the fused decode layer) applies; else why the model runs
         its own code (GenericForward)."""
         if dense_decode_bytes is None:  # twice the pool: its rows are padded to the longest
             dense_decode_bytes = 2 * KVPools.bytes_per_block(layout, block_size, dtype) * num_blocks
-        self.generic = GenericForward(model, self.pools, dense_decode_bytes) if self.generic_reason else None
+        self.generic = (GenericForward(model, self.pools, dense_decode_bytes, self.states, full.entries)
+                        if self.generic_reason else None)
         if self.generic is not None and sparse is not None:
             raise ValueError(f"sparse prefill patterns run on llama-shaped models only ({self.generic_reason})")
         if self.generic is None:
@@ -209,6 +217,15 @@ class ModelRunner:
         if self.generic is not None:
             self.generic.discard_derived()
 
+    def forget_scratch_states(self) -> None:
+        """After rows that are not requests (self-check, warm-up): no state slot holds a request's tokens."""
+        if self.states is not None:
+            self.states.forget_positions()
+
+    def pool_arrays(self) -> list[mx.array]:
+        """Every array a step writes (KV pools, state pools): evaluate these to finish a step."""
+        return self.generic.pool_arrays() if self.generic is not None else self.pools.arrays()
+
     @property
     def k_pools(self) -> list[mx.array]:
         return self.pools.k
@@ -219,7 +236,12 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, dtype: mx.Dtype) -> int:
-        return KVPools.bytes_per_block(kv_layout(model)[0], block_size, dtype)
+        return KVPools.bytes_per_block(model_layout(model).kv, block_size, dtype)
+
+    @staticmethod
+    def state_bytes_per_slot(model: nn.Module) -> int:
+        """Bytes of one request's recurrent state (0: the model keeps only KV)."""
+        return StatePools.bytes_per_slot(model_layout(model).states)
 
     def execute(self, rows: Sequence[ScheduledRow], tokens: mx.array | None = None) -> tuple[mx.array, tuple[int, ...]]:
         """Run one step; returns (logits [S, V] float32, the sampling rows' indices in order).

@@ -1,12 +1,16 @@
 """Load-time self-check: the engine's forward must give the model's own logits.
 
-Two short sequences go through the runner the way the scheduler runs them (prefill chunks of
+Four short sequences go through the runner the way the scheduler runs them (prefill chunks of
 different lengths, a step mixing a chunk with a decode row, batched decode rows at different
-positions, a row alone) and every sampled position is compared with the model's plain forward
-(`model(tokens)`, no cache) run with every module in its own class: the model as mlx-lm's loader
-builds it, none of the native kernels the loader routed in (each of those was checked on its own at
-load, on inputs up to 4096: mlx_loom/kernels/route_check.py). A fast path that computes something
-else, or an architecture the generic path gets wrong, is refused before the server takes a request.
+positions beside a one-token prompt and a prefix hit, a row alone) and every sampled position is
+compared with the model's plain forward (`model(tokens)`, no cache) run with every module in its own
+class: the model as mlx-lm's loader builds it, none of the native kernels the loader routed in (each
+of those was checked on its own at load, on inputs up to 4096: mlx_loom/kernels/route_check.py). For
+hybrid models this also checks the state slots: a chunked prompt continues its state, decode rows
+continue theirs while the one-token prompt starts from zeros in the same call, and the prefix hit
+resumes from a state snapshot (skipped without snapshots, or with pages larger than the shared
+prefix). A fast path that computes something else, or an architecture the generic path gets wrong,
+is refused before the server takes a request.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from mlx_loom.worker.runner import ModelRunner
 
 log = logging.getLogger("mlx_loom.engine")
 
-LENGTHS = (20, 16)  # sequence A, sequence B
-# (sequence, first position, number of tokens, sampled) per row, one tuple of rows per step
+LENGTHS = (20, 16, 1, 18)  # sequences A, B, a one-token prompt C, and D: A's first 16 tokens + 2
+SHARED = 16  # D's prefix shared with A: a prefix hit (A's pages; a hybrid's state snapshot of A at 16)
+# (sequence, first position, number of tokens, sampled[, "snapshot" | "restore"]) per row, one tuple of rows per step
 STEPS = (
     ((0, 0, 12, False), (1, 0, 13, True)),  # two prefill chunks, only B's sampled
-    ((0, 12, 5, True), (1, 13, 1, True)),  # a chunk next to a decode row
-    ((0, 17, 1, True), (1, 14, 1, True)),  # decode rows at different positions
-    ((0, 18, 1, True), (1, 15, 1, True)),
-    ((0, 19, 1, True),),  # a row alone
+    ((0, 12, 4, False, "snapshot"), (1, 13, 1, True)),  # a chunk next to a decode row; A's state at 16 kept
+    ((0, 16, 1, True), (1, 14, 1, True), (2, 0, 1, True), (3, 16, 2, True, "restore")),  # decode rows at
+    # different positions, C starts beside them, D resumes from A's prefix
+    ((0, 17, 1, True), (1, 15, 1, True)),
+    ((0, 18, 1, True),),  # a row alone
+    ((0, 19, 1, True),),
 )
 
 
@@ -55,7 +62,32 @@ def _sequences(vocab_size: int) -> list[list[int]]:
     except in vocabularies too small to spare them: every id stays below vocab_size)."""
     skip = 8 if vocab_size > 16 else 0
     span = max(1, min(vocab_size, 4096) - skip)
-    return [[skip + (97 * i + 31 * s + 11) % span for i in range(n)] for s, n in enumerate(LENGTHS)]
+    seqs = [[skip + (97 * i + 31 * s + 11) % span for i in range(n)] for s, n in enumerate(LENGTHS)]
+    seqs[3][:SHARED] = seqs[0][:SHARED]
+    return seqs
+
+
+def _block_tables(block_size: int, with_hit: bool) -> list[tuple[int, ...]]:
+    """Each sequence's pages; D's first SHARED // block_size are A's (a prefix hit)."""
+    tables, next_id = [], 0
+    for s, n in enumerate(LENGTHS):
+        shared = tables[0][: SHARED // block_size] if s == 3 and with_hit else ()
+        own = -(-n // block_size) - len(shared)
+        tables.append((*shared, *range(next_id, next_id + own)))
+        next_id += own
+    return tables
+
+
+def _prefix_hit_runs(runner: ModelRunner) -> bool:
+    """D's prefix hit needs whole pages of A (block_size <= 16) and, for a hybrid, state snapshots."""
+    return runner.block_size <= SHARED and (runner.states is None or runner.states.snapshots is not None)
+
+
+def _row(seqs: list[list[int]], tables: list[tuple[int, ...]], spec: tuple, hit: bool) -> ScheduledRow:
+    s, start, n, sample, *copy = spec
+    copy = copy if hit else []
+    return ScheduledRow(f"check-{s}", tuple(seqs[s][start : start + n]), start, tables[s], sample, state_slot=s,
+                        snapshot_to=0 if copy == ["snapshot"] else -1, restore_from=0 if copy == ["restore"] else -1)
 
 
 def reference_logits(model: nn.Module, seqs: list[list[int]]) -> list[mx.array]:
@@ -77,25 +109,25 @@ def reference_logits(model: nn.Module, seqs: list[list[int]]) -> list[mx.array]:
 def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size: int,
                                dtype: mx.Dtype) -> CheckResult:
     """Raises ModelCheckError when the engine path disagrees with the model's plain forward."""
+    runner.forget_scratch_states()  # a second run (one row per call) starts its states over
     seqs = _sequences(vocab_size)
-    bs = runner.block_size
-    per_seq = [-(-n // bs) for n in LENGTHS]
-    if sum(per_seq) > runner.pools.k[0].shape[1]:
-        raise ModelCheckError(f"the KV pool ({runner.pools.k[0].shape[1]} blocks) cannot hold the self-check's "
-                              f"{sum(per_seq)} blocks; give the cache more memory")
-    blocks = [tuple(range(sum(per_seq[:s]), sum(per_seq[: s + 1]))) for s in range(len(seqs))]
+    hit = _prefix_hit_runs(runner)
+    tables = _block_tables(runner.block_size, hit)
+    needed = len({b for t in tables for b in t})
+    if needed > runner.pools.num_blocks:
+        raise ModelCheckError(f"the KV pool ({runner.pools.num_blocks} blocks) cannot hold the self-check's "
+                              f"{needed} blocks; give the cache more memory")
     plain = reference_logits(model, seqs)
     worst, count = 0.0, 0
     for step in STEPS:
-        rows = [ScheduledRow(f"check-{s}", tuple(seqs[s][start : start + n]), start, blocks[s], sample)
-                for s, start, n, sample in step]
-        logits, sample_rows = runner.execute(rows)
+        step = tuple(spec for spec in step if hit or spec[0] != 3)
+        logits, sample_rows = runner.execute([_row(seqs, tables, spec, hit) for spec in step])
         for j, i in enumerate(sample_rows):
-            s, start, n, _ = step[i]
+            s, start, n = step[i][:3]
             expect = plain[s][start + n - 1]
             err = (mx.abs(logits[j] - expect).max() / mx.maximum(mx.abs(expect).max(), 1.0)).item()
             worst, count = max(worst, err), count + 1
-        mx.eval(runner.pools.k, runner.pools.v)
+        mx.eval(runner.pool_arrays())
     result = CheckResult(worst, _tolerance(dtype), count)
     if not worst <= result.tolerance:  # NaN fails too
         raise ModelCheckError(
@@ -107,14 +139,17 @@ def check_engine_matches_model(runner: ModelRunner, model: nn.Module, vocab_size
 
 def check_or_unbatch(runner: ModelRunner, model: nn.Module, vocab_size: int, dtype: mx.Dtype) -> CheckResult:
     """The self-check, with the generic path's fallbacks, each slower and never wrong, taken only when
-    the one before fails: one row per call (a model whose own code batches rows wrongly), then the
-    model's own modules instead of the routed native ones, batched and then one row per call. The
-    reason is logged. Raises the first ModelCheckError when none passes (or on the flattened path)."""
+    the one before fails: one row per call (a model whose own code batches rows wrongly, or raises a
+    ValueError on the batch's shapes: gemma2 with three rows), then the model's own modules instead of
+    the routed native ones, batched and then one row per call. The reason is logged. Raises the first
+    ModelCheckError when none passes (or on the flattened path)."""
     try:
         return check_engine_matches_model(runner, model, vocab_size, dtype)
-    except ModelCheckError as first:
+    except (ModelCheckError, ValueError) as failed:  # ValueError: its code cannot even shape the batch
         if runner.generic is None:
             raise
+        first = failed if isinstance(failed, ModelCheckError) else ModelCheckError(
+            f"batched rows fail in the model's own code: {failed}")
         unrouted = False
         for rows, unroute in ((1, False), (None, True), (1, True)):
             if unroute and not unrouted:
@@ -124,7 +159,7 @@ def check_or_unbatch(runner: ModelRunner, model: nn.Module, vocab_size: int, dty
             runner.generic.rows_per_call = rows
             try:
                 result = check_engine_matches_model(runner, model, vocab_size, dtype)
-            except ModelCheckError:
+            except (ModelCheckError, ValueError):
                 continue
             how = ("one row per call" if rows == 1 else "batched rows") + (
                 " with the model's own modules, not the routed native ones" if unrouted else "")
