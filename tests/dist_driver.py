@@ -28,6 +28,7 @@ PROMPTS = {  # id -> (prompt ids, max tokens, join step)
     "b": ([9, 9, 41, 100, 23, 250, 77], 10, 2),
     "c": ([300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], 8, 5),
 }
+SHARED = [(37 * i + 5) % 300 for i in range(40)]  # a prompt whose first 32 tokens a later one repeats
 
 
 def config(model: str, mode: str | None) -> EngineConfig:
@@ -58,12 +59,17 @@ def serve_case(cfg: EngineConfig) -> dict:
     alone = run(core, [("a", PROMPTS["a"][0], greedy["a"])])
     batched = run(core, [(rid, p, greedy[rid]) for rid, (p, _, _) in PROMPTS.items()],
                   join_step={rid: j for rid, (_, _, j) in PROMPTS.items()})
+    prefix = run(core, [("p1", SHARED, greedy["b"])])
+    prefix.update(run(core, [("p2", SHARED[:32] + [7, 8, 9], greedy["b"])]))  # two full blocks of p1's
     stats = core.stats()
     core.close()
+    everything = [*alone.values(), *batched.values(), *prefix.values()]
     return {
         "alone": alone["a"].tokens,
         "batched": {rid: r.tokens for rid, r in batched.items()},
-        "errors": [r.error for r in [*alone.values(), *batched.values()] if r.error],
+        "prefix": {rid: r.tokens for rid, r in prefix.items()},
+        "prefix_cached": prefix["p2"].cached,
+        "errors": [r.error for r in everything if r.error],
         "group": stats.group,
         "path": core.runner.path,
     }

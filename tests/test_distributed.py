@@ -42,7 +42,9 @@ def _launch_python() -> list[str]:
 
 
 def test_greedy_tokens_match_one_process(tmp_path, tiny_dirs):
-    """Alone and batched with staggered joins, every case gives one process's tokens exactly."""
+    """Alone, batched with staggered joins and on a prefix-cache hit, every case gives one process's
+    tokens exactly. (Preemption in a group is not covered: 8 long requests over too few pages stall
+    the group; see issue 34's note.)"""
     cases = [f"{mode}:{tiny_dirs[arch]}" for mode, arch in (c.split(":") for c in ENGINE_CASES)]
     driver = str(ROOT / "tests" / "dist_driver.py")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -57,6 +59,7 @@ def test_greedy_tokens_match_one_process(tmp_path, tiny_dirs):
         assert two[case]["errors"] == [] and two[case]["path"].startswith("generic"), case
         assert two[case]["alone"] == one[case]["alone"], case
         assert two[case]["batched"] == one[case]["batched"], case
+        assert two[case]["prefix"] == one[case]["prefix"] and two[case]["prefix_cached"] == 32, case
         group = two[case]["group"]
         assert group["world_size"] == 2 and group["mode"] == case.split(":")[0]
         assert group["channel"]["frames"] >= len(one[case]["alone"])

@@ -100,8 +100,10 @@ def reference_logits(model: nn.Module, seqs: list[list[int]]) -> list[mx.array]:
     if cached is not None and cached[0] == key:
         return cached[1]
     with own_classes(model):  # the reference: mlx-lm's own modules, not the routed ones
-        plain = [model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32) for s in seqs]
-        mx.eval(plain)
+        plain = []
+        for s in seqs:  # one graph each: a pipeline-parallel model's sends and receives then pair up in
+            plain.append(model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32))  # the same order on
+            mx.eval(plain[-1])  # every rank (one graph of several forwards may order them differently)
     object.__setattr__(model, "_loom_reference_logits", (key, plain))  # not a parameter of the model
     return plain
 
