@@ -103,7 +103,8 @@ def _row_error(got: mx.array, expect: mx.array) -> float:
 
 
 def _cases(module: nn.Module) -> list[tuple]:
-    """(call, input) pairs for the routed module kinds: RoPE, the tied-head matmul, everything else x -> y."""
+    """(call, input) pairs for the routed module kinds: RoPE, embeddings (ids and the tied-head matmul),
+    everything else x -> y."""
     width, dtype = _width(module), _dtype(module)
     rows = mx.random.normal((len(SCALES), width), key=mx.random.key(width)) * mx.array(SCALES)[:, None]
     if isinstance(module, nn.RoPE):  # [B, H, L, D]: the rows as positions of one head
@@ -113,6 +114,10 @@ def _cases(module: nn.Module) -> list[tuple]:
     x = rows[None].astype(dtype)  # [1, R, width]
     if isinstance(module, nn.QuantizedEmbedding):
         return [(lambda m, v: m.as_linear(v), x)]
+    if isinstance(module, nn.Embedding):  # token ids -> rows, and the tied head on float rows
+        vocab = module.weight.shape[0]
+        ids = mx.array([[0, vocab // 3, vocab // 2, vocab - 1]], dtype=mx.int32)
+        return [(lambda m, v: m(v), ids), (lambda m, v: m.as_linear(v), x)]
     return [(lambda m, v: m(v), x)]
 
 
