@@ -23,6 +23,14 @@ from mlx_loom.engine.messages import (
     TokenLogprob,
 )
 from mlx_loom.engine.pipeline import next_decode_step, rows_sample_on_device
+from mlx_loom.engine.sizing import (
+    default_num_blocks,
+    grammar_backend,
+    hybrid_config,
+    num_state_slots,
+    num_state_snapshots,
+    sparse_config,
+)
 from mlx_loom.engine.warm_up import WarmUpResult, warm_up
 from mlx_loom.models.layout import UnsupportedModelError
 from mlx_loom.models.loader import LoadedModel, describe_backend, load_model
@@ -65,13 +73,13 @@ class EngineCore:
         log.info("backend: %s", backend_text)
         block_bytes = ModelRunner.kv_bytes_per_block(loaded.model, cfg.cache.block_size, loaded.dtype)
         max_len = min(cfg.scheduler.max_model_len, loaded.max_model_len)
-        num_blocks = cfg.cache.num_blocks or _default_num_blocks(cfg, block_bytes, max_len)
+        num_blocks = cfg.cache.num_blocks or default_num_blocks(cfg, block_bytes, max_len)
         slot_bytes = ModelRunner.state_bytes_per_slot(loaded.model)
-        num_slots = _num_state_slots(cfg, slot_bytes)
+        num_slots = num_state_slots(cfg, slot_bytes)
         num_snapshots = 0
         if num_slots is not None:
-            num_snapshots = _num_state_snapshots(cfg, slot_bytes, num_blocks)
-            cfg = _hybrid_config(cfg, loaded, num_snapshots)
+            num_snapshots = num_state_snapshots(cfg, slot_bytes, num_blocks)
+            cfg = hybrid_config(cfg, loaded, num_snapshots)
         dense_gb = cfg.cache.dense_decode_kv_gb
         dense_bytes = None if dense_gb is None else int(dense_gb * 2**30)
         if self.group is not None:  # every rank builds the same pools over its own heads / layers
@@ -82,7 +90,7 @@ class EngineCore:
             self.runner = self.group.make_runner(num_blocks, cfg.cache.block_size, loaded.dtype, dense_bytes)
         else:
             self.runner = ModelRunner(loaded.model, num_blocks, cfg.cache.block_size, loaded.dtype,
-                                      sparse=_sparse_config(cfg.sparse_prefill, loaded), dense_decode_bytes=dense_bytes,
+                                      sparse=sparse_config(cfg.sparse_prefill, loaded), dense_decode_bytes=dense_bytes,
                                       num_state_slots=num_slots or 0, num_state_snapshots=num_snapshots)
         check = check_or_unbatch(self.runner, loaded.model, loaded.vocab_size, loaded.dtype)
         self.runner.discard_derived()  # the check's rows are not requests
@@ -105,7 +113,7 @@ class EngineCore:
             log.info("speculative decoding: %s, k=%d, level 2 %s, mode %s (costs %s)", cfg.spec.method,
                      cfg.spec.k, cfg.spec.level2, cfg.spec.mode, self.spec.controller.costs)
         self.eos = frozenset(loaded.tokenizer.eos_token_ids)
-        backend = _grammar_backend(loaded)
+        backend = grammar_backend(loaded)
         self.structured = StructuredOutput(backend)
         self.info = EngineInfo(loaded.name, max_len, loaded.tokenizer, num_blocks, cfg.cache.block_size, backend,
                                backend_text)
@@ -469,78 +477,3 @@ def _check_pools(arrays: list[mx.array], cause: Exception) -> None:
         mx.eval(arrays)
     except Exception as exc:
         raise RuntimeError(f"the KV cache cannot be evaluated after a failed step ({cause!r}): {exc}") from exc
-
-
-def _default_num_blocks(cfg: EngineConfig, block_bytes: int, max_len: int) -> int:
-    """KV pages from kv_cache_memory_gb; a model without KV layers (pure SSM) gets one context per row."""
-    if block_bytes == 0:
-        return max(2, -(-max_len // cfg.cache.block_size) * cfg.scheduler.max_num_seqs)
-    return max(2, int(cfg.cache.kv_cache_memory_gb * 2**30 // block_bytes))
-
-
-def _num_state_slots(cfg: EngineConfig, slot_bytes: int) -> int | None:
-    """State slots of a hybrid model (None: it keeps only KV): from memory, at most one per row, at
-    least the self-check's four."""
-    if slot_bytes == 0:
-        return None
-    if cfg.cache.num_state_slots is not None:
-        return cfg.cache.num_state_slots
-    fit = int(cfg.cache.state_cache_memory_gb * 2**30 // slot_bytes)
-    if fit < 4:
-        raise ValueError(f"one request's recurrent state takes {slot_bytes / 2**20:.1f} MB: give the state "
-                         f"cache room for at least four ({cfg.cache.state_cache_memory_gb} GB holds {fit})")
-    return min(fit, max(4, cfg.scheduler.max_num_seqs))
-
-
-def _num_state_snapshots(cfg: EngineConfig, slot_bytes: int, num_blocks: int) -> int:
-    """Prefix snapshots of a hybrid's state (0: prefix caching off): from memory, at most one per block."""
-    if not cfg.cache.enable_prefix_caching:
-        return 0
-    if cfg.cache.num_state_snapshots is not None:
-        return cfg.cache.num_state_snapshots
-    return min(num_blocks, int(cfg.cache.state_snapshot_memory_gb * 2**30 // slot_bytes))
-
-
-def _hybrid_config(cfg: EngineConfig, loaded: LoadedModel, num_snapshots: int) -> EngineConfig:
-    """What a model with recurrent state runs without: speculative decoding is refused (a rejected
-    draft would have to be rolled out of a state that cannot be rewound), and prefix caching is off
-    without state snapshots (a recurrent state cannot be rebuilt from KV pages alone, so a page hit
-    is not a reusable prefix)."""
-    if cfg.spec.method is not None:
-        raise ValueError(f"speculative decoding is not supported for {loaded.name}: it keeps recurrent state "
-                         "(SSM / linear-attention layers) that a rejected draft would leave advanced; "
-                         "serve it without --speculative")
-    if cfg.cache.enable_prefix_caching and num_snapshots == 0:
-        log.info("prefix caching off: %s keeps recurrent state and no state snapshot fits", loaded.name)
-        cfg = replace(cfg, cache=replace(cfg.cache, enable_prefix_caching=False))
-    return cfg
-
-
-def _sparse_config(setting: str, loaded: LoadedModel):
-    """The sparse-prefill pattern config to use, or None (off, or no config for this model)."""
-    if setting == "off":
-        return None
-    from mlx_loom.kernels.sparse_patterns import load_config, shipped_config_path
-
-    path = shipped_config_path(loaded.name) if setting == "auto" else setting
-    if path is None:
-        log.warning("sparse prefill: no pattern config shipped for %s; prefill stays dense "
-                    "(write one with `mlx-loom search-patterns` and pass its path)", loaded.name)
-        return None
-    config = load_config(path, num_heads=loaded.num_heads)
-    if config.num_layers != loaded.num_layers:
-        raise ValueError(f"sparse prefill config {path} has {config.num_layers} layers, the model "
-                         f"{loaded.num_layers}: it was searched for another model")
-    log.info("sparse prefill: per-head patterns from %s", path)
-    return config
-
-
-def _grammar_backend(loaded: LoadedModel):
-    """The structured-output backend for this tokenizer, or None (then constrained requests get a 400)."""
-    try:
-        from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
-
-        return LLGuidanceBackend(loaded.tokenizer, vocab_size=loaded.vocab_size)
-    except Exception as exc:  # an unsupported tokenizer must not stop free-text serving
-        log.warning("structured output disabled: %s", exc)
-        return None
