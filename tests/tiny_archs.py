@@ -150,6 +150,53 @@ ARCHS: dict[str, dict] = {
               "gate_low_rank_dim": 16, "decay_low_rank_dim": 16},
     "mamba": {"model_type": "mamba", "state_size": 16, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
               "time_step_rank": 8},
+    # issue 31: attention-only architectures mlx-lm 0.32 added
+    # Gemma 4 E2B/E4B-style: per-layer inputs, and the last two layers read the KV of the last earlier layer of
+    # their type (no cache of their own); full layers have their own head width and partial proportional RoPE
+    "gemma4_text": {"model_type": "gemma4_text", "num_hidden_layers": 6, "num_kv_shared_layers": 2,
+                    "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 320, "global_head_dim": 32,
+                    "sliding_window": SLIDING_WINDOW, "layer_types": ["sliding_attention", "full_attention"] * 3,
+                    "tie_word_embeddings": False},
+    # Gemma 4 26B/31B-style: full layers share K and V (attention_k_eq_v) over their own kv heads, MoE next to the MLP
+    "gemma4_text_moe": {"model_type": "gemma4_text", "num_hidden_layers": 4, "num_kv_shared_layers": 0,
+                        "hidden_size_per_layer_input": 0, "global_head_dim": 32, "attention_k_eq_v": True,
+                        "num_global_key_value_heads": 1, "enable_moe_block": True, "num_experts": 4,
+                        "top_k_experts": 2, "moe_intermediate_size": 32, "sliding_window": SLIDING_WINDOW,
+                        "layer_types": ["sliding_attention", "full_attention"] * 2, "tie_word_embeddings": False},
+    "olmo3": {"model_type": "olmo3", "num_hidden_layers": 4, "sliding_window": SLIDING_WINDOW,
+              "tie_word_embeddings": False},  # layers 0-2 slide, layer 3 full
+    # Ministral 3: its attention scale grows with floor(position / 16) (llama_4_scaling_beta)
+    "ministral3": {"model_type": "ministral3", "tie_word_embeddings": False, "rope_parameters": {
+        "rope_type": "yarn", "type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5,
+        "rope_theta": 10000.0}},
+    "mistral4": {"model_type": "mistral4", **_MLA, "q_lora_rank": 32, "norm_topk_prob": True, "n_group": 1,
+                 "topk_group": 1, "routed_scaling_factor": 2.5, "rope_parameters": {
+                     "rope_type": "yarn", "type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "llama_4_scaling_beta": 0.5, "rope_theta": 10000.0}},
+    "glm4_moe": {"model_type": "glm4_moe", "num_hidden_layers": 3, **_MOE, "n_routed_experts": 4,
+                 "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True, "n_group": 1,
+                 "topk_group": 1, "routed_scaling_factor": 2.5, "rope_scaling": None, "use_qk_norm": True,
+                 "attention_bias": True, "partial_rotary_factor": 0.5, "tie_word_embeddings": False},
+    "glm4_moe_lite": {"model_type": "glm4_moe_lite", **_MLA, "q_lora_rank": 32, "num_experts_per_tok": 2},
+    "seed_oss": {"model_type": "seed_oss", "attention_bias": True, "tie_word_embeddings": False},
+    "cohere2": {"model_type": "cohere2", "num_hidden_layers": 4, "layer_norm_eps": 1e-5, "logit_scale": 0.5,
+                "sliding_window": SLIDING_WINDOW, "sliding_window_pattern": 2},
+    "llama4_text": {"model_type": "llama4_text", "num_hidden_layers": 4, "intermediate_size_mlp": 128,
+                    "no_rope_layers": [1, 1, 1, 0], "use_qk_norm": True},
+    "minimax": {"model_type": "minimax", "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+                "shared_intermediate_size": 0, "rotary_dim": 8, "tie_word_embeddings": False},
+    "exaone_moe": {"model_type": "exaone_moe", "num_hidden_layers": 4, **_MOE, "num_shared_experts": 1,
+                   "sliding_window": SLIDING_WINDOW, "is_moe_layer": [False, True, True, True],
+                   "layer_types": ["sliding_attention"] * 3 + ["full_attention"], "tie_word_embeddings": False},
+    "bailing_moe": {"model_type": "bailing_moe", **_MOE, "num_shared_experts": 1, "norm_topk_prob": True,
+                    "first_k_dense_replace": 1, "use_qk_norm": True, "partial_rotary_factor": 0.5,
+                    "moe_router_enable_expert_bias": True, "score_function": "sigmoid", "topk_group": 1,
+                    "tie_word_embeddings": False},
+    "afmoe": {"model_type": "afmoe", "num_hidden_layers": 4, **_MOE, "num_shared_experts": 1, "num_dense_layers": 1,
+              "sliding_window": SLIDING_WINDOW, "tie_word_embeddings": False,
+              "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.

@@ -33,6 +33,8 @@ TESTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "phi3",
     "olmo2", "olmoe", "granite", "granitemoe", "glm4", "cohere", "starcoder2", "mixtral", "deepseek_v2",
     "deepseek_v3", "gpt_oss", "exaone4", "step3p5",
+    "gemma4_text", "olmo3", "ministral3", "mistral4", "glm4_moe", "glm4_moe_lite", "seed_oss", "cohere2",
+    "llama4_text", "minimax", "exaone_moe", "bailing_moe", "afmoe",
 )
 # Hybrids with recurrent state (ArraysCache entries) the matrix checks token for token.
 TESTED_HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid",
