@@ -5,7 +5,8 @@ Tiny random-weight checkpoints (tests/tiny_archs.py) are loaded by our loader; m
 the top-5 logprobs within 1e-4 (relative past |logprob| 1), for a request alone, in a batch with staggered joins and chunked
 prefill, after a preemption, and on a prefix-cache hit. Hybrids (recurrent state in slots next to
 the paged KV) run the same scenarios with prefix caching off; the cache layouts the engine does not
-page (CacheList, ChunkedKVCache) are refused with the real reason.
+page (a CacheList with SSM state or an indexer's keys, ChunkedKVCache), and models whose own mlx-lm
+code pages cannot reproduce (plamo3, afm7), are refused with the real reason.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def test_hybrid_one_token_prompt_joins_running_decodes(tmp_path):
         _assert_matches(results[f"r{i}"], expected[i], f"qwen3_5 r{i}")
 
 
-# Cache layouts the engine does not page: model config fields (tiny) -> the reason the refusal must name.
+# Cache layouts the engine does not page, or whose mlx-lm code disagrees with itself: model config fields (tiny) ->
+# the reason the refusal must name.
 UNPAGED = {
     "falcon_h1": ({"model_type": "falcon_h1", "hidden_size": 64, "head_dim": 16, "num_attention_heads": 4,
                    "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 320,
@@ -143,6 +145,11 @@ UNPAGED = {
         "max_position_embeddings": 256, "num_attention_heads": 4, "num_experts_per_tok": 1, "num_hidden_layers": 4,
         "num_key_value_heads": 2, "num_local_experts": 2, "rms_norm_eps": 1e-5, "rope_scaling": None,
         "rope_theta": 10000.0, "use_qk_norm": True, "vocab_size": 320}}, "chunked attention"),
+    "plamo3": ({"model_type": "plamo3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 320,
+                "window_size": 8, "sliding_window_pattern": 2}, "prefill lets a query see 9 keys where its decode sees 8"),
+    "afm7": ({"model_type": "afm7", "vocab_size": 320, "hidden_dim": 64, "num_layers": 4, "num_kv_reuse_layers": 2,
+              "num_heads": 4, "num_kv_heads": 2}, "afm7's KV-reuse layers instead place their queries by the array's length"),
 }
 
 

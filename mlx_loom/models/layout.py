@@ -5,8 +5,11 @@ entries keep KV (and which of those slide) and which keep recurrent state (`Arra
 windows, SSM / linear-attention states of SSM and linear-attention hybrids), then runs one lazy
 forward with recording caches to read each KV layer's key and value shapes (MLA layers store a
 latent and a rope key of different widths) and each state entry's per-request shape and dtype.
-Nothing is evaluated, so this costs no compute. Cache layouts the engine does not page
-(`CacheList`, `ChunkedKVCache`, anything else) are refused here with the real reason.
+Nothing is evaluated, so this costs no compute. A `CacheList` of KV caches (one per attention
+sublayer, longcat_flash) becomes one paged KV layer per cache. Cache layouts the engine does not
+page (other `CacheList`s, `ChunkedKVCache`, anything else), and models whose own code would not
+give mlx-lm's tokens over pages (a mask wider than the cache's window, positions taken from a
+cache array's length), are refused here with the real reason.
 
 `flattened_llama_reason` is the structural check for the hand-written llama path (and the fused
 native decode layer): exactly mlx-lm's llama classes, or qwen3's (a llama block plus per-head
@@ -16,6 +19,7 @@ code (mlx_loom/worker/generic_forward.py).
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -34,7 +38,12 @@ TESTED_ARCHITECTURES = (
     "olmo2", "olmoe", "granite", "granitemoe", "glm4", "cohere", "starcoder2", "mixtral", "deepseek_v2",
     "deepseek_v3", "gpt_oss", "exaone4", "step3p5",
     "gemma4_text", "olmo3", "ministral3", "mistral4", "glm4_moe", "glm4_moe_lite", "seed_oss", "cohere2",
-    "llama4_text", "minimax", "exaone_moe", "bailing_moe", "afmoe",
+    "llama4_text", "minimax", "exaone_moe", "bailing_moe", "afmoe", "smollm3", "apertus", "ernie4_5", "ernie4_5_moe",
+    "hunyuan_v1_dense", "hunyuan", "helium", "nanbeige", "dots1", "internlm3", "minicpm", "phimoe", "exaone",
+    "stablelm", "mimo", "nemotron", "solar_open", "youtu_llm", "mimo_v2_flash", "telechat3", "laguna",
+    "iquestloopcoder", "mellum", "deepseek", "glm", "internlm2", "phi", "qwen", "gpt2", "gpt_neox", "gpt_bigcode",
+    "minicpm3", "Klear", "nemotron-nas", "nanochat", "talkie", "spark2_5", "muse_glimmer", "dbrx", "longcat_flash",
+    "gemma3n", "openelm", "lille-130m",
 )
 # Hybrids with recurrent state (ArraysCache entries) the matrix checks token for token.
 TESTED_HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid",
@@ -70,8 +79,9 @@ class ModelLayout:
 
     kv: tuple[LayerKV, ...]
     states: tuple[LayerState, ...]
-    entries: tuple[tuple[str, int], ...]
-    """Per cache entry of the model, in order: ("kv", index into kv) or ("state", index into states)."""
+    entries: tuple[tuple[str, int | tuple[int, ...]], ...]
+    """Per cache entry of the model, in order: ("kv", index into kv), ("state", index into states) or
+    ("kvs", indices into kv) for a CacheList of KV caches (one per attention sublayer of the layer)."""
     dtype: mx.Dtype
     """The dtype the model's own attention produces K/V in (its activations' dtype without attention)."""
 
@@ -80,8 +90,14 @@ class UnsupportedModelError(ValueError):
     """The model cannot be served by this engine; the message says why and what is served."""
 
 
-def model_type(model: nn.Module) -> str:
+def model_args(model: nn.Module) -> object:
+    """The model's ModelArgs: `args`, or `config` where the class keeps them there (youtu_llm, plamo3)."""
     args = getattr(model, "args", None)
+    return args if args is not None else getattr(model, "config", None)
+
+
+def model_type(model: nn.Module) -> str:
+    args = model_args(model)
     return str(getattr(model, "model_type", None) or getattr(args, "model_type", None) or type(model).__module__)
 
 
@@ -93,13 +109,21 @@ class _ShapeProbe:
     def __init__(self, window: int | None) -> None:
         self.window = window
         self.shapes: tuple | None = None
+        self.mask_window: int | None = None  # the window the model's own mask asks of this cache
+        self.read_whole = False  # the model read the whole cache (keys_and_values), not update_and_fetch's return
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.shapes = (keys.shape, values.shape, keys.dtype)
         self.keys = keys  # mlx-lm's pipeline() ties a stage's send to its last cache's keys
+        self.values = values
         return keys, values
 
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        self.read_whole = True  # afm7's KV-reuse layers read the last layer's whole cache
+        return self.keys, self.values
+
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_: object) -> mx.array:
+        self.mask_window = window_size
         return create_causal_mask(N, window_size=window_size or self.window)
 
 
@@ -109,38 +133,89 @@ def kv_layout(model: nn.Module) -> tuple[list[LayerKV], mx.Dtype]:
     return list(layout.kv), layout.dtype
 
 
-def model_layout(model: nn.Module) -> ModelLayout:
-    """The KV layers and state entries of the model's own cache, learned from one lazy forward."""
+def prompt_cache(model: nn.Module) -> list:
+    """mlx-lm's own cache for the model (`make_prompt_cache`), cut to this rank's layers under its pipeline()."""
     caches = make_prompt_cache(model)
     staged = getattr(getattr(model, "model", None), "pipeline_layers", None)
     if staged is not None:  # mlx-lm's pipeline(): this rank's layers only (earlier ones are None)
         caches = caches[:len(staged)]
+    return caches
+
+
+def model_layout(model: nn.Module) -> ModelLayout:
+    """The KV layers and state entries of the model's own cache, learned from one lazy forward."""
+    caches = prompt_cache(model)
     _refuse_unpaged(model, caches)
-    probes = [ArraysCache(len(c.cache)) if isinstance(c, ArraysCache)
-              else _ShapeProbe(c.max_size if isinstance(c, RotatingKVCache) else None) for c in caches]
+    probes = [_probe(c) for c in caches]
     out = model(mx.array([[0, 1]], dtype=mx.int32), cache=probes)  # lazy: shapes only, nothing evaluated
-    missing = [i for i, p in enumerate(probes)
-               if (p.shapes is None if isinstance(p, _ShapeProbe) else any(a is None for a in p.cache))]
+    kv_probes = [q for p in probes for q in (p.caches if isinstance(p, CacheList) else [p]) if isinstance(q, _ShapeProbe)]
+    missing = [i for i, p in enumerate(probes) if (any(q.shapes is None for q in p.caches) if isinstance(p, CacheList)
+                                                   else p.shapes is None if isinstance(p, _ShapeProbe)
+                                                   else any(a is None for a in p.cache))]
     if missing:
         raise UnsupportedModelError(f"architecture {model_type(model)!r}: cache entries {missing} were never "
                                     "written by a forward, so their layers cannot be paged")
+    _refuse_wider_masks(model, kv_probes)
+    if any(p.read_whole for p in kv_probes) and type(model) not in _WHOLE_CACHE_READERS:
+        raise UnsupportedModelError(
+            f"architecture {model_type(model)!r} reads a layer's whole cache outside its attention's "
+            "update_and_fetch (keys_and_values); over pages that array is padded past each row's keys, which only "
+            "classes known to mask it by position handle (gemma3n's KV-sharing layers; afm7's KV-reuse layers "
+            "instead place their queries by the array's length), so it is not served")
     kv, states, entries = [], [], []
     for p in probes:
-        if isinstance(p, _ShapeProbe):
-            (k, v, _) = p.shapes
+        if isinstance(p, CacheList):  # one KV layer per attention sublayer
+            entries.append(("kvs", tuple(range(len(kv), len(kv) + len(p.caches)))))
+            kv.extend(_layer_kv(q) for q in p.caches)
+        elif isinstance(p, _ShapeProbe):
             entries.append(("kv", len(kv)))
-            kv.append(LayerKV(kv_heads=k[1], k_dim=k[3], v_dim=v[3], window=p.window))
+            kv.append(_layer_kv(p))
         else:  # [1, ...] per array: one request's state
             entries.append(("state", len(states)))
             states.append(LayerState(tuple(tuple(a.shape[1:]) for a in p.cache), tuple(a.dtype for a in p.cache)))
-    dtype = next((p.shapes[2] for p in probes if isinstance(p, _ShapeProbe)), out.dtype)
+    dtype = kv_probes[0].shapes[2] if kv_probes else out.dtype
     return ModelLayout(tuple(kv), tuple(states), tuple(entries), dtype)
+
+
+def _probe(cache: object) -> object:
+    """The recording stand-in for one entry of the model's own cache."""
+    if isinstance(cache, ArraysCache):
+        return ArraysCache(len(cache.cache))
+    if isinstance(cache, CacheList):  # _refuse_unpaged let through only KV caches
+        return CacheList(*(_ShapeProbe(None) for _ in cache.caches))
+    return _ShapeProbe(cache.max_size if isinstance(cache, RotatingKVCache) else None)
+
+
+def _layer_kv(probe: _ShapeProbe) -> LayerKV:
+    (k, v, _) = probe.shapes
+    return LayerKV(kv_heads=k[1], k_dim=k[3], v_dim=v[3], window=probe.window)
+
+
+def _model_classes(*names: str) -> frozenset[type]:
+    out = set()
+    for name in names:
+        try:  # an older mlx-lm may lack an architecture: then no model of it is loaded either
+            out.add(importlib.import_module(f"mlx_lm.models.{name}").Model)
+        except (ImportError, AttributeError):
+            continue
+    return frozenset(out)
+
+
+# Model classes whose CacheList of KVCaches holds one cache per attention sublayer, each used only through
+# the cache protocol (offset, update_and_fetch, make_mask), read from their source: each becomes a paged KV
+# layer. Other CacheLists of KVCaches keep a lightning indexer's keys and read the arrays directly.
+_KV_LISTS = _model_classes("longcat_flash")
+# Model classes that read a layer's keys_and_values() under the mask of that layer's type and take positions
+# from the cache's offset (gemma3n's KV-sharing layers), read from their source: served over pages.
+_WHOLE_CACHE_READERS = _model_classes("gemma3n")
 
 
 def _refuse_unpaged(model: nn.Module, caches: list) -> None:
     """UnsupportedModelError naming the real reason for a cache entry the engine does not page."""
     name = model_type(model)
     for c in caches:
+        if isinstance(c, CacheList) and all(type(x) is KVCache for x in c.caches) and type(model) in _KV_LISTS:
+            continue
         if isinstance(c, CacheList) and all(type(x) is KVCache for x in c.caches):
             raise UnsupportedModelError(
                 f"architecture {name!r} keeps two key caches per layer (CacheList: the attention's plus a "
@@ -161,6 +236,19 @@ def _refuse_unpaged(model: nn.Module, caches: list) -> None:
                 f"architecture {name!r} keeps per-request state of a kind the engine does not page "
                 f"({type(c).__name__}); served: attention-only models ({', '.join(TESTED_ARCHITECTURES)}) and "
                 f"hybrids with ArraysCache state ({', '.join(TESTED_HYBRIDS)}), tested token for token")
+
+
+def _refuse_wider_masks(model: nn.Module, probes: list) -> None:
+    """UnsupportedModelError where a sliding layer's mask lets a query see more keys than its
+    RotatingKVCache keeps (plamo3: a mask of window + 1 over a cache of window): mlx-lm's own prefill
+    then sees more keys than its decode, and no one paged window gives both."""
+    for p in probes:
+        if isinstance(p, _ShapeProbe) and p.window is not None and (p.mask_window or 0) > p.window:
+            raise UnsupportedModelError(
+                f"architecture {model_type(model)!r} masks its sliding layers to {p.mask_window} keys but keeps "
+                f"{p.window} in their cache (RotatingKVCache), so mlx-lm's own prefill lets a query see "
+                f"{p.mask_window} keys where its decode sees {p.window}; no one paged window reproduces both, so "
+                "it is not served")
 
 
 # Model classes the flattened path computes exactly: (Model, inner model, block, attention, MLP).

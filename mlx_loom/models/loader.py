@@ -25,7 +25,7 @@ import mlx.nn as nn
 from mlx_loom.kernels import blas, lowp, qmm
 from mlx_loom.models import gguf_arch
 from mlx_loom.models.gguf_reader import read_gguf
-from mlx_loom.models.layout import LayerKV, kv_layout
+from mlx_loom.models.layout import LayerKV, kv_layout, model_args
 from mlx_loom.models.model_source import ACCEPTED, ModelSourceError, is_hub_id, resolve_hub_model
 from mlx_loom.models.routing import route_model
 from mlx_loom.models.tokenizer import TextTokenizer
@@ -247,7 +247,7 @@ def _load_mlx_dir(path: str, dequantize: bool | None, name: str | None = None) -
         mx.eval(model.parameters())
     _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
     name = name or Path(path).name  # a hub id is served under its full id
-    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), name, model.args, dtype)
+    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), name, model_args(model), dtype)
 
 
 # -- backend report --

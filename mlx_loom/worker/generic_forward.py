@@ -13,6 +13,9 @@ softcap, a logit scale, a subclass) runs whole, its own code.
 The decode group (one query per row) reads its keys from a dense mirror kept across steps
 (decode_mirror.py) when one fits its byte cap, instead of gathering every row's pages each step.
 
+A cache entry that is a CacheList of KV caches (longcat_flash: one per attention sublayer) gets a
+CacheList of `PagedLayerCache`s, one per KV layer.
+
 Hybrid models get, for each recurrent-state entry of their cache, a `SlotStateCache` over the rows'
 state slots (state_cache.py) in the model's own cache order; after the call, what the model wrote
 there goes back to the slots. A chunked prompt continues its row's state from chunk to chunk.
@@ -24,6 +27,7 @@ from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import CacheList
 
 from mlx_loom.models.heads import Head, plain_head
 from mlx_loom.sched.scheduler import ScheduledRow
@@ -36,14 +40,15 @@ from mlx_loom.worker.state_pools import StatePools
 class GenericForward:
     """One step as calls of the model's own code, grouped by query length (engine thread only)."""
 
-    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0,
-                 states: StatePools | None = None, entries: Sequence[tuple[str, int]] | None = None) -> None:
+    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0, states: StatePools | None = None,
+                 entries: Sequence[tuple[str, int | tuple[int, ...]]] | None = None) -> None:
         self.model = model
         self.pools = pools
         self.states = states
         """The recurrent-state slots of a hybrid model (None: KV only)."""
         self.entries = tuple(entries) if entries is not None else tuple(("kv", j) for j in range(len(pools.layers)))
-        """Per cache entry of the model: ("kv", KV layer) or ("state", state entry)."""
+        """Per cache entry of the model: ("kv", KV layer), ("state", state entry) or ("kvs", KV layers of one
+        CacheList)."""
         self.head = plain_head(model)
         self.mirror = DecodeMirror(pools, mirror_bytes) if mirror_bytes > 0 else None
         """Dense KV of the decode group, at most mirror_bytes; None: every call gathers pages."""
@@ -99,6 +104,7 @@ class GenericForward:
         batch = paged_batch(group, self.pools.block_size)
         mirror = (self.mirror, plan) if plan is not None else None
         caches = [PagedLayerCache(self.pools, j, batch, mirror) if kind == "kv"
+                  else CacheList(*(PagedLayerCache(self.pools, i, batch, mirror) for i in j)) if kind == "kvs"
                   else SlotStateCache(self.states, j, group) for kind, j in self.entries]
         mx.eval([a for c in caches if isinstance(c, SlotStateCache) for a in c.inputs()])  # state writes in place
         if device_tokens is None:
@@ -114,7 +120,7 @@ class GenericForward:
                 self.mirror.finish()  # a call that did not write every layer voids the mirror
 
     def _logits(self, rows: Sequence[ScheduledRow], index: list[int], tokens: mx.array,
-                caches: list[PagedLayerCache | SlotStateCache], L: int) -> dict[int, mx.array]:
+                caches: list[PagedLayerCache | CacheList | SlotStateCache], L: int) -> dict[int, mx.array]:
         """The model's call; logits of the sampled positions by row index."""
         wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
                   for b, i in enumerate(index) if rows[i].sample}

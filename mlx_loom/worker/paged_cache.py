@@ -1,8 +1,8 @@
 """mlx-lm's cache protocol over the paged KV pools: one layer's view for one model call.
 
 An mlx-lm attention layer calls `cache.offset` (RoPE positions), `cache.update_and_fetch(k, v)`
-(store this call's keys/values, get back everything the queries may attend to) and its model
-calls `cache.make_mask(N, window_size=...)` once per call. `PagedLayerCache` answers these for
+(store this call's keys/values, get back everything the queries may attend to; `keys_and_values()`
+gives that again) and its model calls `cache.make_mask(N, window_size=...)` once per call. `PagedLayerCache` answers these for
 B rows of L queries each, at different positions (per-row `offset`, as mlx-lm's BatchKVCache
 does): keys are written at each token's pool slot and read back through each row's block table,
 so the model's own attention code runs over our pages. Nothing of mlx-lm is patched.
@@ -61,6 +61,7 @@ class PagedLayerCache:
         self.batch = batch
         self.window = pools.layers[index].window
         self.mirror = mirror
+        self._fetched: tuple[mx.array, mx.array] | None = None  # what update_and_fetch returned in this call
 
     @property
     def offset(self) -> mx.array:
@@ -83,8 +84,17 @@ class PagedLayerCache:
         p.v[i] = write_kv(p.v[i], b.slots, _tokens_major(values).astype(p.v[i].dtype))
         if self.mirror is not None:
             mirror, plan = self.mirror
-            return mirror.update(i, plan, keys, values)
-        return _gather(p.k[i], b.block_tables), _gather(p.v[i], b.block_tables)
+            self._fetched = mirror.update(i, plan, keys, values)
+        else:
+            self._fetched = _gather(p.k[i], b.block_tables), _gather(p.v[i], b.block_tables)
+        return self._fetched
+
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        """What this call's queries may attend to, as update_and_fetch returned it, under the same mask
+        (mlx-lm's cache protocol: gemma3n's KV-sharing layers read the layer they share this way)."""
+        if self._fetched is None:
+            raise RuntimeError("keys_and_values before update_and_fetch in this call")
+        return self._fetched
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_: object) -> mx.array:
         """bool [B, 1, N, W]: key j is visible to query i of row b iff j <= offset[b] + i (and within

@@ -3,9 +3,10 @@
 Four short sequences go through the runner the way the scheduler runs them (prefill chunks of
 different lengths, a step mixing a chunk with a decode row, batched decode rows at different
 positions beside a one-token prompt and a prefix hit, a row alone) and every sampled position is
-compared with the model's plain forward (`model(tokens)`, no cache) run with every module in its own
-class: the model as mlx-lm's loader builds it, none of the native kernels the loader routed in (each
-of those was checked on its own at load, on inputs up to 4096: mlx_loom/kernels/route_check.py). For
+compared with the model's plain forward (`model(tokens, cache)` over one fresh mlx-lm cache, as its
+generation runs) with every module in its own class: the model as mlx-lm's loader builds it, none of
+the native kernels the loader routed in (each of those was checked on its own at load, on inputs up
+to 4096: mlx_loom/kernels/route_check.py). For
 hybrid models this also checks the state slots: a chunked prompt continues its state, decode rows
 continue theirs while the one-token prompt starts from zeros in the same call, and the prefix hit
 resumes from a state snapshot (skipped without snapshots, or with pages larger than the shared
@@ -22,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_loom.kernels.route_check import own_classes
+from mlx_loom.models.layout import prompt_cache
 from mlx_loom.models.routing import unroute_model
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.runner import ModelRunner
@@ -102,8 +104,11 @@ def reference_logits(model: nn.Module, seqs: list[list[int]]) -> list[mx.array]:
     with own_classes(model):  # the reference: mlx-lm's own modules, not the routed ones
         plain = []
         for s in seqs:  # one graph each: a pipeline-parallel model's sends and receives then pair up in
-            plain.append(model(mx.array([s], dtype=mx.int32))[0].astype(mx.float32))  # the same order on
-            mx.eval(plain[-1])  # every rank (one graph of several forwards may order them differently)
+            # the same order on every rank (one graph of several forwards may order them differently); with
+            # mlx-lm's own fresh cache, as its generation runs (gemma3n's KV-sharing layers read their source's
+            # cache only when there is one: without, they project keys of their own with weights never used)
+            plain.append(model(mx.array([s], dtype=mx.int32), cache=prompt_cache(model))[0].astype(mx.float32))
+            mx.eval(plain[-1])
     object.__setattr__(model, "_loom_reference_logits", (key, plain))  # not a parameter of the model
     return plain
 
