@@ -102,7 +102,7 @@ def test_architecture_matches_mlx_lm(case, tmp_path):
     _conformance(loaded, case)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma3_text", "gemma4_text"])
 @pytest.mark.parametrize("dequantize", [None, True], ids=["default", "dequantized"])  # default: native kernels
 def test_4bit_architecture_matches_mlx_lm(case, dequantize, tmp_path):
     loaded = load_model(str(make_tiny_arch_dir(tmp_path / case, case, bits=4)), dequantize=dequantize)
@@ -147,9 +147,11 @@ UNPAGED = {
         "rope_theta": 10000.0, "use_qk_norm": True, "vocab_size": 320}}, "chunked attention"),
     "plamo3": ({"model_type": "plamo3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 320,
-                "window_size": 8, "sliding_window_pattern": 2}, "prefill lets a query see 9 keys where its decode sees 8"),
+                "window_size": 8, "sliding_window_pattern": 2},
+               "prefill lets a query see 9 keys where its decode sees 8"),
     "afm7": ({"model_type": "afm7", "vocab_size": 320, "hidden_dim": 64, "num_layers": 4, "num_kv_reuse_layers": 2,
-              "num_heads": 4, "num_kv_heads": 2}, "afm7's KV-reuse layers instead place their queries by the array's length"),
+              "num_heads": 4, "num_kv_heads": 2},
+             "afm7's KV-reuse layers instead place their queries by the array's length"),
 }
 
 

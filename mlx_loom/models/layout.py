@@ -119,7 +119,7 @@ class _ShapeProbe:
         return keys, values
 
     def keys_and_values(self) -> tuple[mx.array, mx.array]:
-        self.read_whole = True  # afm7's KV-reuse layers read the last layer's whole cache
+        self.read_whole = True  # gemma3n's KV-sharing and afm7's KV-reuse layers read another layer's cache
         return self.keys, self.values
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **_: object) -> mx.array:
@@ -148,20 +148,13 @@ def model_layout(model: nn.Module) -> ModelLayout:
     _refuse_unpaged(model, caches)
     probes = [_probe(c) for c in caches]
     out = model(mx.array([[0, 1]], dtype=mx.int32), cache=probes)  # lazy: shapes only, nothing evaluated
-    kv_probes = [q for p in probes for q in (p.caches if isinstance(p, CacheList) else [p]) if isinstance(q, _ShapeProbe)]
-    missing = [i for i, p in enumerate(probes) if (any(q.shapes is None for q in p.caches) if isinstance(p, CacheList)
-                                                   else p.shapes is None if isinstance(p, _ShapeProbe)
-                                                   else any(a is None for a in p.cache))]
+    missing = [i for i, p in enumerate(probes) if not _written(p)]
     if missing:
         raise UnsupportedModelError(f"architecture {model_type(model)!r}: cache entries {missing} were never "
                                     "written by a forward, so their layers cannot be paged")
-    _refuse_wider_masks(model, kv_probes)
-    if any(p.read_whole for p in kv_probes) and type(model) not in _WHOLE_CACHE_READERS:
-        raise UnsupportedModelError(
-            f"architecture {model_type(model)!r} reads a layer's whole cache outside its attention's "
-            "update_and_fetch (keys_and_values); over pages that array is padded past each row's keys, which only "
-            "classes known to mask it by position handle (gemma3n's KV-sharing layers; afm7's KV-reuse layers "
-            "instead place their queries by the array's length), so it is not served")
+    kv_probes = [q for p in probes for q in (p.caches if isinstance(p, CacheList) else (p,))
+                 if isinstance(q, _ShapeProbe)]
+    _refuse_unpageable_reads(model, kv_probes)
     kv, states, entries = [], [], []
     for p in probes:
         if isinstance(p, CacheList):  # one KV layer per attention sublayer
@@ -184,6 +177,15 @@ def _probe(cache: object) -> object:
     if isinstance(cache, CacheList):  # _refuse_unpaged let through only KV caches
         return CacheList(*(_ShapeProbe(None) for _ in cache.caches))
     return _ShapeProbe(cache.max_size if isinstance(cache, RotatingKVCache) else None)
+
+
+def _written(probe: object) -> bool:
+    """The probe forward wrote this cache entry (every sublayer's cache, every state array)."""
+    if isinstance(probe, CacheList):
+        return all(q.shapes is not None for q in probe.caches)
+    if isinstance(probe, _ShapeProbe):
+        return probe.shapes is not None
+    return all(a is not None for a in probe.cache)
 
 
 def _layer_kv(probe: _ShapeProbe) -> LayerKV:
@@ -238,12 +240,19 @@ def _refuse_unpaged(model: nn.Module, caches: list) -> None:
                 f"hybrids with ArraysCache state ({', '.join(TESTED_HYBRIDS)}), tested token for token")
 
 
-def _refuse_wider_masks(model: nn.Module, probes: list) -> None:
-    """UnsupportedModelError where a sliding layer's mask lets a query see more keys than its
-    RotatingKVCache keeps (plamo3: a mask of window + 1 over a cache of window): mlx-lm's own prefill
-    then sees more keys than its decode, and no one paged window gives both."""
+def _refuse_unpageable_reads(model: nn.Module, probes: list[_ShapeProbe]) -> None:
+    """UnsupportedModelError where the model's own code reads its KV caches in a way pages cannot give
+    mlx-lm's tokens: a sliding layer's mask wider than what its RotatingKVCache keeps (plamo3: a mask of
+    window + 1 over a cache of window, so mlx-lm's own prefill sees more keys than its decode), or a
+    whole cache read outside update_and_fetch by a class not known to mask its padding (afm7)."""
+    if any(p.read_whole for p in probes) and type(model) not in _WHOLE_CACHE_READERS:
+        raise UnsupportedModelError(
+            f"architecture {model_type(model)!r} reads a layer's whole cache outside its attention's "
+            "update_and_fetch (keys_and_values); over pages that array is padded past each row's keys, which only "
+            "classes known to mask it by position handle (gemma3n's KV-sharing layers; afm7's KV-reuse layers "
+            "instead place their queries by the array's length), so it is not served")
     for p in probes:
-        if isinstance(p, _ShapeProbe) and p.window is not None and (p.mask_window or 0) > p.window:
+        if p.window is not None and (p.mask_window or 0) > p.window:
             raise UnsupportedModelError(
                 f"architecture {model_type(model)!r} masks its sliding layers to {p.mask_window} keys but keeps "
                 f"{p.window} in their cache (RotatingKVCache), so mlx-lm's own prefill lets a query see "
