@@ -125,6 +125,16 @@ def test_hybrid_one_token_prompt_joins_running_decodes(tmp_path):
         _assert_matches(results[f"r{i}"], expected[i], f"qwen3_5 r{i}")
 
 
+@pytest.mark.parametrize("case", ["kimi_linear", "plamo2"])
+def test_settings_read_from_the_models_own_fields(case, tmp_path):
+    """plamo2 keeps its ModelArgs as `config` (not `args`); kimi_linear names its context length
+    `model_max_length`: both are read, not replaced by the 4096 fallback."""
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / case, case)))
+    config = ARCHS[case]
+    assert loaded.max_model_len == config.get("model_max_length", 256) != 4096
+    assert loaded.num_heads == 4 and loaded.vocab_size == 320
+
+
 # Cache layouts the engine does not page: model config fields (tiny) -> the reason the refusal must name.
 UNPAGED = {
     "falcon_h1": ({"model_type": "falcon_h1", "hidden_size": 64, "head_dim": 16, "num_attention_heads": 4,

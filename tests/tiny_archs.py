@@ -150,11 +150,23 @@ ARCHS: dict[str, dict] = {
               "gate_low_rank_dim": 16, "decay_low_rank_dim": 16},
     "mamba": {"model_type": "mamba", "state_size": 16, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
               "time_step_rank": 8},
+    # Kimi-Linear: layers 0, 2 Kimi delta attention (kda_layers count from 1), 1, 3 MLA; layers 1-3 MoE
+    "kimi_linear": {"model_type": "kimi_linear", "num_hidden_layers": 4, "model_max_length": 256,
+                    "linear_attn_config": {"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16,
+                                           "short_conv_kernel_size": 4},
+                    "num_experts": 4, "num_experts_per_token": 2, "moe_intermediate_size": 32,
+                    "num_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32,
+                    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "tie_word_embeddings": False},
+    # PLaMo 2: Mamba layers 0 and 2, attention layers 1 and 3
+    "plamo2": {"model_type": "plamo2", "num_hidden_layers": 4, "hidden_size_per_head": 16, "mamba_num_heads": 4,
+               "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_step": 2, "mamba_chunk_size": 16,
+               "attention_window_size": 256},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
 HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2",
-                                     "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7"})
+                                     "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7",
+                                     "kimi_linear", "plamo2"})
 
 
 def arch_config(case: str) -> dict:

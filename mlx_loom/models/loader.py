@@ -191,7 +191,8 @@ def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dt
         num_kv_heads=first.kv_heads,
         head_dim=first.k_dim,
         vocab_size=int(_text_arg(args, "vocab_size") or tokenizer.vocab_size),
-        max_model_len=int(_text_arg(args, "max_position_embeddings") or 4096),
+        max_model_len=int(_text_arg(args, "max_position_embeddings") or _text_arg(args, "model_max_length")
+                          or 4096),  # kimi_linear names its context length model_max_length
         dtype=dtype,
     )
 
@@ -247,7 +248,8 @@ def _load_mlx_dir(path: str, dequantize: bool | None, name: str | None = None) -
         mx.eval(model.parameters())
     _, dtype = kv_layout(model)  # the dtype the model's own attention produces K/V in
     name = name or Path(path).name  # a hub id is served under its full id
-    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), name, model.args, dtype)
+    args = getattr(model, "args", None) or model.config  # plamo2 keeps its ModelArgs as `config`
+    return _loaded(model, TextTokenizer.from_hf(hf_tokenizer), name, args, dtype)
 
 
 # -- backend report --
