@@ -19,7 +19,8 @@ from engine_driver import make_core, run
 from mlx_loom.models.loader import load_model
 from mlx_lm.utils import _get_classes
 
-from mlx_loom.models.layout import TESTED_ARCHITECTURES, TESTED_HYBRIDS, UnsupportedModelError, model_layout
+from mlx_loom.models.layout import (TESTED_ARCHITECTURES, TESTED_HYBRIDS, UnsupportedModelError, fresh_state_apart,
+                                    model_layout)
 from mlx_loom.sched.params import SamplingParams
 from tiny_archs import ARCHS, HYBRIDS, make_tiny_arch_dir
 
@@ -114,15 +115,20 @@ def test_4bit_hybrid_matches_mlx_lm(case, tmp_path):
     _conformance(loaded, f"{case} 4-bit")
 
 
-def test_hybrid_one_token_prompt_joins_running_decodes(tmp_path):
-    """A one-token prompt starts from a zero state in the same call as decode rows that continue theirs."""
-    loaded = load_model(str(make_tiny_arch_dir(tmp_path / "qwen3_5", "qwen3_5")))
+@pytest.mark.parametrize("case", ["qwen3_5", "recurrent_gemma"])
+def test_hybrid_one_token_prompt_joins_running_decodes(case, tmp_path):
+    """A one-token prompt starts from a zero state in the same call as decode rows that continue theirs
+    (qwen3_5), or in a call of its own where the model's code treats no state otherwise than a zero one
+    (recurrent_gemma), with rows still batched (not one row per call, the self-check's fallback)."""
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / case, case)))
+    assert fresh_state_apart(loaded.model) == (case == "recurrent_gemma")
     prompts = [_prompts(loaded.vocab_size)[0], [42]]
     expected = [_reference(loaded.model, p) for p in prompts]
     core = make_core(loaded, max_num_seqs=4, budget=64)
+    assert core.runner.path == "generic (model's own code)"
     results = run(core, [(f"r{i}", p, _params()) for i, p in enumerate(prompts)], join_step={"r0": 0, "r1": 3})
     for i in range(2):
-        _assert_matches(results[f"r{i}"], expected[i], f"qwen3_5 r{i}")
+        _assert_matches(results[f"r{i}"], expected[i], f"{case} r{i}")
 
 
 @pytest.mark.parametrize("case", ["kimi_linear", "plamo2"])

@@ -161,12 +161,34 @@ ARCHS: dict[str, dict] = {
     "plamo2": {"model_type": "plamo2", "num_hidden_layers": 4, "hidden_size_per_head": 16, "mamba_num_heads": 4,
                "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_step": 2, "mamba_chunk_size": 16,
                "attention_window_size": 256},
+    # OLMo hybrid: gated delta-net layers 0 and 2, attention layers 1 and 3
+    "olmo_hybrid": {"model_type": "olmo_hybrid", "num_hidden_layers": 4, "linear_num_key_heads": 2,
+                    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                    "linear_conv_kernel_dim": 4, "linear_allow_neg_eigval": True, "attention_bias": False,
+                    "layer_types": ["linear_attention", "full_attention"] * 2, "tie_word_embeddings": False},
+    # Ling-linear: gated linear attention (GLA) layers 0 and 2, attention 1 and 3 (layer_group_size 2); MoE after 0
+    "bailing_moe_linear": {"model_type": "bailing_moe_linear", "num_hidden_layers": 4, **_MOE,
+                           "num_shared_experts": 1, "norm_topk_prob": True, "first_k_dense_replace": 1,
+                           "layer_group_size": 2, "group_norm_size": 2, "use_qk_norm": True,
+                           "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "topk_group": 1,
+                           "partial_rotary_factor": 0.5, "tie_word_embeddings": False},
+    # Ling-2.5 hybrid: GLA layers 0 and 2, MLA layers 1 and 3
+    "bailing_hybrid": {"model_type": "bailing_hybrid", "num_hidden_layers": 4, **_MOE, "num_shared_experts": 1,
+                       "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "layer_group_size": 2,
+                       "group_norm_size": 2, "routed_scaling_factor": 2.5, "kv_lora_rank": 32,
+                       "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "q_lora_rank": None,
+                       "tie_word_embeddings": False},
+    # RecurrentGemma (Griffin): RG-LRU layers 0 and 1, local attention (window 8, one KV head) layer 2
+    "recurrent_gemma": {"model_type": "recurrent_gemma", "num_hidden_layers": 3, "attention_bias": False,
+                        "conv1d_width": 4, "logits_soft_cap": 30.0, "num_key_value_heads": 1,
+                        "attention_window_size": SLIDING_WINDOW, "block_types": ["recurrent", "recurrent", "attention"]},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
 HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2",
                                      "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7",
-                                     "kimi_linear", "plamo2"})
+                                     "kimi_linear", "plamo2", "olmo_hybrid", "bailing_moe_linear", "bailing_hybrid",
+                                     "recurrent_gemma"})
 
 
 def arch_config(case: str) -> dict:

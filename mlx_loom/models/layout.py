@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama, qwen3
+from mlx_lm.models import llama, qwen3, recurrent_gemma
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
@@ -36,7 +36,8 @@ TESTED_ARCHITECTURES = (
 )
 # Hybrids with recurrent state (ArraysCache entries) the matrix checks token for token.
 TESTED_HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid",
-                  "jamba", "mamba", "mamba2", "rwkv7", "kimi_linear", "plamo2")
+                  "jamba", "mamba", "mamba2", "rwkv7", "kimi_linear", "plamo2", "olmo_hybrid", "bailing_moe_linear",
+                  "bailing_hybrid", "recurrent_gemma")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,17 @@ class ModelLayout:
     """Per cache entry of the model, in order: ("kv", index into kv) or ("state", index into states)."""
     dtype: mx.Dtype
     """The dtype the model's own attention produces K/V in (its activations' dtype without attention)."""
+
+
+# Model classes whose recurrent layers treat a missing state (None) otherwise than a zero state, so a row
+# that starts its sequence cannot share a call with rows that continue theirs: recurrent_gemma's RG-LRU
+# skips the input normalisation of a sequence's first token only when its state is None.
+_FRESH_STATE_APART = (recurrent_gemma.Model,)
+
+
+def fresh_state_apart(model: nn.Module) -> bool:
+    """True when rows starting their sequence need calls of their own (exactly a listed class)."""
+    return type(model) in _FRESH_STATE_APART
 
 
 class UnsupportedModelError(ValueError):

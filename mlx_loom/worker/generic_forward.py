@@ -15,7 +15,10 @@ The decode group (one query per row) reads its keys from a dense mirror kept acr
 
 Hybrid models get, for each recurrent-state entry of their cache, a `SlotStateCache` over the rows'
 state slots (state_cache.py) in the model's own cache order; after the call, what the model wrote
-there goes back to the slots. A chunked prompt continues its row's state from chunk to chunk.
+there goes back to the slots. A chunked prompt continues its row's state from chunk to chunk. Rows
+that start their sequence share a call with rows that continue theirs (their state is zeros there),
+except for model classes whose own code treats a missing state otherwise than a zero one
+(models/layout.py `fresh_state_apart`): there they get calls of their own, which see None as mlx-lm's do.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_loom.models.heads import Head, plain_head
+from mlx_loom.models.layout import fresh_state_apart
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.decode_mirror import DecodeMirror
 from mlx_loom.worker.kv_pools import KVPools
@@ -51,23 +55,25 @@ class GenericForward:
         """None: a group is one call. 1: one call per row, for models whose own attention code does not
         batch rows at different positions (the self-check finds them: gemma2 broadcasts a [B, 1, N, L]
         mask against 5-D grouped scores)."""
+        self.fresh_apart = states is not None and fresh_state_apart(model)
+        """Rows that start their sequence get calls of their own (the model's state None is not zeros)."""
 
     def __call__(self, rows: Sequence[ScheduledRow], tokens: mx.array | None = None) -> tuple[mx.array, tuple[int, ...]]:
         """(logits [S, V] float32, sampling rows in index order): num_draft + 1 logits rows each.
         tokens [T]: decode rows' input tokens on the device, instead of row.token_ids."""
         groups: dict[object, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(i if self.rows_per_call == 1 else len(row.token_ids), []).append(i)
+            groups.setdefault(i if self.rows_per_call == 1 else self._group_key(row), []).append(i)
         if self.mirror is not None and (self.rows_per_call == 1 or 1 not in groups):
             self.mirror.drop()  # no decode group: free its memory
         picked: dict[int, mx.array] = {}
         written: list[SlotStateCache] = []
         if self.states is not None:
             self.states.restore(rows)  # prefix hits: their snapshots into their slots (a retry copies them again)
-        for n, index in enumerate(groups.values()):
+        for n, (key, index) in enumerate(groups.items()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
                 mx.eval(list(picked.values()), self.pool_arrays())
-            picked.update(self._call(rows, index, tokens, written))
+            picked.update(self._call(rows, index, tokens, written, mirrored=key == 1))
         if self.states is not None:  # only once every call is built: a failed step leaves the states as they were
             for cache in written:
                 cache.commit()
@@ -86,12 +92,19 @@ class GenericForward:
         if self.mirror is not None:
             self.mirror.drop()
 
+    def _group_key(self, row: ScheduledRow) -> object:
+        """Rows of one call: the same query length (1: the decode group), apart by start where fresh_apart."""
+        if self.fresh_apart and row.start_pos == 0:
+            return (len(row.token_ids), "fresh")
+        return len(row.token_ids)
+
     def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None,
-              written: list[SlotStateCache]) -> dict[int, mx.array]:
-        """One call of the model over rows[index]; its state caches are appended to `written`."""
+              written: list[SlotStateCache], mirrored: bool) -> dict[int, mx.array]:
+        """One call of the model over rows[index]; its state caches are appended to `written`. Only the
+        decode group (`mirrored`) reads the decode mirror."""
         group = [rows[i] for i in index]
         plan = None
-        if self.mirror is not None and self.rows_per_call != 1 and len(group[0].token_ids) == 1:
+        if self.mirror is not None and self.rows_per_call != 1 and mirrored:
             plan = self.mirror.plan(group)
         if plan is not None:  # the call's rows in the mirror's slot order
             index = [index[b] for b in plan.order]
