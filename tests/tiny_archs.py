@@ -181,7 +181,8 @@ ARCHS: dict[str, dict] = {
     # RecurrentGemma (Griffin): RG-LRU layers 0 and 1, local attention (window 8, one KV head) layer 2
     "recurrent_gemma": {"model_type": "recurrent_gemma", "num_hidden_layers": 3, "attention_bias": False,
                         "conv1d_width": 4, "logits_soft_cap": 30.0, "num_key_value_heads": 1,
-                        "attention_window_size": SLIDING_WINDOW, "block_types": ["recurrent", "recurrent", "attention"]},
+                        "attention_window_size": SLIDING_WINDOW,
+                        "block_types": ["recurrent", "recurrent", "attention"]},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.

@@ -73,7 +73,7 @@ class GenericForward:
         for n, (key, index) in enumerate(groups.items()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
                 mx.eval(list(picked.values()), self.pool_arrays())
-            picked.update(self._call(rows, index, tokens, written, mirrored=key == 1))
+            picked.update(self._call(rows, index, tokens, written, key == 1))  # key 1: the decode group
         if self.states is not None:  # only once every call is built: a failed step leaves the states as they were
             for cache in written:
                 cache.commit()
