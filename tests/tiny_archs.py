@@ -183,13 +183,29 @@ ARCHS: dict[str, dict] = {
                         "conv1d_width": 4, "logits_soft_cap": 30.0, "num_key_value_heads": 1,
                         "attention_window_size": SLIDING_WINDOW,
                         "block_types": ["recurrent", "recurrent", "attention"]},
+    # Ling-2.5 (bailing_moe_v3): Kimi delta attention layers 0 and 2, MLA layers 1 and 3; MoE after layer 0
+    "bailing_moe_v3": {"model_type": "bailing_moe_v3", "num_hidden_layers": 4, **_MOE,
+                       "moe_shared_expert_intermediate_size": 32, "num_shared_experts": 1, "n_group": 1,
+                       "topk_group": 1, "first_k_dense_replace": 1, "layer_group_size": 2, "q_lora_rank": 32,
+                       "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                       "short_conv_kernel_size": 4, "tie_word_embeddings": False},
+    # Kimi K3 (text model in text_config): Kimi delta attention layers 0 and 2, MLA 1 and 3, attention residuals
+    "kimi_k3": {"model_type": "kimi_k3", "tie_word_embeddings": False, "text_config": {
+        **{k: _BASE[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "rms_norm_eps",
+                                 "vocab_size", "max_position_embeddings")},
+        "model_type": "kimi_linear", "num_hidden_layers": 4, "num_key_value_heads": 4,
+        "linear_attn_config": {"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16, "short_conv_kernel_size": 4},
+        "attn_res_block_size": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "num_experts": 4, "num_experts_per_token": 2,
+        "moe_intermediate_size": 32, "num_shared_experts": 1, "first_k_dense_replace": 1,
+        "tie_word_embeddings": False}},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
 HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2",
                                      "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7",
                                      "kimi_linear", "plamo2", "olmo_hybrid", "bailing_moe_linear", "bailing_hybrid",
-                                     "recurrent_gemma"})
+                                     "recurrent_gemma", "bailing_moe_v3", "kimi_k3"})
 
 
 def arch_config(case: str) -> dict:

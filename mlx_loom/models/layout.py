@@ -37,7 +37,7 @@ TESTED_ARCHITECTURES = (
 # Hybrids with recurrent state (ArraysCache entries) the matrix checks token for token.
 TESTED_HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid",
                   "jamba", "mamba", "mamba2", "rwkv7", "kimi_linear", "plamo2", "olmo_hybrid", "bailing_moe_linear",
-                  "bailing_hybrid", "recurrent_gemma")
+                  "bailing_hybrid", "recurrent_gemma", "bailing_moe_v3", "kimi_k3")
 
 
 @dataclass(frozen=True)
