@@ -4,19 +4,22 @@ Tiny random-weight checkpoints (tests/tiny_archs.py) are loaded by our loader; m
 `generate_step` on the same model object is the reference. Greedy tokens must be identical and
 the top-5 logprobs within 1e-4 (relative past |logprob| 1), for a request alone, in a batch with staggered joins and chunked
 prefill, after a preemption, and on a prefix-cache hit. Hybrids (recurrent state in slots next to
-the paged KV) run the same scenarios with prefix caching off; the cache layouts the engine does not
-page (CacheList, ChunkedKVCache) are refused with the real reason.
+the paged KV) run the same scenarios, their prefix hit resuming from a state snapshot; the cache
+layouts the engine does not page (a CacheList of key caches only, ChunkedKVCache) are refused with
+the real reason.
 """
 
 from __future__ import annotations
 
 import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.generate import generate_step
 
 from engine_driver import make_core, run
 from mlx_loom.models.loader import load_model
+from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache
 from mlx_lm.utils import _get_classes
 
 from mlx_loom.models.layout import (TESTED_ARCHITECTURES, TESTED_HYBRIDS, UnsupportedModelError, fresh_state_apart,
@@ -143,10 +146,6 @@ def test_settings_read_from_the_models_own_fields(case, tmp_path):
 
 # Cache layouts the engine does not page: model config fields (tiny) -> the reason the refusal must name.
 UNPAGED = {
-    "falcon_h1": ({"model_type": "falcon_h1", "hidden_size": 64, "head_dim": 16, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 320,
-                   "mamba_d_ssm": 128, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16},
-                  "SSM state and a KV cache in one layer entry"),
     "deepseek_v32": ({"model_type": "deepseek_v32", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
                       "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
                       "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "kv_lora_rank": 32,
@@ -169,6 +168,18 @@ def test_unpaged_cache_layouts_are_refused_with_the_reason(case):
     with pytest.raises(UnsupportedModelError, match=reason) as err:
         model_layout(model_class(args_class.from_dict(config)))
     assert case in str(err.value)
+
+
+def test_other_cache_lists_are_refused_naming_their_members():
+    """The engine splits a CacheList of state and KV caches (falcon_h1, baichuan_m1); any other mix is refused."""
+    class Odd(nn.Module):
+        model_type = "odd"
+
+        def make_cache(self) -> list:
+            return [CacheList(ArraysCache(1), ChunkedKVCache(8))]
+
+    with pytest.raises(UnsupportedModelError, match="'odd' keeps a CacheList of ArraysCache, ChunkedKVCache"):
+        model_layout(Odd())
 
 
 def test_every_tested_architecture_is_in_the_matrix():

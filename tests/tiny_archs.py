@@ -199,13 +199,21 @@ ARCHS: dict[str, dict] = {
         "qk_rope_head_dim": 8, "v_head_dim": 16, "num_experts": 4, "num_experts_per_token": 2,
         "moe_intermediate_size": 32, "num_shared_experts": 1, "first_k_dense_replace": 1,
         "tie_word_embeddings": False}},
+    # Falcon-H1: every layer runs Mamba-2 and attention side by side (CacheList of an SSM state and a KV cache)
+    "falcon_h1": {"model_type": "falcon_h1", "mamba_d_ssm": 128, "mamba_n_heads": 8, "mamba_d_head": 16,
+                  "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_d_conv": 4, "tie_word_embeddings": False},
+    # Baichuan-M1: a 2-tap conv over keys and values (its state in an ArraysCache) before each layer's attention;
+    # layer 1 slides (window 8)
+    "baichuan_m1": {"model_type": "baichuan_m1", "num_hidden_layers": 2, "conv_window": 2,
+                    "sliding_window_layers": [1], "sliding_window": SLIDING_WINDOW, "num_swa_attention_heads": 4,
+                    "num_swa_key_value_heads": 2, "tie_word_embeddings": False},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
 HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2",
                                      "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7",
                                      "kimi_linear", "plamo2", "olmo_hybrid", "bailing_moe_linear", "bailing_hybrid",
-                                     "recurrent_gemma", "bailing_moe_v3", "kimi_k3"})
+                                     "recurrent_gemma", "bailing_moe_v3", "kimi_k3", "falcon_h1", "baichuan_m1"})
 
 
 def arch_config(case: str) -> dict:

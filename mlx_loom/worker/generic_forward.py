@@ -27,13 +27,14 @@ from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import CacheList
 
 from mlx_loom.models.heads import Head, plain_head
-from mlx_loom.models.layout import fresh_state_apart
+from mlx_loom.models.layout import Entry, fresh_state_apart
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.decode_mirror import DecodeMirror
 from mlx_loom.worker.kv_pools import KVPools
-from mlx_loom.worker.paged_cache import PagedLayerCache, paged_batch
+from mlx_loom.worker.paged_cache import PagedBatch, PagedLayerCache, paged_batch
 from mlx_loom.worker.state_cache import SlotStateCache
 from mlx_loom.worker.state_pools import StatePools
 
@@ -41,13 +42,13 @@ class GenericForward:
     """One step as calls of the model's own code, grouped by query length (engine thread only)."""
 
     def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0,
-                 states: StatePools | None = None, entries: Sequence[tuple[str, int]] | None = None) -> None:
+                 states: StatePools | None = None, entries: Sequence[Entry] | None = None) -> None:
         self.model = model
         self.pools = pools
         self.states = states
         """The recurrent-state slots of a hybrid model (None: KV only)."""
         self.entries = tuple(entries) if entries is not None else tuple(("kv", j) for j in range(len(pools.layers)))
-        """Per cache entry of the model: ("kv", KV layer) or ("state", state entry)."""
+        """Per cache entry of the model: ("kv", KV layer), ("state", state entry) or ("list", members)."""
         self.head = plain_head(model)
         self.mirror = DecodeMirror(pools, mirror_bytes) if mirror_bytes > 0 else None
         """Dense KV of the decode group, at most mirror_bytes; None: every call gathers pages."""
@@ -111,23 +112,35 @@ class GenericForward:
             group = [rows[i] for i in index]
         batch = paged_batch(group, self.pools.block_size)
         mirror = (self.mirror, plan) if plan is not None else None
-        caches = [PagedLayerCache(self.pools, j, batch, mirror) if kind == "kv"
-                  else SlotStateCache(self.states, j, group) for kind, j in self.entries]
-        mx.eval([a for c in caches if isinstance(c, SlotStateCache) for a in c.inputs()])  # state writes in place
+        caches = [self._cache(entry, group, batch, mirror) for entry in self.entries]
+        states = [c for entry in caches for c in (entry.caches if isinstance(entry, CacheList) else (entry,))
+                  if isinstance(c, SlotStateCache)]
+        mx.eval([a for c in states for a in c.inputs()])  # state writes in place
         if device_tokens is None:
             tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
         else:  # decode rows: [B, 1]
             tokens = device_tokens[mx.array(index, dtype=mx.int32)][:, None]
         try:
             picked = self._logits(rows, index, tokens, caches, batch.q_len)
-            written.extend(c for c in caches if isinstance(c, SlotStateCache))
+            written.extend(states)
             return picked
         finally:
             if plan is not None:
                 self.mirror.finish()  # a call that did not write every layer voids the mirror
 
+    def _cache(self, entry: Entry, group: list[ScheduledRow], batch: PagedBatch,
+               mirror: tuple | None) -> PagedLayerCache | SlotStateCache | CacheList:
+        """The cache object the model's own code gets for one of its cache entries (a CacheList: mlx-lm's
+        own class over its members' paged KV and state slots)."""
+        kind, j = entry
+        if kind == "kv":
+            return PagedLayerCache(self.pools, j, batch, mirror)
+        if kind == "state":
+            return SlotStateCache(self.states, j, group)
+        return CacheList(*(self._cache(member, group, batch, mirror) for member in j))
+
     def _logits(self, rows: Sequence[ScheduledRow], index: list[int], tokens: mx.array,
-                caches: list[PagedLayerCache | SlotStateCache], L: int) -> dict[int, mx.array]:
+                caches: list[PagedLayerCache | SlotStateCache | CacheList], L: int) -> dict[int, mx.array]:
         """The model's call; logits of the sampled positions by row index."""
         wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
                   for b, i in enumerate(index) if rows[i].sample}
