@@ -148,8 +148,6 @@ ARCHS: dict[str, dict] = {
                  "layer_types": ["conv", "conv", "full_attention", "conv"]},
     "rwkv7": {"model_type": "rwkv7", "norm_eps": 1e-5, "a_low_rank_dim": 16, "v_low_rank_dim": 16,
               "gate_low_rank_dim": 16, "decay_low_rank_dim": 16},
-    "mamba": {"model_type": "mamba", "state_size": 16, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
-              "time_step_rank": 8},
     # Kimi-Linear: layers 0, 2 Kimi delta attention (kda_layers count from 1), 1, 3 MLA; layers 1-3 MoE
     "kimi_linear": {"model_type": "kimi_linear", "num_hidden_layers": 4, "model_max_length": 256,
                     "linear_attn_config": {"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16,
@@ -207,6 +205,8 @@ ARCHS: dict[str, dict] = {
     "baichuan_m1": {"model_type": "baichuan_m1", "num_hidden_layers": 2, "conv_window": 2,
                     "sliding_window_layers": [1], "sliding_window": SLIDING_WINDOW, "num_swa_attention_heads": 4,
                     "num_swa_key_value_heads": 2, "tie_word_embeddings": False},
+    "mamba": {"model_type": "mamba", "state_size": 16, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
+              "time_step_rank": 8},
 }
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
