@@ -4,23 +4,26 @@ Tiny random-weight checkpoints (tests/tiny_archs.py) are loaded by our loader; m
 `generate_step` on the same model object is the reference. Greedy tokens must be identical and
 the top-5 logprobs within 1e-4 (relative past |logprob| 1), for a request alone, in a batch with staggered joins and chunked
 prefill, after a preemption, and on a prefix-cache hit. Hybrids (recurrent state in slots next to
-the paged KV) run the same scenarios with prefix caching off; the cache layouts the engine does not
-page (a CacheList with SSM state or an indexer's keys, ChunkedKVCache), and models whose own mlx-lm
-code pages cannot reproduce (plamo3, afm7), are refused with the real reason.
+the paged KV) run the same scenarios, their prefix hit resuming from a state snapshot; the cache
+layouts the engine does not page (a CacheList of key caches beside an indexer's, ChunkedKVCache), and
+models whose own mlx-lm code pages cannot reproduce (plamo3, afm7), are refused with the real reason.
 """
 
 from __future__ import annotations
 
 import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.generate import generate_step
 
 from engine_driver import make_core, run
 from mlx_loom.models.loader import load_model
+from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache
 from mlx_lm.utils import _get_classes
 
-from mlx_loom.models.layout import TESTED_ARCHITECTURES, TESTED_HYBRIDS, UnsupportedModelError, model_layout
+from mlx_loom.models.layout import (TESTED_ARCHITECTURES, TESTED_HYBRIDS, UnsupportedModelError, fresh_state_apart,
+                                    model_layout)
 from mlx_loom.sched.params import SamplingParams
 from tiny_archs import ARCHS, HYBRIDS, make_tiny_arch_dir
 
@@ -115,24 +118,35 @@ def test_4bit_hybrid_matches_mlx_lm(case, tmp_path):
     _conformance(loaded, f"{case} 4-bit")
 
 
-def test_hybrid_one_token_prompt_joins_running_decodes(tmp_path):
-    """A one-token prompt starts from a zero state in the same call as decode rows that continue theirs."""
-    loaded = load_model(str(make_tiny_arch_dir(tmp_path / "qwen3_5", "qwen3_5")))
+@pytest.mark.parametrize("case", ["qwen3_5", "recurrent_gemma"])
+def test_hybrid_one_token_prompt_joins_running_decodes(case, tmp_path):
+    """A one-token prompt starts from a zero state in the same call as decode rows that continue theirs
+    (qwen3_5), or in a call of its own where the model's code treats no state otherwise than a zero one
+    (recurrent_gemma), with rows still batched (not one row per call, the self-check's fallback)."""
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / case, case)))
+    assert fresh_state_apart(loaded.model) == (case == "recurrent_gemma")
     prompts = [_prompts(loaded.vocab_size)[0], [42]]
     expected = [_reference(loaded.model, p) for p in prompts]
     core = make_core(loaded, max_num_seqs=4, budget=64)
+    assert core.runner.path == "generic (model's own code)"
     results = run(core, [(f"r{i}", p, _params()) for i, p in enumerate(prompts)], join_step={"r0": 0, "r1": 3})
     for i in range(2):
-        _assert_matches(results[f"r{i}"], expected[i], f"qwen3_5 r{i}")
+        _assert_matches(results[f"r{i}"], expected[i], f"{case} r{i}")
+
+
+@pytest.mark.parametrize("case", ["kimi_linear", "plamo2"])
+def test_settings_read_from_the_models_own_fields(case, tmp_path):
+    """plamo2 keeps its ModelArgs as `config` (not `args`); kimi_linear names its context length
+    `model_max_length`: both are read, not replaced by the 4096 fallback."""
+    loaded = load_model(str(make_tiny_arch_dir(tmp_path / case, case)))
+    config = ARCHS[case]
+    assert loaded.max_model_len == config.get("model_max_length", 256) != 4096
+    assert loaded.num_heads == 4 and loaded.vocab_size == 320
 
 
 # Cache layouts the engine does not page, or whose mlx-lm code disagrees with itself: model config fields (tiny) ->
 # the reason the refusal must name.
 UNPAGED = {
-    "falcon_h1": ({"model_type": "falcon_h1", "hidden_size": 64, "head_dim": 16, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 320,
-                   "mamba_d_ssm": 128, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16},
-                  "SSM state and a KV cache in one layer entry"),
     "deepseek_v32": ({"model_type": "deepseek_v32", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
                       "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
                       "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "kv_lora_rank": 32,
@@ -162,6 +176,18 @@ def test_unpaged_cache_layouts_are_refused_with_the_reason(case):
     with pytest.raises(UnsupportedModelError, match=reason) as err:
         model_layout(model_class(args_class.from_dict(config)))
     assert case in str(err.value)
+
+
+def test_other_cache_lists_are_refused_naming_their_members():
+    """The engine splits a CacheList of state and KV caches (falcon_h1, baichuan_m1); any other mix is refused."""
+    class Odd(nn.Module):
+        model_type = "odd"
+
+        def make_cache(self) -> list:
+            return [CacheList(ArraysCache(1), ChunkedKVCache(8))]
+
+    with pytest.raises(UnsupportedModelError, match="'odd' keeps a CacheList of ArraysCache, ChunkedKVCache"):
+        model_layout(Odd())
 
 
 def test_every_tested_architecture_is_in_the_matrix():

@@ -150,3 +150,25 @@ def test_warm_up_of_a_hybrid_leaves_nothing_a_request_resumes_from(tmp_path):
     core = make_core(loaded, max_num_seqs=8)
     assert core.warm_up().batch_sizes == (1, 2, 4, 8)
     assert run(core, [("a", [50, 51, 52, 53], params)])["a"].tokens == cold
+
+
+def test_a_state_of_another_shape_than_the_slots_fails_the_step_instead_of_broadcasting():
+    """A state that grows with the tokens seen (shaped by the two-token probe) would broadcast into the
+    slots: commit refuses it, so the step fails and its rows fail alone."""
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+
+    from mlx_loom.models.layout import LayerState
+    from mlx_loom.sched.scheduler import ScheduledRow
+    from mlx_loom.worker.state_cache import SlotStateCache, StateShapeError
+    from mlx_loom.worker.state_pools import StatePools
+
+    pools = StatePools([LayerState(((3,),), (mx.int32,))], num_slots=2)
+    rows = [ScheduledRow(f"r{s}", (5,), 0, (0,), True, state_slot=s) for s in range(2)]
+    cache = SlotStateCache(pools, 0, rows)
+    cache[0] = mx.ones((2, 1), dtype=mx.int32)  # one token of context where the slots hold three
+    with pytest.raises(StateShapeError, match=r"shape \(2, 1\) for 2 rows; its slots hold \(3,\)"):
+        cache.commit()
+    cache[0] = mx.ones((2, 3), dtype=mx.int32)
+    cache.commit()
+    assert pools.states[0][0].tolist() == [[1, 1, 1], [1, 1, 1]]

@@ -148,6 +148,63 @@ ARCHS: dict[str, dict] = {
                  "layer_types": ["conv", "conv", "full_attention", "conv"]},
     "rwkv7": {"model_type": "rwkv7", "norm_eps": 1e-5, "a_low_rank_dim": 16, "v_low_rank_dim": 16,
               "gate_low_rank_dim": 16, "decay_low_rank_dim": 16},
+    # Kimi-Linear: layers 0, 2 Kimi delta attention (kda_layers count from 1), 1, 3 MLA; layers 1-3 MoE
+    "kimi_linear": {"model_type": "kimi_linear", "num_hidden_layers": 4, "model_max_length": 256,
+                    "linear_attn_config": {"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16,
+                                           "short_conv_kernel_size": 4},
+                    "num_experts": 4, "num_experts_per_token": 2, "moe_intermediate_size": 32,
+                    "num_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 32,
+                    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "tie_word_embeddings": False},
+    # PLaMo 2: Mamba layers 0 and 2, attention layers 1 and 3
+    "plamo2": {"model_type": "plamo2", "num_hidden_layers": 4, "hidden_size_per_head": 16, "mamba_num_heads": 4,
+               "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_step": 2, "mamba_chunk_size": 16,
+               "attention_window_size": 256},
+    # OLMo hybrid: gated delta-net layers 0 and 2, attention layers 1 and 3
+    "olmo_hybrid": {"model_type": "olmo_hybrid", "num_hidden_layers": 4, "linear_num_key_heads": 2,
+                    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                    "linear_conv_kernel_dim": 4, "linear_allow_neg_eigval": True, "attention_bias": False,
+                    "layer_types": ["linear_attention", "full_attention"] * 2, "tie_word_embeddings": False},
+    # Ling-linear: gated linear attention (GLA) layers 0 and 2, attention 1 and 3 (layer_group_size 2); MoE after 0
+    "bailing_moe_linear": {"model_type": "bailing_moe_linear", "num_hidden_layers": 4, **_MOE,
+                           "num_shared_experts": 1, "norm_topk_prob": True, "first_k_dense_replace": 1,
+                           "layer_group_size": 2, "group_norm_size": 2, "use_qk_norm": True,
+                           "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "topk_group": 1,
+                           "partial_rotary_factor": 0.5, "tie_word_embeddings": False},
+    # Ling-2.5 hybrid: GLA layers 0 and 2, MLA layers 1 and 3
+    "bailing_hybrid": {"model_type": "bailing_hybrid", "num_hidden_layers": 4, **_MOE, "num_shared_experts": 1,
+                       "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "layer_group_size": 2,
+                       "group_norm_size": 2, "routed_scaling_factor": 2.5, "kv_lora_rank": 32,
+                       "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "q_lora_rank": None,
+                       "tie_word_embeddings": False},
+    # RecurrentGemma (Griffin): RG-LRU layers 0 and 1, local attention (window 8, one KV head) layer 2
+    "recurrent_gemma": {"model_type": "recurrent_gemma", "num_hidden_layers": 3, "attention_bias": False,
+                        "conv1d_width": 4, "logits_soft_cap": 30.0, "num_key_value_heads": 1,
+                        "attention_window_size": SLIDING_WINDOW,
+                        "block_types": ["recurrent", "recurrent", "attention"]},
+    # Ling-2.5 (bailing_moe_v3): Kimi delta attention layers 0 and 2, MLA layers 1 and 3; MoE after layer 0
+    "bailing_moe_v3": {"model_type": "bailing_moe_v3", "num_hidden_layers": 4, **_MOE,
+                       "moe_shared_expert_intermediate_size": 32, "num_shared_experts": 1, "n_group": 1,
+                       "topk_group": 1, "first_k_dense_replace": 1, "layer_group_size": 2, "q_lora_rank": 32,
+                       "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                       "short_conv_kernel_size": 4, "tie_word_embeddings": False},
+    # Kimi K3 (text model in text_config): Kimi delta attention layers 0 and 2, MLA 1 and 3, attention residuals
+    "kimi_k3": {"model_type": "kimi_k3", "tie_word_embeddings": False, "text_config": {
+        **{k: _BASE[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "rms_norm_eps",
+                                 "vocab_size", "max_position_embeddings")},
+        "model_type": "kimi_linear", "num_hidden_layers": 4, "num_key_value_heads": 4,
+        "linear_attn_config": {"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16, "short_conv_kernel_size": 4},
+        "attn_res_block_size": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "num_experts": 4, "num_experts_per_token": 2,
+        "moe_intermediate_size": 32, "num_shared_experts": 1, "first_k_dense_replace": 1,
+        "tie_word_embeddings": False}},
+    # Falcon-H1: every layer runs Mamba-2 and attention side by side (CacheList of an SSM state and a KV cache)
+    "falcon_h1": {"model_type": "falcon_h1", "mamba_d_ssm": 128, "mamba_n_heads": 8, "mamba_d_head": 16,
+                  "mamba_d_state": 16, "mamba_n_groups": 1, "mamba_d_conv": 4, "tie_word_embeddings": False},
+    # Baichuan-M1: a 2-tap conv over keys and values (its state in an ArraysCache) before each layer's attention;
+    # layer 1 slides (window 8)
+    "baichuan_m1": {"model_type": "baichuan_m1", "num_hidden_layers": 2, "conv_window": 2,
+                    "sliding_window_layers": [1], "sliding_window": SLIDING_WINDOW, "num_swa_attention_heads": 4,
+                    "num_swa_key_value_heads": 2, "tie_word_embeddings": False},
     "mamba": {"model_type": "mamba", "state_size": 16, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
               "time_step_rank": 8},
     # issue 31: attention-only architectures mlx-lm 0.32 added
@@ -323,7 +380,9 @@ ARCHS: dict[str, dict] = {
 
 # Cases whose cache is not only KV: recurrent state (ArraysCache) beside, or instead of, attention.
 HYBRIDS: frozenset[str] = frozenset({"qwen3_next", "lfm2", "qwen3_5", "nemotron_h", "granitemoehybrid", "mamba2",
-                                     "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7"})
+                                     "qwen3_5_moe", "jamba", "mamba", "lfm2_moe", "rwkv7",
+                                     "kimi_linear", "plamo2", "olmo_hybrid", "bailing_moe_linear", "bailing_hybrid",
+                                     "recurrent_gemma", "bailing_moe_v3", "kimi_k3", "falcon_h1", "baichuan_m1"})
 
 
 def arch_config(case: str) -> dict:

@@ -5,11 +5,13 @@ entries keep KV (and which of those slide) and which keep recurrent state (`Arra
 windows, SSM / linear-attention states of SSM and linear-attention hybrids), then runs one lazy
 forward with recording caches to read each KV layer's key and value shapes (MLA layers store a
 latent and a rope key of different widths) and each state entry's per-request shape and dtype.
-Nothing is evaluated, so this costs no compute. A `CacheList` of KV caches (one per attention
-sublayer, longcat_flash) becomes one paged KV layer per cache. Cache layouts the engine does not
-page (other `CacheList`s, `ChunkedKVCache`, anything else), and models whose own code would not
-give mlx-lm's tokens over pages (a mask wider than the cache's window, positions taken from a
-cache array's length), are refused here with the real reason.
+Nothing is evaluated, so this costs no compute. A `CacheList` in one layer entry is split into its
+members, each paged as its own kind: a state and a KV cache (falcon_h1's parallel Mamba and
+attention, baichuan_m1's k/v conv window beside its attention) or one KV cache per attention
+sublayer (longcat_flash). Cache layouts the engine does not page (other `CacheList`s,
+`ChunkedKVCache`, anything else), and models whose own code would not give mlx-lm's tokens over
+pages (a mask wider than the cache's window, positions taken from a cache array's length), are
+refused here with the real reason.
 
 `flattened_llama_reason` is the structural check for the hand-written llama path (and the fused
 native decode layer): exactly mlx-lm's llama classes, or qwen3's (a llama block plus per-head
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama, qwen3
+from mlx_lm.models import llama, qwen3, recurrent_gemma
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
@@ -47,7 +49,8 @@ TESTED_ARCHITECTURES = (
 )
 # Hybrids with recurrent state (ArraysCache entries) the matrix checks token for token.
 TESTED_HYBRIDS = ("qwen3_5", "qwen3_5_moe", "qwen3_next", "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid",
-                  "jamba", "mamba", "mamba2", "rwkv7")
+                  "jamba", "mamba", "mamba2", "rwkv7", "kimi_linear", "plamo2", "olmo_hybrid", "bailing_moe_linear",
+                  "bailing_hybrid", "recurrent_gemma", "bailing_moe_v3", "kimi_k3", "falcon_h1", "baichuan_m1")
 
 
 @dataclass(frozen=True)
@@ -73,17 +76,31 @@ class LayerState:
         return sum(math.prod(s) * d.size for s, d in zip(self.shapes, self.dtypes))
 
 
+Entry = tuple[str, "int | tuple[Entry, ...]"]
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """What the engine keeps per request: paged KV layers, state entries, and which cache entry is which."""
 
     kv: tuple[LayerKV, ...]
     states: tuple[LayerState, ...]
-    entries: tuple[tuple[str, int | tuple[int, ...]], ...]
+    entries: tuple[Entry, ...]
     """Per cache entry of the model, in order: ("kv", index into kv), ("state", index into states) or
-    ("kvs", indices into kv) for a CacheList of KV caches (one per attention sublayer of the layer)."""
+    ("list", its members' entries) for a CacheList."""
     dtype: mx.Dtype
     """The dtype the model's own attention produces K/V in (its activations' dtype without attention)."""
+
+
+# Model classes whose recurrent layers treat a missing state (None) otherwise than a zero state, so a row
+# that starts its sequence cannot share a call with rows that continue theirs: recurrent_gemma's RG-LRU
+# skips the input normalisation of a sequence's first token only when its state is None.
+_FRESH_STATE_APART = (recurrent_gemma.Model,)
+
+
+def fresh_state_apart(model: nn.Module) -> bool:
+    """True when rows starting their sequence need calls of their own (exactly a listed class)."""
+    return type(model) in _FRESH_STATE_APART
 
 
 class UnsupportedModelError(ValueError):
@@ -148,49 +165,46 @@ def model_layout(model: nn.Module) -> ModelLayout:
     _refuse_unpaged(model, caches)
     probes = [_probe(c) for c in caches]
     out = model(mx.array([[0, 1]], dtype=mx.int32), cache=probes)  # lazy: shapes only, nothing evaluated
-    missing = [i for i, p in enumerate(probes) if not _written(p)]
+    missing = [i for i, p in enumerate(probes) if any(_unwritten(x) for x in _members(p))]
     if missing:
         raise UnsupportedModelError(f"architecture {model_type(model)!r}: cache entries {missing} were never "
                                     "written by a forward, so their layers cannot be paged")
-    kv_probes = [q for p in probes for q in (p.caches if isinstance(p, CacheList) else (p,))
-                 if isinstance(q, _ShapeProbe)]
-    _refuse_unpageable_reads(model, kv_probes)
-    kv, states, entries = [], [], []
-    for p in probes:
-        if isinstance(p, CacheList):  # one KV layer per attention sublayer
-            entries.append(("kvs", tuple(range(len(kv), len(kv) + len(p.caches)))))
-            kv.extend(_layer_kv(q) for q in p.caches)
-        elif isinstance(p, _ShapeProbe):
-            entries.append(("kv", len(kv)))
-            kv.append(_layer_kv(p))
-        else:  # [1, ...] per array: one request's state
-            entries.append(("state", len(states)))
-            states.append(LayerState(tuple(tuple(a.shape[1:]) for a in p.cache), tuple(a.dtype for a in p.cache)))
-    dtype = kv_probes[0].shapes[2] if kv_probes else out.dtype
-    return ModelLayout(tuple(kv), tuple(states), tuple(entries), dtype)
+    _refuse_unpageable_reads(model, [x for p in probes for x in _members(p) if isinstance(x, _ShapeProbe)])
+    kv: list[LayerKV] = []
+    states: list[LayerState] = []
+    entries = tuple(_record(p, kv, states) for p in probes)
+    dtype = next((x.shapes[2] for p in probes for x in _members(p) if isinstance(x, _ShapeProbe)), out.dtype)
+    return ModelLayout(tuple(kv), tuple(states), entries, dtype)
 
 
-def _probe(cache: object) -> object:
-    """The recording stand-in for one entry of the model's own cache."""
-    if isinstance(cache, ArraysCache):
-        return ArraysCache(len(cache.cache))
-    if isinstance(cache, CacheList):  # _refuse_unpaged let through only KV caches
-        return CacheList(*(_ShapeProbe(None) for _ in cache.caches))
-    return _ShapeProbe(cache.max_size if isinstance(cache, RotatingKVCache) else None)
+def _probe(c: object) -> object:
+    """A recording stand-in for one cache entry of the model (CacheList: one for each member)."""
+    if isinstance(c, CacheList):
+        return CacheList(*(_probe(x) for x in c.caches))
+    if isinstance(c, ArraysCache):
+        return ArraysCache(len(c.cache))
+    return _ShapeProbe(c.max_size if isinstance(c, RotatingKVCache) else None)
 
 
-def _written(probe: object) -> bool:
-    """The probe forward wrote this cache entry (every sublayer's cache, every state array)."""
-    if isinstance(probe, CacheList):
-        return all(q.shapes is not None for q in probe.caches)
-    if isinstance(probe, _ShapeProbe):
-        return probe.shapes is not None
-    return all(a is not None for a in probe.cache)
+def _members(p: object) -> tuple:
+    return tuple(p.caches) if isinstance(p, CacheList) else (p,)
 
 
-def _layer_kv(probe: _ShapeProbe) -> LayerKV:
-    (k, v, _) = probe.shapes
-    return LayerKV(kv_heads=k[1], k_dim=k[3], v_dim=v[3], window=probe.window)
+def _unwritten(p: object) -> bool:
+    return p.shapes is None if isinstance(p, _ShapeProbe) else any(a is None for a in p.cache)
+
+
+def _record(p: object, kv: list[LayerKV], states: list[LayerState]) -> Entry:
+    """The entry of one probe after the forward, appending its KV layer or state entry to kv / states."""
+    if isinstance(p, CacheList):
+        return ("list", tuple(_record(x, kv, states) for x in p.caches))
+    if isinstance(p, _ShapeProbe):
+        (k, v, _) = p.shapes
+        kv.append(LayerKV(kv_heads=k[1], k_dim=k[3], v_dim=v[3], window=p.window))
+        return ("kv", len(kv) - 1)
+    # [1, ...] per array: one request's state
+    states.append(LayerState(tuple(tuple(a.shape[1:]) for a in p.cache), tuple(a.dtype for a in p.cache)))
+    return ("state", len(states) - 1)
 
 
 def _model_classes(*names: str) -> frozenset[type]:
@@ -224,10 +238,13 @@ def _refuse_unpaged(model: nn.Module, caches: list) -> None:
                 "lightning indexer's) and its attention reads the cache's key array directly; the paged pools "
                 "expose neither, so it is not served")
         if isinstance(c, CacheList):
-            kinds = ", ".join(type(x).__name__ for x in c.caches)
+            kinds = [type(x) for x in c.caches]
+            if set(kinds) <= {ArraysCache, KVCache, RotatingKVCache} and ArraysCache in kinds:
+                continue  # a state and a KV cache in one layer entry: each member paged as its own kind
             raise UnsupportedModelError(
-                f"architecture {name!r} keeps an SSM state and a KV cache in one layer entry (CacheList of "
-                f"{kinds}), which the engine does not split into slots and pages yet, so it is not served")
+                f"architecture {name!r} keeps a CacheList of {', '.join(k.__name__ for k in kinds)} in one layer "
+                "entry; the engine splits only a CacheList of recurrent state (ArraysCache) and KV caches, so "
+                "it is not served")
         if isinstance(c, ChunkedKVCache):
             raise UnsupportedModelError(
                 f"architecture {name!r} uses chunked attention (ChunkedKVCache: each query sees only the keys of "

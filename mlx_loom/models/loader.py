@@ -191,7 +191,8 @@ def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dt
         num_kv_heads=first.kv_heads,
         head_dim=first.k_dim,
         vocab_size=int(_text_arg(args, "vocab_size") or tokenizer.vocab_size),
-        max_model_len=int(_text_arg(args, "max_position_embeddings") or 4096),
+        max_model_len=int(_text_arg(args, "max_position_embeddings") or _text_arg(args, "model_max_length")
+                          or 4096),  # kimi_linear names its context length model_max_length
         dtype=dtype,
     )
 

@@ -18,7 +18,10 @@ CacheList of `PagedLayerCache`s, one per KV layer.
 
 Hybrid models get, for each recurrent-state entry of their cache, a `SlotStateCache` over the rows'
 state slots (state_cache.py) in the model's own cache order; after the call, what the model wrote
-there goes back to the slots. A chunked prompt continues its row's state from chunk to chunk.
+there goes back to the slots. A chunked prompt continues its row's state from chunk to chunk. Rows
+that start their sequence share a call with rows that continue theirs (their state is zeros there),
+except for model classes whose own code treats a missing state otherwise than a zero one
+(models/layout.py `fresh_state_apart`): there they get calls of their own, which see None as mlx-lm's do.
 """
 
 from __future__ import annotations
@@ -30,25 +33,25 @@ import mlx.nn as nn
 from mlx_lm.models.cache import CacheList
 
 from mlx_loom.models.heads import Head, plain_head
+from mlx_loom.models.layout import Entry, fresh_state_apart
 from mlx_loom.sched.scheduler import ScheduledRow
 from mlx_loom.worker.decode_mirror import DecodeMirror
 from mlx_loom.worker.kv_pools import KVPools
-from mlx_loom.worker.paged_cache import PagedLayerCache, paged_batch
+from mlx_loom.worker.paged_cache import PagedBatch, PagedLayerCache, paged_batch
 from mlx_loom.worker.state_cache import SlotStateCache
 from mlx_loom.worker.state_pools import StatePools
 
 class GenericForward:
     """One step as calls of the model's own code, grouped by query length (engine thread only)."""
 
-    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0, states: StatePools | None = None,
-                 entries: Sequence[tuple[str, int | tuple[int, ...]]] | None = None) -> None:
+    def __init__(self, model: nn.Module, pools: KVPools, mirror_bytes: int = 0,
+                 states: StatePools | None = None, entries: Sequence[Entry] | None = None) -> None:
         self.model = model
         self.pools = pools
         self.states = states
         """The recurrent-state slots of a hybrid model (None: KV only)."""
         self.entries = tuple(entries) if entries is not None else tuple(("kv", j) for j in range(len(pools.layers)))
-        """Per cache entry of the model: ("kv", KV layer), ("state", state entry) or ("kvs", KV layers of one
-        CacheList)."""
+        """Per cache entry of the model: ("kv", KV layer), ("state", state entry) or ("list", members)."""
         self.head = plain_head(model)
         self.mirror = DecodeMirror(pools, mirror_bytes) if mirror_bytes > 0 else None
         """Dense KV of the decode group, at most mirror_bytes; None: every call gathers pages."""
@@ -56,23 +59,25 @@ class GenericForward:
         """None: a group is one call. 1: one call per row, for models whose own attention code does not
         batch rows at different positions (the self-check finds them: gemma2 broadcasts a [B, 1, N, L]
         mask against 5-D grouped scores)."""
+        self.fresh_apart = states is not None and fresh_state_apart(model)
+        """Rows that start their sequence get calls of their own (the model's state None is not zeros)."""
 
     def __call__(self, rows: Sequence[ScheduledRow], tokens: mx.array | None = None) -> tuple[mx.array, tuple[int, ...]]:
         """(logits [S, V] float32, sampling rows in index order): num_draft + 1 logits rows each.
         tokens [T]: decode rows' input tokens on the device, instead of row.token_ids."""
         groups: dict[object, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(i if self.rows_per_call == 1 else len(row.token_ids), []).append(i)
+            groups.setdefault(i if self.rows_per_call == 1 else self._group_key(row), []).append(i)
         if self.mirror is not None and (self.rows_per_call == 1 or 1 not in groups):
             self.mirror.drop()  # no decode group: free its memory
         picked: dict[int, mx.array] = {}
         written: list[SlotStateCache] = []
         if self.states is not None:
             self.states.restore(rows)  # prefix hits: their snapshots into their slots (a retry copies them again)
-        for n, index in enumerate(groups.values()):
+        for n, (key, index) in enumerate(groups.items()):
             if n:  # materialize the last call first: a pending read of a pool would make the next write copy it
                 mx.eval(list(picked.values()), self.pool_arrays())
-            picked.update(self._call(rows, index, tokens, written))
+            picked.update(self._call(rows, index, tokens, written, key == 1))  # key 1: the decode group
         if self.states is not None:  # only once every call is built: a failed step leaves the states as they were
             for cache in written:
                 cache.commit()
@@ -91,36 +96,54 @@ class GenericForward:
         if self.mirror is not None:
             self.mirror.drop()
 
+    def _group_key(self, row: ScheduledRow) -> object:
+        """Rows of one call: the same query length (1: the decode group), apart by start where fresh_apart."""
+        if self.fresh_apart and row.start_pos == 0:
+            return (len(row.token_ids), "fresh")
+        return len(row.token_ids)
+
     def _call(self, rows: Sequence[ScheduledRow], index: list[int], device_tokens: mx.array | None,
-              written: list[SlotStateCache]) -> dict[int, mx.array]:
-        """One call of the model over rows[index]; its state caches are appended to `written`."""
+              written: list[SlotStateCache], mirrored: bool) -> dict[int, mx.array]:
+        """One call of the model over rows[index]; its state caches are appended to `written`. Only the
+        decode group (`mirrored`) reads the decode mirror."""
         group = [rows[i] for i in index]
         plan = None
-        if self.mirror is not None and self.rows_per_call != 1 and len(group[0].token_ids) == 1:
+        if self.mirror is not None and self.rows_per_call != 1 and mirrored:
             plan = self.mirror.plan(group)
         if plan is not None:  # the call's rows in the mirror's slot order
             index = [index[b] for b in plan.order]
             group = [rows[i] for i in index]
         batch = paged_batch(group, self.pools.block_size)
         mirror = (self.mirror, plan) if plan is not None else None
-        caches = [PagedLayerCache(self.pools, j, batch, mirror) if kind == "kv"
-                  else CacheList(*(PagedLayerCache(self.pools, i, batch, mirror) for i in j)) if kind == "kvs"
-                  else SlotStateCache(self.states, j, group) for kind, j in self.entries]
-        mx.eval([a for c in caches if isinstance(c, SlotStateCache) for a in c.inputs()])  # state writes in place
+        caches = [self._cache(entry, group, batch, mirror) for entry in self.entries]
+        states = [c for entry in caches for c in (entry.caches if isinstance(entry, CacheList) else (entry,))
+                  if isinstance(c, SlotStateCache)]
+        mx.eval([a for c in states for a in c.inputs()])  # state writes in place
         if device_tokens is None:
             tokens = mx.array([r.token_ids for r in group], dtype=mx.int32)  # [B, L]
         else:  # decode rows: [B, 1]
             tokens = device_tokens[mx.array(index, dtype=mx.int32)][:, None]
         try:
             picked = self._logits(rows, index, tokens, caches, batch.q_len)
-            written.extend(c for c in caches if isinstance(c, SlotStateCache))
+            written.extend(states)
             return picked
         finally:
             if plan is not None:
                 self.mirror.finish()  # a call that did not write every layer voids the mirror
 
+    def _cache(self, entry: Entry, group: list[ScheduledRow], batch: PagedBatch,
+               mirror: tuple | None) -> PagedLayerCache | SlotStateCache | CacheList:
+        """The cache object the model's own code gets for one of its cache entries (a CacheList: mlx-lm's
+        own class over its members' paged KV and state slots)."""
+        kind, j = entry
+        if kind == "kv":
+            return PagedLayerCache(self.pools, j, batch, mirror)
+        if kind == "state":
+            return SlotStateCache(self.states, j, group)
+        return CacheList(*(self._cache(member, group, batch, mirror) for member in j))
+
     def _logits(self, rows: Sequence[ScheduledRow], index: list[int], tokens: mx.array,
-                caches: list[PagedLayerCache | CacheList | SlotStateCache], L: int) -> dict[int, mx.array]:
+                caches: list[PagedLayerCache | SlotStateCache | CacheList], L: int) -> dict[int, mx.array]:
         """The model's call; logits of the sampled positions by row index."""
         wanted = {i: list(range(b * L + L - 1 - rows[i].num_draft, b * L + L))
                   for b, i in enumerate(index) if rows[i].sample}

@@ -8,7 +8,8 @@ generation runs) with every module in its own class: the model as mlx-lm's loade
 the native kernels the loader routed in (each of those was checked on its own at load, on inputs up
 to 4096: mlx_loom/kernels/route_check.py). For
 hybrid models this also checks the state slots: a chunked prompt continues its state, decode rows
-continue theirs while the one-token prompt starts from zeros in the same call, and the prefix hit
+continue theirs while the one-token prompt starts from zeros in the same call (or in its own, for
+models/layout.py `fresh_state_apart` classes), and the prefix hit
 resumes from a state snapshot (skipped without snapshots, or with pages larger than the shared
 prefix). A fast path that computes something else, or an architecture the generic path gets wrong,
 is refused before the server takes a request.

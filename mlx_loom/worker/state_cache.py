@@ -25,6 +25,11 @@ class StateOutOfStepError(RuntimeError):
     fails alone rather than continue from a wrong state."""
 
 
+class StateShapeError(RuntimeError):
+    """The model wrote a state of another shape than its slots hold (a state that grows with the tokens
+    seen): the step fails rather than broadcast it into the slots."""
+
+
 class SlotStateCache(ArraysCache):
     """State entry `index` of `pools` for the rows of one call (the ArraysCache protocol; a subclass, as
     some models test `isinstance(cache, ArraysCache)` before writing their state)."""
@@ -79,6 +84,9 @@ class SlotStateCache(ArraysCache):
         pools = self.pools.states[self.index]
         for e, value in enumerate(self.cache):
             if value is not None:
+                if tuple(value.shape) != (self.batch_size, *pools[e].shape[1:]):  # would broadcast into the slots
+                    raise StateShapeError(f"state entry {self.index}.{e}: the model wrote shape {tuple(value.shape)} "
+                                          f"for {self.batch_size} rows; its slots hold {tuple(pools[e].shape[1:])}")
                 pools[e][self.slots] = value.astype(pools[e].dtype)
         for slot, end in self.ends:
             self.pools.positions[slot] = end
