@@ -27,13 +27,18 @@ from mlx_loom.dist import wire
 from mlx_loom.sched.scheduler import ScheduledRow
 from tiny_archs import make_tiny_arch_dir
 
-ENGINE_CASES = ("tensor:llama", "tensor:qwen3", "tensor:qwen3_moe", "pipeline:qwen3_moe")
+ENGINE_CASES = ("tensor+crowd:llama", "tensor:qwen3", "tensor:qwen3_moe", "pipeline:qwen3_moe",
+                "pipeline+crowd:qwen2x4")
+"""mode[+crowd]:arch; +crowd also runs dist_driver's preemption crowd (8 requests over too few pages)."""
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {case: make_tiny_arch_dir(root / case, case) for case in ("llama", "qwen3", "qwen3_moe")}
+    dirs = {case: make_tiny_arch_dir(root / case, case) for case in ("llama", "qwen3", "qwen3_moe")}
+    # 4 layers: each pipeline stage holds 2, so its send hangs off one of its key pools, not every one
+    dirs["qwen2x4"] = make_tiny_arch_dir(root / "qwen2x4", "qwen2", overrides={"num_hidden_layers": 4})
+    return dirs
 
 
 def _launch_python() -> list[str]:
@@ -43,8 +48,10 @@ def _launch_python() -> list[str]:
 
 def test_greedy_tokens_match_one_process(tmp_path, tiny_dirs):
     """Alone, batched with staggered joins and on a prefix-cache hit, every case gives one process's
-    tokens exactly. (Preemption in a group is not covered: 8 long requests over too few pages stall
-    the group; see issue 34's note.)"""
+    tokens exactly; so do the +crowd cases through preemption by recompute (tensor and pipeline
+    parallel). The pipeline crowd is the regression test of a step that left its pool writes lazy:
+    recomputed prompts run mid-prompt chunks (no logits) beside decode rows, and that chunk's send /
+    recv, evaluated in a later step's graph, paired with the wrong messages (other tokens, or a stall)."""
     cases = [f"{mode}:{tiny_dirs[arch]}" for mode, arch in (c.split(":") for c in ENGINE_CASES)]
     driver = str(ROOT / "tests" / "dist_driver.py")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -60,8 +67,12 @@ def test_greedy_tokens_match_one_process(tmp_path, tiny_dirs):
         assert two[case]["alone"] == one[case]["alone"], case
         assert two[case]["batched"] == one[case]["batched"], case
         assert two[case]["prefix"] == one[case]["prefix"] and two[case]["prefix_cached"] == 32, case
+        assert two[case]["crowd"] == one[case]["crowd"], case
+        if "+crowd" in case:
+            assert len(two[case]["crowd"]) == 8 and two[case]["preemptions"] >= 1, case
+            assert two[case]["preemptions"] == one[case]["preemptions"], case  # the same schedule
         group = two[case]["group"]
-        assert group["world_size"] == 2 and group["mode"] == case.split(":")[0]
+        assert group["world_size"] == 2 and group["mode"] == case.split(":")[0].split("+")[0]
         assert group["channel"]["frames"] >= len(one[case]["alone"])
 
 
