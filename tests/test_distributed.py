@@ -22,7 +22,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from group_fixtures import ROOT, group_server
+from group_fixtures import ROOT, free_port, group_server
 from mlx_loom.dist import wire
 from mlx_loom.sched.scheduler import ScheduledRow
 from tiny_archs import make_tiny_arch_dir
@@ -144,6 +144,26 @@ def test_stalled_rank_turns_into_503_within_the_group_timeout(tmp_path, tiny_dir
         health = httpx.get(f"{url}/health", timeout=5)
         assert health.status_code == 503 and "stalled" in health.text, health.text
         procs[1].send_signal(signal.SIGCONT)
+
+
+def test_a_rank_that_never_starts_ends_rank_0_within_the_start_timeout(tmp_path, tiny_dirs):
+    """Rank 1 of 2 never starts: rank 0, held in MLX's wait for its connection (which keeps the GIL,
+    so not even /health answers), exits with status 1 once --group-start-timeout passes, its log
+    saying what it waited for, instead of hanging."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0", "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "rank0.log"
+    cmd = [sys.executable, "-m", "mlx_loom", "serve", "--model", str(tiny_dirs["llama"]), "--port", str(free_port()),
+           "--no-warmup", "--group-start-timeout", "3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        assert proc.wait(120) == 1  # a guard against the hang, not a timing
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "every rank must connect within 3s" in text and "_join_or_exit" in text, text[-2000:]
 
 
 # -- in-process: frames, start-up check, watchdog --
