@@ -4,7 +4,8 @@ Rank 0 drives an EngineCore over the group exactly as tests/engine_driver.py doe
 (requests joining at chosen steps) and writes the tokens as JSON; the other ranks follow. Run
 without a launcher it is the one-process reference.
 
-argv: out.json then mode:model_dir pairs (one EngineCore per model, one after the other, in one launch)
+argv: out.json then mode:model_dir pairs (one EngineCore per model, one after the other, in one launch);
+a mode written `tensor+crowd` / `pipeline+crowd` also runs the preemption crowd (CROWD) on that model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ PROMPTS = {  # id -> (prompt ids, max tokens, join step)
     "c": ([300, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], 8, 5),
 }
 SHARED = [(37 * i + 5) % 300 for i in range(40)]  # a prompt whose first 32 tokens a later one repeats
+CROWD = {f"q{i}": [(31 * i + 7 * j + 3) % 300 for j in range(20)] for i in range(8)}
+"""8 requests of 20 + 170 tokens: 96 pages at their longest, over a pool of 64 (preemption by recompute)."""
 
 
 def config(model: str, mode: str | None) -> EngineConfig:
@@ -41,16 +44,17 @@ def main(out: str, *cases: str) -> None:
     results = {}
     for case in cases:
         mode, model = case.split(":", 1)
+        mode, _, extra = mode.partition("+")
         cfg = config(model, mode if launched_rank() is not None else None)
         if launched_rank():
             run_follower(cfg)
         else:
-            results[case] = serve_case(cfg)
+            results[case] = serve_case(cfg, crowd=extra == "crowd")
     if not launched_rank():
         Path(out).write_text(json.dumps(results))
 
 
-def serve_case(cfg: EngineConfig) -> dict:
+def serve_case(cfg: EngineConfig, crowd: bool = False) -> dict:
     core = EngineCore(cfg)
     if cfg.warmup:  # as EngineThread does; the followers warm up in run_follower
         core.warm_up()
@@ -61,14 +65,19 @@ def serve_case(cfg: EngineConfig) -> dict:
                   join_step={rid: j for rid, (_, _, j) in PROMPTS.items()})
     prefix = run(core, [("p1", SHARED, greedy["b"])])
     prefix.update(run(core, [("p2", SHARED[:32] + [7, 8, 9], greedy["b"])]))  # two full blocks of p1's
+    before = core.stats().num_preemptions
+    crowded = run(core, [(rid, p, SamplingParams(temperature=0.0, max_tokens=170, ignore_eos=True))
+                         for rid, p in CROWD.items()]) if crowd else {}
     stats = core.stats()
     core.close()
-    everything = [*alone.values(), *batched.values(), *prefix.values()]
+    everything = [*alone.values(), *batched.values(), *prefix.values(), *crowded.values()]
     return {
         "alone": alone["a"].tokens,
         "batched": {rid: r.tokens for rid, r in batched.items()},
         "prefix": {rid: r.tokens for rid, r in prefix.items()},
         "prefix_cached": prefix["p2"].cached,
+        "crowd": {rid: r.tokens for rid, r in crowded.items()},
+        "preemptions": stats.num_preemptions - before,
         "errors": [r.error for r in everything if r.error],
         "group": stats.group,
         "path": core.runner.path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 from dataclasses import asdict
 from typing import Callable
@@ -58,7 +59,7 @@ class Group:
 
 def open_group(config: EngineConfig) -> Group | None:
     """Every rank: None when this process is alone; else load this rank's shard and agree on it."""
-    group = mx.distributed.init()
+    group = _join_or_exit(config.group_start_timeout_s)
     if group.size() == 1:
         return None
     refused = [what for what, on in (("speculative decoding", config.spec.method is not None),
@@ -69,3 +70,18 @@ def open_group(config: EngineConfig) -> Group | None:
     log.info("rank %d of %d: %s parallel, %s", group.rank(), group.size(), model.mode,
              model.shares[group.rank()].describe(model.mode))
     return Group(model)
+
+
+def _join_or_exit(timeout_s: float) -> mx.distributed.Group:
+    """`mx.distributed.init()` under a bound. MLX's ring backend has rank 0 wait for the other ranks'
+    connections with no timeout, holding the GIL: no Python thread runs meanwhile (not the HTTP
+    server, not a watchdog), so a rank that never starts would freeze rank 0 for good. Only
+    faulthandler's C thread still runs: past timeout_s it prints every thread's stack and exits 1.
+    (It is the process's one timed dump: one armed before is cancelled.)"""
+    log.info("joining the group: every rank must connect within %gs (--group-start-timeout), else this "
+             "process exits with status 1", timeout_s)
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        return mx.distributed.init()
+    finally:
+        faulthandler.cancel_dump_traceback_later()

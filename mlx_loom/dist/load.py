@@ -165,6 +165,7 @@ def _fingerprint(path: Path, config: EngineConfig, mode: str, size: int) -> list
 
 def _all_gather_rows(group: mx.distributed.Group, row: list[int]) -> np.ndarray:
     out = mx.distributed.all_gather(mx.array(row, dtype=mx.int32), group=group, stream=mx.cpu)
+    mx.eval(out)  # mx.eval lets other threads run while it waits for the slowest rank's load
     return np.array(out).reshape(group.size(), len(row))
 
 

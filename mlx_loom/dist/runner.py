@@ -51,7 +51,10 @@ class GroupRunner(ModelRunner):
             if self.leading:
                 self.channel.send(wire.OP_STEP, wire.encode_rows(rows), len(rows))
             logits, sample_rows = super().execute(rows)
-            mx.eval(logits if sample_rows else [self.pools.k, self.pools.v])
+            # Logits and every pool, always: a write left lazy would carry this step's collectives
+            # into a later graph, where their order against that step's is MLX's traversal, not
+            # the same on every rank (pipeline: send and recv sides differ) -> wrong tokens or a stall.
+            mx.eval(logits, self.pool_arrays())
         return logits, sample_rows
 
     def discard_derived(self) -> None:

@@ -133,3 +133,6 @@ class EngineConfig:
     group_timeout_s: float = 30.0
     """Over several ranks: a step (or idle ping) running longer than this means a rank is dead or
     stuck; rank 0 then answers /health 503 and fails every request."""
+    group_start_timeout_s: float = 120.0
+    """Over several ranks: seconds every rank has to connect at start-up (`mx.distributed.init`);
+    past it the process prints its stack and exits 1 (mlx_loom/dist/group.py says why it must)."""

@@ -61,6 +61,8 @@ class Settings:
                                  "share of every layer's heads). Ignored in one process.")
     group_timeout: float = _opt(EngineConfig.group_timeout_s, "Under mlx.launch: seconds a step may run before "
                                 "rank 0 declares the group stalled (/health 503, every request failed).")
+    group_start_timeout: float = _opt(EngineConfig.group_start_timeout_s, "Under mlx.launch: seconds every "
+                                      "rank has to connect at start-up; past it the rank exits with status 1.")
     speculative: str | None = _opt(None, "Speculative decoding draft (ML-SpecQD): mxfp4, nvfp4 or mxfp8 (the "
                                          "model's own linear layers cast at load, no extra files) or a path to "
                                          "a smaller model with the same tokenizer. Off by default.")
@@ -136,6 +138,7 @@ class Settings:
             async_decode=self.async_decode,
             parallel=None if launched_rank() is None else "pipeline" if self.pipeline else "tensor",
             group_timeout_s=self.group_timeout,
+            group_start_timeout_s=self.group_start_timeout,
         )
 
 
