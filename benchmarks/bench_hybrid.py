@@ -7,7 +7,8 @@ paged KV, the model's own mlx-lm code, quantized layers on the native CPU kernel
 mlx-lm's own modules: its fastest CPU setup) and "mlx-lm-step" (generate_step, N = 1 only, same
 weights as mlx-lm). N varied chat prompts, exactly --new-tokens greedy tokens each (EOS ignored);
 tok/s = N x new tokens / (prefill + decode time); each (system, N) in its own process (peak RSS is
-per configuration), one short warm-up run, then --repeats timed runs (median).
+per configuration), one short warm-up run (at most 8 of the prompts, 4 tokens each), then --repeats
+timed runs (median).
 
 Prefix hit: a --shared-tokens shared prompt plus a short distinct suffix; time to the first token
 of a cold request (nothing cached) and of a second request over the same shared prompt (its KV
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import chat_prompts, machine, median, peak_rss_mb, run_batch, write_results  # noqa: E402
 
 SYSTEMS = ["mlx-loom", "mlx-lm", "mlx-lm-step"]
+WARM_ROWS = 8
+"""Prompts in the warm-up run (4 tokens each): its shapes and code paths, not N prompts' prefill again."""
 
 
 def run_loom(model: str, n: int, new_tokens: int, repeats: int) -> dict:
@@ -49,8 +52,9 @@ def run_loom(model: str, n: int, new_tokens: int, repeats: int) -> dict:
                           scheduler=SchedulerConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(512, n)))
     core = EngineCore(config, loaded)
     core.warm_up()
-    run_batch(core, runs[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "warm")
+    run_batch(core, runs[0][:WARM_ROWS], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "warm")
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    _mark_timed_start()
     timed = [run_batch(core, prompts, params, f"run{r}") for r, prompts in enumerate(runs[1:], 1)]
     return {"times_s": [b.seconds for b in timed], "backend": describe_backend(), "path": core.runner.path,
             "state_slots": core.scheduler.state_slots.num_slots}
@@ -76,20 +80,21 @@ def run_mlx_lm(model: str, n: int, new_tokens: int, repeats: int) -> dict:
 
     loaded = _mlx_lm_model(model)
 
-    def once(run: int, tokens: int) -> float:
-        prompts = chat_prompts(loaded.tokenizer, n, run)
+    def once(run: int, tokens: int, rows: int = n) -> float:
+        prompts = chat_prompts(loaded.tokenizer, n, run)[:rows]
         gen = BatchGenerator(loaded.model, max_tokens=tokens, completion_batch_size=max(n, 1))
-        gen.insert(prompts, [tokens] * n)
+        gen.insert(prompts, [tokens] * rows)
         t0, produced = time.perf_counter(), 0
         while responses := gen.next_generated():
             produced += len(responses)
         mx.synchronize()
         dt = time.perf_counter() - t0
         gen.close()
-        assert produced == n * tokens, (produced, n * tokens)
+        assert produced == rows * tokens, (produced, rows * tokens)
         return dt
 
-    once(0, 4)
+    once(0, 4, min(n, WARM_ROWS))
+    _mark_timed_start()
     return {"times_s": [once(r, new_tokens) for r in range(1, repeats + 1)], "backend": describe_backend(),
             "completion_batch_size": max(n, 1)}
 
@@ -113,6 +118,7 @@ def run_mlx_lm_step(model: str, n: int, new_tokens: int, repeats: int) -> dict:
         return dt
 
     once(0, 4)
+    _mark_timed_start()
     return {"times_s": [once(r, new_tokens) for r in range(1, repeats + 1)], "backend": describe_backend()}
 
 
@@ -151,6 +157,20 @@ def run_prefix(model: str, shared_tokens: int) -> dict:
             "hit_over_cold": hit / cold, "backend": describe_backend()}
 
 
+def _mark_timed_start() -> None:
+    """Tells the parent (wall clock) that loading and warm-up are over: a cell cut short by its timeout
+    after this point ran its first timed run for at least the rest of the timeout."""
+    print(f"TIMED_START {time.time()}", flush=True)
+
+
+def _timed_lower_bound(stdout: str | bytes | None, started: float, timeout: float) -> float | None:
+    """Seconds the first timed run had been running, unfinished, when the cell was killed (None: it was
+    still loading or warming up)."""
+    text = stdout.decode(errors="replace") if isinstance(stdout, bytes) else (stdout or "")
+    marks = [float(line.split()[1]) for line in text.splitlines() if line.startswith("TIMED_START ")]
+    return started + timeout - marks[-1] if marks else None
+
+
 RUNNERS = {"mlx-loom": run_loom, "mlx-lm": run_mlx_lm, "mlx-lm-step": run_mlx_lm_step}
 
 
@@ -166,12 +186,18 @@ def child(args) -> None:
 def measure(kind: str, n: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--batch", str(n), "--new-tokens", str(args.new_tokens),
            "--repeats", str(args.repeats), "--model", args.model, "--shared-tokens", str(args.shared_tokens)]
+    started = time.time()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=dict(os.environ),
                              timeout=args.cell_timeout)
-    except subprocess.TimeoutExpired:  # recorded: it did not finish its runs within the limit
-        print(f"{kind:12s} N={n:<4d} did not finish within {args.cell_timeout} s", flush=True)
-        return {"system": kind, "batch": n, "timed_out_s": args.cell_timeout}
+    except subprocess.TimeoutExpired as e:  # recorded: it did not finish its runs within the limit
+        row = {"system": kind, "batch": n, "timed_out_s": args.cell_timeout}
+        if (ran := _timed_lower_bound(e.stdout, started, args.cell_timeout)) is not None:
+            row["timed_run_unfinished_after_s"] = ran  # its tok/s is below N x tokens / ran
+            row["tok_per_s_below"] = n * args.new_tokens / ran
+        print(f"{kind:12s} N={n:<4d} did not finish within {args.cell_timeout} s "
+              f"(timed run unfinished after {ran if ran is None else round(ran)} s)", flush=True)
+        return row
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{kind} N={n} failed:\n{out.stderr[-3000:]}")
@@ -200,7 +226,7 @@ def report(rows: list[dict], prefix: dict | None, args, load: tuple[float, ...] 
         "(state slots + paged KV, the model's own code, native 4-bit kernels); mlx-lm: BatchGenerator (all N in one "
         "decode batch) and generate_step (N = 1) on float32-dequantized weights with its own modules. "
         f"{args.new_tokens} greedy new tokens per request (EOS ignored), varied chat prompts; tok/s = N x "
-        f"{args.new_tokens} / (prefill + decode time); median of {args.repeats} run(s) after a short warm-up; "
+        f"{args.new_tokens} / (prefill + decode time); median of {args.repeats} run(s) after a short warm-up (at most {WARM_ROWS} prompts, 4 tokens); "
         "each cell its own process.",
         f"Backend: {next((r['backend'] for r in [*rows, prefix or {}] if r.get('backend')), '?')}",
         "Host load average (1/5/15 min) when the last cell ended: "
@@ -213,13 +239,14 @@ def report(rows: list[dict], prefix: dict | None, args, load: tuple[float, ...] 
     for n in args.batch:
         loom = by.get(("mlx-loom", n))
         cells = [str(n)] + [_tok_per_s(by.get((s, n)), n, args) for s in systems]
-        cells += [f"{loom['tok_per_s'] / by[(s, n)]['tok_per_s']:.2f}x" if _done(loom) and _done(by.get((s, n)))
-                  else "-" for s in systems if s != "mlx-loom"]
+        cells += [_ratio(loom, by.get((s, n))) for s in systems if s != "mlx-loom"]
         cells += [f"{by[(s, n)]['peak_rss_mb']:.0f}" if _done(by.get((s, n))) else "-" for s in systems]
         lines.append("| " + " | ".join(cells) + " |")
     if any("timed_out_s" in r for r in rows):
         lines += ["", "timeout: the cell's process (load, warm-up and timed runs) did not finish within "
-                  "--cell-timeout seconds on this machine at this load; no tok/s is claimed for it."]
+                  "--cell-timeout seconds on this machine at this load; no tok/s is claimed for it. Where its "
+                  "first timed run had started (after loading and warm-up) and ran t seconds without finishing, "
+                  "its tok/s is below N x new tokens / t: shown as '< x', and the ratio as '> y'."]
     if prefix and "timed_out_s" in prefix:
         lines += ["", f"Prefix hit: the cold {args.shared_tokens}-token prefill did not finish within "
                   f"{prefix['timed_out_s']} s."]
@@ -236,9 +263,20 @@ def _done(row: dict | None) -> bool:
     return row is not None and "tok_per_s" in row
 
 
+def _ratio(loom: dict | None, other: dict | None) -> str:
+    """mlx-loom / other; a lower bound where the other was cut short in its timed run."""
+    if not _done(loom) or other is None:
+        return "-"
+    if _done(other):
+        return f"{loom['tok_per_s'] / other['tok_per_s']:.2f}x"
+    return f"> {loom['tok_per_s'] / other['tok_per_s_below']:.1f}x" if "tok_per_s_below" in other else "-"
+
+
 def _tok_per_s(row: dict | None, n: int, args) -> str:
     if row is None:
         return "-"
+    if "tok_per_s_below" in row:
+        return f"< {row['tok_per_s_below']:.2f} (timeout {row['timed_out_s']} s)"
     if "timed_out_s" in row:
         return f"timeout ({row['timed_out_s']} s)"
     return f"{row['tok_per_s']:.1f}"
