@@ -146,3 +146,18 @@ def test_loader_keeps_a_16_bit_checkpoint_16_bit(tmp_path, monkeypatch):
     assert wide.model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float32
     ids = mx.array([[1, 5, 9, 20]])
     _close(half.model(ids), wide.model(ids), tol=1e-4)
+
+
+def test_load_check_keeps_16_bit_projections_whose_16_bit_product_would_overflow():
+    """The load check feeds a 16-bit projection float32 rows (what the float32 model around it feeds):
+    a width-576 float16 product at the check's 4096 scale overflows float16, which once reverted every
+    projection of the float16 SmolLM2 to MLX's own 16-bit matmul (~8x slower decode)."""
+    from mlx_loom.kernels.route_check import verify_routes
+
+    model = nn.Sequential(nn.Linear(576, 64, bias=False))
+    model.layers[0].weight = (mx.random.normal((64, 576), key=mx.random.key(3)) * 0.5).astype(mx.float16)
+    assert lowp.route_lowp_modules(model) == 1
+    x16 = (mx.random.normal((1, 576), key=mx.random.key(4)) * 4096).astype(mx.float16)
+    assert not mx.isfinite(x16 @ model.layers[0].weight.T).all().item()  # the 16-bit product overflows
+    assert verify_routes(model) == []
+    assert isinstance(model.layers[0], lowp.NativeHalfLinear)
