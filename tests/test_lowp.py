@@ -56,6 +56,24 @@ def test_half_matmul_matches_reference_for_odd_shapes(dtype, M, isa):
         _close(out, np.array(x, dtype=np.float64) @ np.array(w.astype(mx.float32), dtype=np.float64).T)
 
 
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "mxfp4", "nvfp4"])
+def test_each_row_is_bit_identical_whatever_the_rows_beside_it(kind, isa):
+    """A row of x gives the same bits alone or among up to 13 rows: a verification step (last token +
+    drafts, one row each) then computes exactly what decoding each token alone would."""
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.standard_normal((13, 576)).astype(np.float32))
+    w = mx.array(rng.standard_normal((37, 576)).astype(np.float32))
+    if kind in lowp.FP4_MODES:
+        wq, s = mx.quantize(w, mode=kind)
+        matmul = lambda v: native.fp4_matmul(v, wq, s, kind)  # noqa: E731
+    else:
+        wh = w.astype(getattr(mx, kind))
+        matmul = lambda v: native.half_matmul(v, wh)  # noqa: E731
+    alone = np.stack([np.array(matmul(x[i : i + 1]))[0] for i in range(13)])
+    for M in (2, 4, 5, 8, 13):
+        np.testing.assert_array_equal(np.array(matmul(x[:M])), alone[:M])
+
+
 def test_half_matmul_reads_subnormals_and_specials(isa):
     bits = np.array([0x0001, 0x03FF, 0x8001, 0x7BFF, 0x3C00, 0x0000, 0x8000, 0x0400, 0x7C00, 0xFC00, 0x0200, 0x83FF] * 4,
                     dtype=np.uint16)
