@@ -93,3 +93,10 @@ def test_verification_rows_run_fused_and_equal_one_decode_per_token(tmp_path):
     for i in range(len(drafts)):
         np.testing.assert_array_equal(got[i], want[i])
     np.testing.assert_array_equal(got[-1], decode)
+
+    # A draft's runner also takes short catch-up rows fused: only the last token samples.
+    catch_up = runner_after_prompts()
+    catch_up.fused_row_tokens = 8
+    logits, _ = catch_up.execute([ScheduledRow("p", tuple(drafts), len(prompt), (3, 7, 1), True)])
+    assert logits.shape[0] == 1
+    np.testing.assert_array_equal(np.array(logits[0]), want[-1])

@@ -81,7 +81,7 @@ def build_draft_model(target: nn.Module, kind: str, scales: Sequence[LayerScales
 
 
 def _head_weight(target: nn.Module) -> mx.array | None:
-    """[V, D] float32 weights of the target's LM head (the embedding's when tied), or None to share it:
+    """[V, D] weights of the target's LM head (the embedding's when tied), as stored, or None to share it:
     an architecture without a separate lm_head when untied, or a head stored in 8 bits or fewer already."""
     args = getattr(target, "args", None)
     if not is_dataclass(args) or not hasattr(args, "tie_word_embeddings") or not hasattr(target, "model"):
@@ -91,13 +91,18 @@ def _head_weight(target: nn.Module) -> mx.array | None:
         return None  # a quantized head (the default GGUF's): no cheaper copy to make
     if not isinstance(module, (nn.Linear, nn.Embedding)) or "bias" in module:
         return None
-    return module.weight.astype(mx.float32)
+    return module.weight
 
 
-def _affine_head(w: mx.array, bits: int) -> nn.QuantizedLinear:
-    """The draft's own head: w [V, D] in MLX's affine format (the native qmm kernels read it)."""
+def _affine_head(w: mx.array, bits: int, rows: int = 4096) -> nn.QuantizedLinear:
+    """The draft's own head: w [V, D] in MLX's affine format with float32 scales (the native qmm kernels
+    read it), cast `rows` rows at a time so that no float32 copy of the whole head is ever alive."""
+    parts = []
+    for i in range(0, w.shape[0], rows):
+        parts.append(mx.quantize(w[i : i + rows].astype(mx.float32), group_size=32, bits=bits))
+        mx.eval(parts[-1])
     head = nn.QuantizedLinear(w.shape[1], w.shape[0], bias=False, group_size=32, bits=bits)
-    head.weight, head.scales, head.biases = mx.quantize(w, group_size=32, bits=bits)
+    head.weight, head.scales, head.biases = (mx.concatenate([p[j] for p in parts]) for j in range(3))
     return head
 
 
@@ -141,7 +146,7 @@ def _float_weight(module: nn.Module) -> mx.array:
         return mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
                              bits=module.bits, mode=module.mode, dtype=mx.float32)
     if isinstance(module, nn.Linear):
-        return module.weight.astype(mx.float32)
+        return module.weight
     raise ValueError(f"cannot draft from {type(module).__name__}: expected nn.Linear or nn.QuantizedLinear")
 
 

@@ -120,7 +120,7 @@ class DecodeBatch:
     positions: mx.array  # [T] int32
     slots: mx.array  # [T] int32
     block_tables: mx.array  # [T, MB] int32, each entry's pages up to its position, padded
-    sample_index: tuple[int, ...]  # the entries of the sampling rows, in row order
+    sample_index: tuple[int, ...]  # each sampling row's last num_draft + 1 entries, in row order
 
 
 def build_decode_batch(rows: Sequence[ScheduledRow], block_size: int) -> DecodeBatch:
@@ -133,7 +133,7 @@ def build_decode_batch(rows: Sequence[ScheduledRow], block_size: int) -> DecodeB
         positions=mx.array(positions, dtype=mx.int32),
         slots=mx.array([p[-1] * block_size + pos % block_size for p, pos in zip(pages, positions)], dtype=mx.int32),
         block_tables=mx.array([list(p) + [p[0]] * (width - len(p)) for p in pages], dtype=mx.int32),
-        sample_index=tuple(j for j, (r, _) in enumerate(entries) if r.sample),
+        sample_index=tuple(j for j, (r, i) in enumerate(entries) if r.sample and i >= len(r.token_ids) - 1 - r.num_draft),
     )
 
 
@@ -175,8 +175,12 @@ class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype,
                  sparse: SparsePatternConfig | None = None, force_generic: bool = False,
                  dense_decode_bytes: int | None = None, num_state_slots: int = 0,
-                 num_state_snapshots: int = 0) -> None:
+                 num_state_snapshots: int = 0, fused_row_tokens: int = 1) -> None:
         self.model = model
+        self.fused_row_tokens = fused_row_tokens
+        """Rows of up to this many new tokens also run on the fused decode layer (one entry per token). The
+        target keeps 1: its prefill chunks run op by op, on BLAS GEMMs; a draft model takes its short
+        catch-up rows (the tokens it has not seen since its last proposal) there too."""
         self.sparse = sparse
         """Per-head sparse prefill patterns (MInference); long prefill chunks use them when the cost
         model says so (mlx_loom.kernels.sparse_patterns.should_use_sparse), everything else stays dense."""
@@ -259,7 +263,8 @@ class ModelRunner:
             return self.generic(rows, tokens)
         # A verification row's tokens are all new (last token + drafts): each runs as a decode entry
         # at its own position, the same per-token computation a plain decode of that token does.
-        if self.fused_layers is not None and all(len(r.token_ids) == 1 + r.num_draft for r in rows):
+        if self.fused_layers is not None and all(len(r.token_ids) == 1 + r.num_draft
+                                                 or len(r.token_ids) <= self.fused_row_tokens for r in rows):
             return self._execute_decode(rows, tokens)
         batch = build_step_batch(rows, self.block_size)
         if tokens is not None:  # decode rows keep their order in the batch
