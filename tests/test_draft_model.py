@@ -149,3 +149,30 @@ def test_load_draft_model_checks_vocab(tmp_path):
     assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 320)
     with pytest.raises(ValueError, match="vocab size 320.*49152.*tokenizer"):
         load_draft_model(path, 49152)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_16_bit_head_gets_the_drafts_own_affine_copy(tied):
+    """head_bits: the draft reads its own 8-bit copy of a 16-bit LM head (tied embedding or lm_head);
+    the target, its args and its embedding stay as they were."""
+    target = tiny_target(quantized=False, tied=tied)
+    target.set_dtype(mx.float16)
+    draft = build_draft_model(target, "mxfp4", head_bits=8)
+    assert target.args.tie_word_embeddings is tied and draft.args.tie_word_embeddings is False
+    assert draft.model.embed_tokens is target.model.embed_tokens
+    assert isinstance(draft.lm_head, nn.QuantizedLinear) and (draft.lm_head.bits, draft.lm_head.group_size) == (8, 32)
+    assert draft.lm_head is not getattr(target, "lm_head", None)
+    source = target.model.embed_tokens.weight if tied else target.lm_head.weight
+    head = mx.dequantize(draft.lm_head.weight, draft.lm_head.scales, draft.lm_head.biases, group_size=32, bits=8)
+    assert mx.allclose(head, source.astype(mx.float32), atol=2e-2).item()
+    x = tokens()
+    shared = build_draft_model(target, "mxfp4")  # the same draft reading the target's own head
+    agree = (draft(x).argmax(-1) == shared(x).argmax(-1)).astype(mx.float32).mean().item()
+    assert agree >= 0.9
+
+
+def test_an_already_quantized_head_is_shared():
+    target = tiny_target()  # 8-bit embedding, tied
+    draft = build_draft_model(target, "mxfp4", head_bits=8)
+    assert draft.args.tie_word_embeddings is True and "lm_head" not in draft
+    assert draft.model.embed_tokens is target.model.embed_tokens

@@ -56,6 +56,24 @@ def test_half_matmul_matches_reference_for_odd_shapes(dtype, M, isa):
         _close(out, np.array(x, dtype=np.float64) @ np.array(w.astype(mx.float32), dtype=np.float64).T)
 
 
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "mxfp4", "nvfp4"])
+def test_each_row_is_bit_identical_whatever_the_rows_beside_it(kind, isa):
+    """A row of x gives the same bits alone or among up to 13 rows: a verification step (last token +
+    drafts, one row each) then computes exactly what decoding each token alone would."""
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.standard_normal((13, 576)).astype(np.float32))
+    w = mx.array(rng.standard_normal((37, 576)).astype(np.float32))
+    if kind in lowp.FP4_MODES:
+        wq, s = mx.quantize(w, mode=kind)
+        matmul = lambda v: native.fp4_matmul(v, wq, s, kind)  # noqa: E731
+    else:
+        wh = w.astype(getattr(mx, kind))
+        matmul = lambda v: native.half_matmul(v, wh)  # noqa: E731
+    alone = np.stack([np.array(matmul(x[i : i + 1]))[0] for i in range(13)])
+    for M in (2, 4, 5, 8, 13):
+        np.testing.assert_array_equal(np.array(matmul(x[:M])), alone[:M])
+
+
 def test_half_matmul_reads_subnormals_and_specials(isa):
     bits = np.array([0x0001, 0x03FF, 0x8001, 0x7BFF, 0x3C00, 0x0000, 0x8000, 0x0400, 0x7C00, 0xFC00, 0x0200, 0x83FF] * 4,
                     dtype=np.uint16)
@@ -146,3 +164,18 @@ def test_loader_keeps_a_16_bit_checkpoint_16_bit(tmp_path, monkeypatch):
     assert wide.model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float32
     ids = mx.array([[1, 5, 9, 20]])
     _close(half.model(ids), wide.model(ids), tol=1e-4)
+
+
+def test_load_check_keeps_16_bit_projections_whose_16_bit_product_would_overflow():
+    """The load check feeds a 16-bit projection float32 rows (what the float32 model around it feeds):
+    a width-576 float16 product at the check's 4096 scale overflows float16, which once reverted every
+    projection of the float16 SmolLM2 to MLX's own 16-bit matmul (~8x slower decode)."""
+    from mlx_loom.kernels.route_check import verify_routes
+
+    model = nn.Sequential(nn.Linear(576, 64, bias=False))
+    model.layers[0].weight = (mx.random.normal((64, 576), key=mx.random.key(3)) * 0.5).astype(mx.float16)
+    assert lowp.route_lowp_modules(model) == 1
+    x16 = (mx.random.normal((1, 576), key=mx.random.key(4)) * 4096).astype(mx.float16)
+    assert not mx.isfinite(x16 @ model.layers[0].weight.T).all().item()  # the 16-bit product overflows
+    assert verify_routes(model) == []
+    assert isinstance(model.layers[0], lowp.NativeHalfLinear)

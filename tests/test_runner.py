@@ -56,3 +56,47 @@ def test_mixed_step_matches_reference(tiny):
 def test_kv_bytes_per_block(tiny):
     # 2 (k, v) * 2 layers * BS tokens * 2 kv heads * 16 head dim * 4 bytes
     assert ModelRunner.kv_bytes_per_block(tiny, BS, mx.float32) == 2 * 2 * BS * 2 * 16 * 4
+
+
+def test_verification_rows_run_fused_and_equal_one_decode_per_token(tmp_path):
+    """A verification row (last token + drafts) runs on the fused decode layer with one entry per
+    token: its logits are bit for bit those of decoding the tokens one step at a time, beside a plain
+    decode row in the same step (what keeps greedy speculation lossless)."""
+    from tiny_model import make_tiny_llama_dir
+
+    from mlx_loom.models.loader import load_model
+
+    d = make_tiny_llama_dir(tmp_path / "m", num_layers=2)
+    weights = mx.load(str(d / "model.safetensors"))
+    mx.save_safetensors(str(d / "model.safetensors"), {k: v.astype(mx.float16) for k, v in weights.items()})
+    model = load_model(str(d)).model
+    prompt, other, drafts = [5, 9, 20, 33, 7, 3], [40, 41, 42], [11, 12, 13, 14]
+
+    def runner_after_prompts() -> ModelRunner:
+        r = ModelRunner(model, num_blocks=16, block_size=BS, dtype=mx.float32)
+        r.execute([ScheduledRow("p", tuple(prompt), 0, (3, 7, 1), True), ScheduledRow("o", tuple(other), 0, (9,), True)])
+        return r
+
+    one = runner_after_prompts()
+    if one.fused_layers is None:
+        pytest.skip("no fused native decode layer here")
+    want = [np.array(one.execute([ScheduledRow("p", (t,), len(prompt) + i, (3, 7, 1), True)])[0][0])
+            for i, t in enumerate(drafts)]
+    decode = np.array(one.execute([ScheduledRow("o", (50,), len(other), (9,), True)])[0][0])
+
+    fused = runner_after_prompts()
+    verify = ScheduledRow("p", tuple(drafts), len(prompt), (3, 7, 1), True, num_draft=len(drafts) - 1)
+    logits, sample_rows = fused.execute([verify, ScheduledRow("o", (50,), len(other), (9,), True)])
+    assert sample_rows == (0, 1)
+    got = np.array(logits)
+    assert got.shape[0] == len(drafts) + 1
+    for i in range(len(drafts)):
+        np.testing.assert_array_equal(got[i], want[i])
+    np.testing.assert_array_equal(got[-1], decode)
+
+    # A draft's runner also takes short catch-up rows fused: only the last token samples.
+    catch_up = runner_after_prompts()
+    catch_up.fused_row_tokens = 8
+    logits, _ = catch_up.execute([ScheduledRow("p", tuple(drafts), len(prompt), (3, 7, 1), True)])
+    assert logits.shape[0] == 1
+    np.testing.assert_array_equal(np.array(logits[0]), want[-1])

@@ -204,7 +204,7 @@ def test_sampling_distribution_is_the_targets(monkeypatch):
 
     target = _tiny(0, 6.0)
     draft = _tiny(1, 6.0).model  # unrelated weights: q far from p, so only correct rejection sampling passes
-    monkeypatch.setattr(draft_model, "build_draft_model", lambda model, kind, scales=None: draft)
+    monkeypatch.setattr(draft_model, "build_draft_model", lambda model, kind, scales=None, head_bits=None: draft)
     monkeypatch.setattr(draft_scaling, "activation_scales", lambda model, tokenizer, alpha: None)  # _Tok has no text
     prompt = [1, 2, 3, 4, 5]
     exact = _exact_marginals(target, prompt)

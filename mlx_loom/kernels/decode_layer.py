@@ -7,7 +7,8 @@
 `decode_layer_reference` composes MLX ops and is the tested contract. On the CPU, the native
 extension's DecodeLayer primitive runs the whole layer as one task (a decode step of a small
 model is otherwise dominated by dispatching ~30 tiny ops per layer). The runner uses it for steps
-whose rows are all decode rows, when `fused_layer_weights` accepts the model's layers.
+whose rows are all decode rows (a verification row's tokens are one decode row each), when
+`fused_layer_weights` accepts the model's layers.
 
 Dims: T rows (one token each), DM model width, H / HKV query / kv heads, D head dim,
 NB pages in the pool, BS tokens per page, MB pages per row's block table.

@@ -73,6 +73,10 @@ def fp4_matmul_reference(x: mx.array, w: mx.array, scales: mx.array, mode: str =
 class NativeHalfLinear(nn.Linear):
     """An nn.Linear with a float16 / bfloat16 weight whose matmul is half_matmul (float32 out)."""
 
+    # The loader keeps weights 16-bit only under a float32 model (its activations are float32): the
+    # load-time check (route_check.py) compares on such inputs, not on 16-bit ones the model never feeds.
+    check_input_dtype = mx.float32
+
     def __call__(self, x: mx.array) -> mx.array:
         y = half_matmul(x, self.weight)
         return y + self.bias if "bias" in self else y
@@ -81,6 +85,8 @@ class NativeHalfLinear(nn.Linear):
 class NativeHalfEmbedding(nn.Embedding):
     """An nn.Embedding with a 16-bit table: rows come out float32 (the CPU model runs float32) and
     the tied head is half_matmul."""
+
+    check_input_dtype = mx.float32  # as NativeHalfLinear's
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.weight[x].astype(mx.float32)
@@ -91,6 +97,8 @@ class NativeHalfEmbedding(nn.Embedding):
 
 class NativeFp4Linear(nn.QuantizedLinear):
     """An nn.QuantizedLinear in mxfp4 / nvfp4 mode whose matmul is fp4_matmul."""
+
+    check_input_dtype = mx.float32  # its scales are uint8: the model around it computes in float32
 
     def __call__(self, x: mx.array) -> mx.array:
         y = fp4_matmul(x, self.weight, self.scales, self.mode)

@@ -105,7 +105,7 @@ def _row_error(got: mx.array, expect: mx.array) -> float:
 def _cases(module: nn.Module) -> list[tuple]:
     """(call, input) pairs for the routed module kinds: RoPE, embeddings (ids and the tied-head matmul),
     everything else x -> y."""
-    width, dtype = _width(module), _dtype(module)
+    width, dtype = _width(module), getattr(type(module), "check_input_dtype", None) or _dtype(module)
     rows = mx.random.normal((len(SCALES), width), key=mx.random.key(width)) * mx.array(SCALES)[:, None]
     if isinstance(module, nn.RoPE):  # [B, H, L, D]: the rows as positions of one head
         x = rows[None, None].astype(dtype)

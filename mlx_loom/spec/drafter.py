@@ -29,6 +29,11 @@ from mlx_loom.spec.probs import biased, is_greedy, processed_probs
 from mlx_loom.worker.runner import ModelRunner
 
 
+FUSED_ROW_TOKENS = 40
+"""A draft's rows up to this many tokens run on the fused decode layer: catch-up plus the
+sub-level's proposals (k <= 16); a new request's first catch-up (its prompt) runs op by op."""
+
+
 @dataclass
 class DraftItem:
     """One row to draft for: its known tokens (the last one is at position len(tokens) - 1)."""
@@ -101,7 +106,9 @@ class _Row:
 class ModelDrafter:
     def __init__(self, model, num_blocks: int, block_size: int, dtype: mx.Dtype,
                  sub: Proposer | None = None) -> None:
-        self.runner = ModelRunner(model, num_blocks, block_size, dtype)  # MXFP4 / NVFP4 drafts run fused
+        # MXFP4 / NVFP4 drafts run fused, their catch-up rows (the last draft and the target's token
+        # after a fully accepted step: 2 tokens) and the sub-level's rows included.
+        self.runner = ModelRunner(model, num_blocks, block_size, dtype, fused_row_tokens=FUSED_ROW_TOKENS)
         self.sub = sub
         self.stats = LevelStats()  # the sub-level's tokens verified by this draft
         self._kv_end: dict[str, tuple[int, int]] = {}  # request -> (num_preemptions, tokens with draft KV)

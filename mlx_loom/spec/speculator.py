@@ -186,6 +186,7 @@ def build_speculator(spec_cfg, loaded, target_runner, num_blocks: int, block_siz
                      max_model_len: int) -> Speculator:
     """The drafter chain from the config, its measured costs, and the controller."""
     from mlx_loom.spec.draft_model import (
+        DRAFT_HEAD_BITS,
         DRAFT_KINDS,
         build_draft_model,
         load_draft_model,
@@ -195,7 +196,7 @@ def build_speculator(spec_cfg, loaded, target_runner, num_blocks: int, block_siz
     def model_for(method: str):
         if method in DRAFT_KINDS:
             scales = activation_scales(loaded.model, loaded.tokenizer, ALPHAS[method])
-            return build_draft_model(loaded.model, method, scales)
+            return build_draft_model(loaded.model, method, scales, head_bits=DRAFT_HEAD_BITS)
         return load_draft_model(method, loaded.vocab_size)
 
     sub: Proposer | None = None

@@ -113,23 +113,27 @@ def _group(rows: Sequence[ScheduledRow], start: int, block_size: int) -> Attenti
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """A step whose rows all decode one token: row t is token t."""
+    """A step of decode and verification rows (every token new): one entry per token, so row r's
+    tokens are consecutive entries, each attending to its row's keys up to its own position."""
 
     tokens: mx.array  # [T] int32
     positions: mx.array  # [T] int32
     slots: mx.array  # [T] int32
-    block_tables: mx.array  # [T, MB] int32, each row's pages up to its position, padded
+    block_tables: mx.array  # [T, MB] int32, each entry's pages up to its position, padded
+    sample_index: tuple[int, ...]  # each sampling row's last num_draft + 1 entries, in row order
 
 
 def build_decode_batch(rows: Sequence[ScheduledRow], block_size: int) -> DecodeBatch:
-    positions = [r.start_pos for r in rows]
-    pages = [r.block_ids[: p // block_size + 1] for r, p in zip(rows, positions)]
+    entries = [(r, i) for r in rows for i in range(len(r.token_ids))]
+    positions = [r.start_pos + i for r, i in entries]
+    pages = [r.block_ids[: p // block_size + 1] for (r, _), p in zip(entries, positions)]
     width = max(len(p) for p in pages)
     return DecodeBatch(
-        tokens=mx.array([r.token_ids[0] for r in rows], dtype=mx.int32),
+        tokens=mx.array([r.token_ids[i] for r, i in entries], dtype=mx.int32),
         positions=mx.array(positions, dtype=mx.int32),
         slots=mx.array([p[-1] * block_size + pos % block_size for p, pos in zip(pages, positions)], dtype=mx.int32),
         block_tables=mx.array([list(p) + [p[0]] * (width - len(p)) for p in pages], dtype=mx.int32),
+        sample_index=tuple(j for j, (r, i) in enumerate(entries) if r.sample and i >= len(r.token_ids) - 1 - r.num_draft),
     )
 
 
@@ -171,8 +175,12 @@ class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: mx.Dtype,
                  sparse: SparsePatternConfig | None = None, force_generic: bool = False,
                  dense_decode_bytes: int | None = None, num_state_slots: int = 0,
-                 num_state_snapshots: int = 0) -> None:
+                 num_state_snapshots: int = 0, fused_row_tokens: int = 1) -> None:
         self.model = model
+        self.fused_row_tokens = fused_row_tokens
+        """Rows of up to this many new tokens also run on the fused decode layer (one entry per token). The
+        target keeps 1: its prefill chunks run op by op, on BLAS GEMMs; a draft model takes its short
+        catch-up rows (the tokens it has not seen since its last proposal) there too."""
         self.sparse = sparse
         """Per-head sparse prefill patterns (MInference); long prefill chunks use them when the cost
         model says so (mlx_loom.kernels.sparse_patterns.should_use_sparse), everything else stays dense."""
@@ -253,7 +261,10 @@ class ModelRunner:
         assert tokens is None or decode_only, "device tokens: decode rows only"
         if self.generic is not None:
             return self.generic(rows, tokens)
-        if self.fused_layers is not None and decode_only:
+        # A verification row's tokens are all new (last token + drafts): each runs as a decode entry
+        # at its own position, the same per-token computation a plain decode of that token does.
+        if self.fused_layers is not None and all(len(r.token_ids) == 1 + r.num_draft
+                                                 or len(r.token_ids) <= self.fused_row_tokens for r in rows):
             return self._execute_decode(rows, tokens)
         batch = build_step_batch(rows, self.block_size)
         if tokens is not None:  # decode rows keep their order in the batch
@@ -267,17 +278,16 @@ class ModelRunner:
         return self._logits(h), batch.sample_rows  # [S, V]
 
     def _execute_decode(self, rows: Sequence[ScheduledRow], tokens: mx.array | None) -> tuple[mx.array, tuple[int, ...]]:
-        """All rows decode one token: one fused native primitive per layer (mlx_loom/kernels/decode_layer.py)."""
+        """Decode and verification rows: one fused native primitive per layer (mlx_loom/kernels/decode_layer.py)."""
         d = build_decode_batch(rows, self.block_size)
         inner = self.model.model
         h = inner.embed_tokens(d.tokens if tokens is None else tokens)  # [T, DM]
         for i, (weights, spec, inv_freq) in enumerate(self.fused_layers):
             h, self.k_pools[i], self.v_pools[i] = fused.decode_layer(
                 h, weights, self.k_pools[i], self.v_pools[i], d.slots, d.positions, d.block_tables, inv_freq, spec)
-        sample_rows = tuple(i for i, r in enumerate(rows) if r.sample)
-        if len(sample_rows) < len(rows):
-            h = h[mx.array(sample_rows, dtype=mx.int32)]
-        return self._logits(inner.norm(h)), sample_rows  # [S, V]
+        if len(d.sample_index) < h.shape[0]:
+            h = h[mx.array(d.sample_index, dtype=mx.int32)]
+        return self._logits(inner.norm(h)), tuple(i for i, r in enumerate(rows) if r.sample)  # [S, V]
 
     def _logits(self, h: mx.array) -> mx.array:
         if getattr(self.model.args, "tie_word_embeddings", False):

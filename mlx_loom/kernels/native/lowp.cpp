@@ -81,6 +81,7 @@ void lowp_run(const LowpArgs& a) {
     interleave_x(q, xi.data());
     base.xi = xi.data();
   }
+  const int max_m = isa == "avx512" && a.format != kFp4 ? kLowpMaxMHalfAvx512 : kLowpMaxM;
   const long long work = (long long)a.N * a.K * a.M;
   const int blocks = (a.N + kRowBlock - 1) / kRowBlock;
   const int nt = static_cast<int>(std::min<long long>({num_threads(), std::max(1LL, work / (1 << 14)), blocks}));
@@ -88,12 +89,12 @@ void lowp_run(const LowpArgs& a) {
     const int b0 = static_cast<int>((long long)blocks * i / nt), b1 = static_cast<int>((long long)blocks * (i + 1) / nt);
     for (int b = b0; b < b1; ++b) {
       const int n0 = b * kRowBlock, n1 = std::min(a.N, n0 + kRowBlock);
-      for (int m0 = 0; m0 < a.M; m0 += kLowpMaxM) {
+      for (int m0 = 0; m0 < a.M; m0 += max_m) {
         LowpArgs part = base;
         part.x = a.x + m0 * a.ldx;
         part.out = a.out + m0 * a.ldo;
         part.xi = base.xi ? base.xi + m0 * base.ldxi : nullptr;
-        part.M = std::min(kLowpMaxM, a.M - m0);
+        part.M = std::min(max_m, a.M - m0);
         rows(part, n0, n1);
       }
     }

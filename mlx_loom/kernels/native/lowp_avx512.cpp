@@ -149,7 +149,15 @@ void direct(const LowpArgs& a, int n0, int n1) {
 }  // namespace
 
 void lowp_rows_avx512(const LowpArgs& a, int n0, int n1) {
-  static_assert(kLowpMaxM == 4, "direct<> is instantiated for M = 1..4");
+  static_assert(kLowpMaxM == 4 && kLowpMaxMHalfAvx512 == 8, "direct<> is instantiated for M = 1..4, 16-bit to 8");
+  if (a.M > 4 && a.format != kFp4) {  // lowp_run passes fp4 at most 4 rows
+    switch (a.M) {
+      case 5: return a.format == kF16 ? direct_half<kF16, 5>(a, n0, n1) : direct_half<kBF16, 5>(a, n0, n1);
+      case 6: return a.format == kF16 ? direct_half<kF16, 6>(a, n0, n1) : direct_half<kBF16, 6>(a, n0, n1);
+      case 7: return a.format == kF16 ? direct_half<kF16, 7>(a, n0, n1) : direct_half<kBF16, 7>(a, n0, n1);
+      default: return a.format == kF16 ? direct_half<kF16, 8>(a, n0, n1) : direct_half<kBF16, 8>(a, n0, n1);
+    }
+  }
   switch (a.M) {
     case 1: return direct<1>(a, n0, n1);
     case 2: return direct<2>(a, n0, n1);

@@ -16,6 +16,9 @@
 namespace loom {
 
 constexpr int kLowpMaxM = 4;
+// The AVX-512 16-bit kernels take up to this many rows of x per pass (16 accumulators of its 32
+// registers): a verification step's 5 rows per sequence then stream w once, not as 4 + 1.
+constexpr int kLowpMaxMHalfAvx512 = 8;
 
 enum LowpFormat : int { kF16 = 0, kBF16 = 1, kFp4 = 2 };
 
