@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 
 from mlx_loom.kernels import lowp, qmm
+from mlx_loom.kernels.mlx_lm_classes import mlx_lm_classes
 
 _LOG2E = 1.4426950408889634
 
@@ -47,23 +48,10 @@ def _known_swiglu_mlps() -> frozenset[type]:
     silu(gate) * up (read from their source; tests/test_module_routing.py checks each against its own
     call on large and edge-case inputs). Only these are switched: a subclass or any other class (a
     clamp, a scale, a bias, another activation: step3p5's Step3p5MLP clamps) keeps its own code."""
-    import importlib
-
     names = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo2", "granite", "cohere", "exaone4",
              "ministral3", "internlm3")
-    classes = set()
-    for name in names:
-        try:  # an older mlx-lm may lack an architecture: then there is nothing of it to switch
-            module = importlib.import_module(f"mlx_lm.models.{name}")
-        except ImportError:
-            continue
-        classes.add(module.MLP)
-    for name, cls in (("deepseek_v2", "DeepseekV2MLP"), ("deepseek_v3", "DeepseekV3MLP")):
-        try:
-            classes.add(getattr(importlib.import_module(f"mlx_lm.models.{name}"), cls))
-        except (ImportError, AttributeError):
-            continue
-    return frozenset(classes)
+    return mlx_lm_classes(*(f"{name}.MLP" for name in names), "deepseek_v2.DeepseekV2MLP",
+                          "deepseek_v3.DeepseekV3MLP")
 
 
 KNOWN_SWIGLU_MLPS: frozenset[type] = _known_swiglu_mlps()

@@ -9,11 +9,12 @@ A class not listed (gemma2's softcap, granite's and cohere's logit scales, any s
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_loom.kernels.mlx_lm_classes import mlx_lm_classes
 
 Head = Callable[[mx.array], mx.array]
 
@@ -25,22 +26,11 @@ _LM_HEAD = ("qwen2_moe", "glm4", "deepseek_v2", "deepseek_v3", "gpt_oss", "step3
 _EMBED = ("gemma",)
 _SELF_TIED = ("gemma3_text",)
 
-
-def _model_classes(names: tuple[str, ...]) -> frozenset[type]:
-    out = set()
-    for name in names:
-        try:  # an older mlx-lm may lack an architecture: then no model of it is loaded either
-            out.add(importlib.import_module(f"mlx_lm.models.{name}").Model)
-        except (ImportError, AttributeError):
-            continue
-    return frozenset(out)
-
-
 HEAD_RULES: dict[str, frozenset[type]] = {
-    "args_tied": _model_classes(_ARGS_TIED),
-    "lm_head": _model_classes(_LM_HEAD),
-    "embed": _model_classes(_EMBED),
-    "self_tied": _model_classes(_SELF_TIED),
+    "args_tied": mlx_lm_classes(*_ARGS_TIED),
+    "lm_head": mlx_lm_classes(*_LM_HEAD),
+    "embed": mlx_lm_classes(*_EMBED),
+    "self_tied": mlx_lm_classes(*_SELF_TIED),
 }
 
 

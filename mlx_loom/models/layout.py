@@ -21,7 +21,6 @@ code (mlx_loom/worker/generic_forward.py).
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache, make_prompt_cache
 
 from mlx_loom.kernels.activations import unrouted_type
+from mlx_loom.kernels.mlx_lm_classes import mlx_lm_classes
 from mlx_loom.kernels.rope_norm import PLAIN_NORMS
 
 # The architectures the conformance matrix (tests/test_architectures.py) checks token for token.
@@ -207,23 +207,14 @@ def _record(p: object, kv: list[LayerKV], states: list[LayerState]) -> Entry:
     return ("state", len(states) - 1)
 
 
-def _model_classes(*names: str) -> frozenset[type]:
-    out = set()
-    for name in names:
-        try:  # an older mlx-lm may lack an architecture: then no model of it is loaded either
-            out.add(importlib.import_module(f"mlx_lm.models.{name}").Model)
-        except (ImportError, AttributeError):
-            continue
-    return frozenset(out)
-
 
 # Model classes whose CacheList of KVCaches holds one cache per attention sublayer, each used only through
 # the cache protocol (offset, update_and_fetch, make_mask), read from their source: each becomes a paged KV
 # layer. Other CacheLists of KVCaches keep a lightning indexer's keys and read the arrays directly.
-_KV_LISTS = _model_classes("longcat_flash")
+_KV_LISTS = mlx_lm_classes("longcat_flash")
 # Model classes that read a layer's keys_and_values() under the mask of that layer's type and take positions
 # from the cache's offset (gemma3n's KV-sharing layers), read from their source: served over pages.
-_WHOLE_CACHE_READERS = _model_classes("gemma3n")
+_WHOLE_CACHE_READERS = mlx_lm_classes("gemma3n")
 
 
 def _refuse_unpaged(model: nn.Module, caches: list) -> None:
