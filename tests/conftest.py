@@ -18,6 +18,26 @@ def default_model():
     return load_model(None)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded model's tokenizer, read from its GGUF metadata."""
+    import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
+    import mlx.core as mx
+    from mlx_loom.models.loader import default_model_path
+    from mlx_loom.models.tokenizer import TextTokenizer
+
+    _, metadata = mx.load(default_model_path(), return_metadata=True)
+    return TextTokenizer.from_gguf_metadata(metadata)
+
+
+@pytest.fixture(scope="module")
+def backend(tok):
+    """llguidance's grammar backend over the embedded model's tokenizer."""
+    from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
+
+    return LLGuidanceBackend(tok)
+
+
 # -- CI: every skip is listed, and only justified ones pass --
 # CI runs on a CPU machine with cmake and a C++ compiler, so nothing should skip there: a native
 # kernel test that skips means the default path went untested. Skips CI may take, with the reason:

@@ -17,12 +17,9 @@ import numpy as np
 import pytest
 
 import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
-import mlx.core as mx
-from mlx_loom.models.loader import default_model_path
-from mlx_loom.models.tokenizer import TextTokenizer
 from mlx_loom.schemas.features import FORMAT_PATTERNS, NATIVE_FORMATS, UNSUPPORTED_KEYWORDS
 from mlx_loom.schemas.grammar import GrammarError, GrammarSpec
-from mlx_loom.schemas.llguidance_backend import JSON_OPTIONS, LLGuidanceBackend, parser_limits
+from mlx_loom.schemas.llguidance_backend import JSON_OPTIONS, parser_limits
 from mlx_loom.schemas.negate import negate, not_literal_pattern
 from mlx_loom.schemas.rewrite import prepare
 
@@ -114,17 +111,6 @@ SOUND = {
                        "b": {"type": "string", "format": "byte", "maxLength": 8},
                        "e": {"type": "string", "format": "evenlength", "maxLength": 2}}},
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-    _, meta = mx.load(default_model_path(), return_metadata=True)
-    return TextTokenizer.from_gguf_metadata(meta)
-
-
-@pytest.fixture(scope="module")
-def backend(tok):
-    return LLGuidanceBackend(tok)
 
 
 @pytest.fixture(scope="module")

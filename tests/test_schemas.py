@@ -6,25 +6,10 @@ import numpy as np
 import pytest
 
 import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
-import mlx.core as mx
-from mlx_loom.models.loader import default_model_path
-from mlx_loom.models.tokenizer import TextTokenizer
 from mlx_loom.schemas.grammar import GrammarError, GrammarSpec
-from mlx_loom.schemas.llguidance_backend import LLGuidanceBackend
 from structured_schemas import PERSON, SCHEMAS
 
 WHITESPACE = (" ", "\n", "\t", "  ", "\n\n", " \n")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    _, meta = mx.load(default_model_path(), return_metadata=True)
-    return TextTokenizer.from_gguf_metadata(meta)
-
-
-@pytest.fixture(scope="module")
-def backend(tok):
-    return LLGuidanceBackend(tok)
 
 
 def allowed(backend, matcher) -> np.ndarray:

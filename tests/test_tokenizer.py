@@ -3,7 +3,7 @@
 import pytest
 
 import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
-from mlx_loom.models.tokenizer import IncrementalDetokenizer, TextTokenizer, render_chat_template
+from mlx_loom.models.tokenizer import IncrementalDetokenizer, render_chat_template
 
 TEXTS = [
     "Hello world",
@@ -13,16 +13,6 @@ TEXTS = [
     "中文测试，日本語のテキスト、한국어",
     "mixed: naïve café — 3.14159 ≈ π",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok() -> TextTokenizer:
-    import mlx.core as mx
-
-    from mlx_loom.models.loader import default_model_path
-
-    _, metadata = mx.load(default_model_path(), return_metadata=True)
-    return TextTokenizer.from_gguf_metadata(metadata)
 
 
 @pytest.mark.parametrize("text", TEXTS)
