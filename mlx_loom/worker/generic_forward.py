@@ -13,8 +13,9 @@ softcap, a logit scale, a subclass) runs whole, its own code.
 The decode group (one query per row) reads its keys from a dense mirror kept across steps
 (decode_mirror.py) when one fits its byte cap, instead of gathering every row's pages each step.
 
-A cache entry that is a CacheList of KV caches (longcat_flash: one per attention sublayer) gets a
-CacheList of `PagedLayerCache`s, one per KV layer.
+A cache entry that is a CacheList (models/layout.py splits it into members: a state and a KV cache,
+falcon_h1; one KV cache per attention sublayer, longcat_flash) gets mlx-lm's own CacheList over its
+members' cache objects.
 
 Hybrid models get, for each recurrent-state entry of their cache, a `SlotStateCache` over the rows'
 state slots (state_cache.py) in the model's own cache order; after the call, what the model wrote
