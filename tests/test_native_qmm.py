@@ -166,6 +166,21 @@ def test_thread_counts_agree():
 
 
 @needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_batch_rows_equal_each_row_alone(bits, isa):
+    """A batched decode step's rows on the direct path (up to 8 rows with AVX-512, else 4) give bit
+    for bit what each row gives alone, so a request's tokens do not depend on its batch."""
+    direct_rows = 8 if isa == "avx512" else 4
+    rng = np.random.default_rng(4 + bits)
+    for N, K in [(576, 576), (1536, 576), (576, 1536), (13, 160)]:
+        w, s, b = _quantized(rng, N, K, bits)
+        x = mx.array(rng.standard_normal((8, K)).astype(np.float32))
+        alone = np.concatenate([np.array(native.affine_qmm(x[m : m + 1], w, s, b, 32, bits)) for m in range(8)])
+        for M in range(2, direct_rows + 1):
+            np.testing.assert_array_equal(np.array(native.affine_qmm(x[:M], w, s, b, 32, bits)), alone[:M])
+
+
+@needs_native
 def test_composes_with_mlx_ops_and_compile():
     rng = np.random.default_rng(3)
     w, s, b = _quantized(rng, 64, 128, 4)

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -16,11 +17,14 @@
 #include "lowp.h"
 #include "native_util.h"
 #include "row_ops.h"
+#include "vec_kernels.h"
 
 // Attention's inner loops are plain float loops written to auto-vectorize; on x86-64 Linux they
-// are also compiled for Haswell (AVX2 + FMA) and picked at load time (GCC function multiversioning).
+// are also compiled for x86-64-v3 (AVX2 + FMA) and picked at load time (GCC function
+// multiversioning). Not "arch=haswell": GCC's resolver checks that one by CPU model, so AMD CPUs
+// (and any later Intel model) silently ran the SSE2 default.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define LOOM_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define LOOM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LOOM_SIMD_CLONES
 #endif
@@ -44,6 +48,22 @@ struct QWeight {
   int format = kAffine;
 };
 
+QmmArgs affine_args(const QWeight& q, const float* x, int M, float* y) {
+  QmmArgs a{};
+  a.x = x;
+  a.ldx = q.K;
+  a.w = q.w;
+  a.scales = q.scales;
+  a.biases = q.biases;
+  a.out = y;
+  a.M = M;
+  a.N = q.N;
+  a.K = q.K;
+  a.group_size = q.group_size;
+  a.bits = q.bits;
+  return a;
+}
+
 // y [M, N] = x [M, K] @ dequantize(q).T
 void matmul(const QWeight& q, const float* x, int M, float* y) {
   if (q.format != kAffine) {
@@ -62,19 +82,19 @@ void matmul(const QWeight& q, const float* x, int M, float* y) {
     l.format = q.format;
     return lowp_run(l);
   }
-  QmmArgs a{};
-  a.x = x;
-  a.ldx = q.K;
-  a.w = q.w;
-  a.scales = q.scales;
-  a.biases = q.biases;
-  a.out = y;
-  a.M = M;
-  a.N = q.N;
-  a.K = q.K;
-  a.group_size = q.group_size;
-  a.bits = q.bits;
-  qmm_run(a);
+  qmm_run(affine_args(q, x, M, y));
+}
+
+// Several products of the same x [M, K]: affine ones in one pool call (the threads meet once).
+template <size_t n>
+void matmuls(const std::array<const QWeight*, n>& qs, const float* x, int M, const std::array<float*, n>& ys) {
+  std::array<QmmArgs, n> as;
+  size_t affine = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (qs[i]->format == kAffine) as[affine++] = affine_args(*qs[i], x, M, ys[i]);
+    else matmul(*qs[i], x, M, ys[i]);
+  }
+  if (affine) qmm_run_many(as.data(), static_cast<int>(affine));
 }
 
 LOOM_SIMD_CLONES
@@ -163,8 +183,18 @@ void add_into(float* y, const float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
+// g = silu(g) * u in place, with the vector kernel the SiluMul primitive runs (this is serial work
+// between two pool calls: a scalar exp per value cost ~15 us per layer).
 void silu_mul(float* g, const float* u, size_t n) {
-  for (size_t i = 0; i < n; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  using SpanFn = void (*)(const float*, const float*, float*, long long);
+  static const SpanFn span = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return static_cast<SpanFn>(avx2::silu_mul_span);
+#endif
+    return static_cast<SpanFn>(generic::silu_mul_span);
+  }();
+  span(g, u, g, static_cast<long long>(n));
 }
 
 struct LayerPtrs {
@@ -198,9 +228,7 @@ void run_layer(const LayerPtrs& p, const DecodeLayerSpec& sp) {
 
   std::memcpy(p.h_out, p.h, sizeof(float) * T * DM);
   rms_norm(p.h_out, p.attn_norm, T, DM, sp.eps, xn.data());
-  matmul(p.q, xn.data(), T, q.data());
-  matmul(p.k, xn.data(), T, k.data());
-  matmul(p.v, xn.data(), T, v.data());
+  matmuls<3>({&p.q, &p.k, &p.v}, xn.data(), T, {q.data(), k.data(), v.data()});
   if (p.q_norm) {
     rms_norm(q.data(), p.q_norm, T * H, D, sp.qk_eps, q.data());  // per head, in place
     rms_norm(k.data(), p.k_norm, T * HKV, D, sp.qk_eps, k.data());
@@ -219,8 +247,7 @@ void run_layer(const LayerPtrs& p, const DecodeLayerSpec& sp) {
   matmul(p.o, att.data(), T, tmp.data());
   add_into(p.h_out, tmp.data(), (size_t)T * DM);
   rms_norm(p.h_out, p.ffn_norm, T, DM, sp.eps, xn.data());
-  matmul(p.gate, xn.data(), T, g.data());
-  matmul(p.up, xn.data(), T, u.data());
+  matmuls<2>({&p.gate, &p.up}, xn.data(), T, {g.data(), u.data()});
   silu_mul(g.data(), u.data(), (size_t)T * p.FF);
   matmul(p.down, g.data(), T, tmp.data());
   add_into(p.h_out, tmp.data(), (size_t)T * DM);

@@ -20,6 +20,8 @@ void parallel_tasks(int n, const std::function<void(int)>& fn);
 
 // A whole affine product on the pool (computes the direct path's group sums itself).
 void qmm_run(QmmArgs a);
+// count products in one pool call (one meeting of the threads instead of count).
+void qmm_run_many(QmmArgs* as, int count);
 
 // Strided -> dense row-major copy (rare: inputs are almost always row-contiguous).
 template <typename T>

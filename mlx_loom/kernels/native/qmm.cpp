@@ -43,6 +43,7 @@ struct Kernel {
   std::string isa;
   RowsFn rows;
   bool interleaved_x;  // its 4-bit direct path reads QmmArgs::xi
+  int direct_max_m;    // rows of x up to which it takes the direct path
 };
 
 // Every kernel family this CPU can run, fastest first. MLX_LOOM_NATIVE_SCALAR (any value) keeps
@@ -53,13 +54,13 @@ static const std::vector<Kernel>& available_kernels() {
     const bool scalar_only = std::getenv("MLX_LOOM_NATIVE_SCALAR") != nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
     const bool avx2 = !scalar_only && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx2 && __builtin_cpu_supports("avx512f")) k.push_back({"avx512", qmm_rows_avx512, true});
-    if (avx2) k.push_back({"avx2", qmm_rows_avx2, false});
+    if (avx2 && __builtin_cpu_supports("avx512f")) k.push_back({"avx512", qmm_rows_avx512, true, kDirectMaxMAvx512});
+    if (avx2) k.push_back({"avx2", qmm_rows_avx2, false, kDirectMaxM});
 #endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
-    if (!scalar_only) k.push_back({"neon", qmm_rows_neon, false});
+    if (!scalar_only) k.push_back({"neon", qmm_rows_neon, false, kDirectMaxM});
 #endif
-    k.push_back({"scalar", qmm_rows_scalar, false});
+    k.push_back({"scalar", qmm_rows_scalar, false, kDirectMaxM});
     return k;
   }();
   return kernels;
@@ -300,41 +301,75 @@ void AffineQMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 
 
-void qmm_run(QmmArgs a) {
-  const int M = a.M, N = a.N, K = a.K, gs = a.group_size;
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    std::fill(a.out, a.out + (size_t)M * N, 0.f);
-    return;
+// Fills a.xsum / a.xi (direct path) from buffers that live as long as the calling thread's call.
+static void prepare_direct(QmmArgs& a, const Kernel& k, std::vector<float>& xsum, std::vector<float>& xi) {
+  const int gs = a.group_size;
+  if (a.M > k.direct_max_m) return;
+  xsum.resize((size_t)a.M * (a.K / gs));
+  group_sums(a, xsum.data());
+  a.xsum = xsum.data();
+  if (k.interleaved_x && a.bits == 4) {
+    xi.resize((size_t)a.M * interleaved_stride(a.K));
+    interleave_x(a, xi.data());
+    a.xi = xi.data();
   }
+}
+
+void qmm_run(QmmArgs a) {
+  qmm_run_many(&a, 1);
+}
+
+// Several products in one pool call: the tiles of all of them are split into one list, so the
+// threads meet once per call instead of once per matrix (a decode layer's q / k / v, gate / up).
+// Each output row is computed exactly as by a call of its own.
+void qmm_run_many(QmmArgs* as, int count) {
   const Kernel& k = kernel();
-  const RowsFn rows = k.rows;
-  // The direct path (M <= kDirectMaxM) needs per-group sums of x (and, for some kernels, x
-  // interleaved); the tiled path takes any M.
-  thread_local std::vector<float> xsum, xi;
-  if (M <= kDirectMaxM) {
-    xsum.resize((size_t)M * (K / gs));
-    group_sums(a, xsum.data());
-    a.xsum = xsum.data();
-    if (k.interleaved_x && a.bits == 4) {
-      xi.resize((size_t)M * interleaved_stride(K));
-      interleave_x(a, xi.data());
-      a.xi = xi.data();
+  // The direct path needs per-group sums of x (and, for some kernels, x interleaved); products
+  // that share x, K, group size and bits share them.
+  thread_local std::vector<std::vector<float>> xsums, xis;
+  if ((int)xsums.size() < count) {
+    xsums.resize(count);
+    xis.resize(count);
+  }
+  std::vector<int> first_tile(count + 1, 0);
+  long long work = 0;
+  for (int i = 0; i < count; ++i) {
+    QmmArgs& a = as[i];
+    const bool empty = a.M == 0 || a.N == 0 || a.K == 0;
+    if (a.M > 0 && a.N > 0 && a.K == 0) std::fill(a.out, a.out + (size_t)a.M * a.N, 0.f);
+    first_tile[i + 1] = first_tile[i] + (empty ? 0 : (a.N + kTileN - 1) / kTileN);
+    if (empty) continue;
+    work += (long long)a.N * a.K * std::max(1, a.M);
+    int same = -1;
+    for (int j = 0; j < i && same < 0; ++j)
+      if (as[j].x == a.x && as[j].ldx == a.ldx && as[j].M == a.M && as[j].K == a.K &&
+          as[j].group_size == a.group_size && as[j].bits == a.bits && as[j].N > 0)
+        same = j;
+    if (same >= 0) {
+      a.xsum = as[same].xsum;
+      a.xi = as[same].xi;
+    } else {
+      prepare_direct(a, k, xsums[i], xis[i]);
     }
   }
-  // Split N into chunks of whole tiles; tiny problems stay on the calling thread.
+  const int tiles = first_tile[count];
+  if (tiles == 0) return;
+  // Split the tile list into contiguous chunks; tiny problems stay on the calling thread.
   Pool& p = pool();
-  const long long work = (long long)N * K * std::max(1, M);
-  const int tiles = (N + kTileN - 1) / kTileN;
   int nt = std::min<long long>(p.size(), std::max<long long>(1, work / (1 << 14)));
-  nt = std::min(nt, std::max(1, tiles));
-  p.run(nt, [&](int i) {
-    const int t0 = static_cast<int>((long long)tiles * i / nt), t1 = static_cast<int>((long long)tiles * (i + 1) / nt);
-    const int n0 = t0 * kTileN, n1 = std::min(N, t1 * kTileN);
-    if (n0 >= n1) return;
+  nt = std::min(nt, tiles);
+  const RowsFn rows = k.rows;
+  p.run(nt, [&](int t) {
+    const int t0 = static_cast<int>((long long)tiles * t / nt), t1 = static_cast<int>((long long)tiles * (t + 1) / nt);
     thread_local std::vector<float> scratch;
-    if (scratch.size() < (size_t)scratch_floats(K)) scratch.resize((size_t)scratch_floats(K));
-    rows(a, n0, n1, scratch.data());
+    for (int i = 0; i < count; ++i) {
+      const int a0 = std::max(t0, first_tile[i]), a1 = std::min(t1, first_tile[i + 1]);
+      if (a0 >= a1) continue;
+      const QmmArgs& a = as[i];
+      const int n0 = (a0 - first_tile[i]) * kTileN, n1 = std::min(a.N, (a1 - first_tile[i]) * kTileN);
+      if (scratch.size() < (size_t)scratch_floats(a.K)) scratch.resize((size_t)scratch_floats(a.K));
+      rows(a, n0, n1, scratch.data());
+    }
   });
 }
 

@@ -114,12 +114,16 @@ void direct(const QmmArgs& a, int n0, int n1) {
 }  // namespace
 
 void qmm_rows_avx512(const QmmArgs& a, int n0, int n1, float* scratch) {
-  static_assert(kDirectMaxM == 4, "direct<> is instantiated for M = 1..4");
+  static_assert(kDirectMaxMAvx512 == 8, "direct<> is instantiated for M = 1..8");
   switch (a.M) {
     case 1: return direct<1>(a, n0, n1);
     case 2: return direct<2>(a, n0, n1);
     case 3: return direct<3>(a, n0, n1);
     case 4: return direct<4>(a, n0, n1);
+    case 5: return direct<5>(a, n0, n1);
+    case 6: return direct<6>(a, n0, n1);
+    case 7: return direct<7>(a, n0, n1);
+    case 8: return direct<8>(a, n0, n1);
     default: return qmm_panels_avx512(a, n0, n1, scratch);
   }
 }

@@ -1,4 +1,4 @@
-// x86_64 AVX-512F kernel for the tiled path (M > kDirectMaxM: prefill chunks, batched decode).
+// x86_64 AVX-512F kernel for the tiled path (M > kDirectMaxMAvx512: prefill chunks, batched decode of many rows).
 // Only this file and qmm_avx512.cpp are compiled with -mavx512f; qmm.cpp checks cpuid first.
 //
 // The AVX2 tile kernel dots rows of x with rows of w along k and pays a horizontal sum per

@@ -7,11 +7,11 @@
 // (k % per) * bits .. of word k / per, per = 32 / bits); scales / biases float32 [N, K / gs].
 //
 // Two loop shapes, picked by M:
-//   - direct (M <= kDirectMaxM): each row of w is unpacked in registers and dotted with up to 4
-//     rows of x; the scale is applied once per group and the bias term is sum_g b[n,g] * xsum[m,g]
+//   - direct (M <= kDirectMaxM, AVX-512: kDirectMaxMAvx512): each row of w is unpacked in registers
+//     and dotted with up to 4 (8) rows of x; the scale is applied once per group and the bias term is sum_g b[n,g] * xsum[m,g]
 //     (xsum precomputed per call). Memory-bound matrix-vector product (decode). The AVX-512
 //     4-bit variant reads x in an interleaved order (xi, also precomputed per call).
-//   - tiled (M > kDirectMaxM): a tile of kTileN rows of w is dequantized (s * q + b) into a
+//   - tiled (M above that): a tile of kTileN rows of w is dequantized (s * q + b) into a
 //     per-thread float buffer in L1, then a register-blocked float micro-kernel runs over all
 //     rows of x. The dequantization is paid once per weight per call, whatever M is. The
 //     AVX-512 variant dequantizes panels of kPanelN rows k-major instead (qmm_avx512_panel.cpp).
@@ -22,6 +22,7 @@
 namespace loom {
 
 constexpr int kDirectMaxM = 4;
+constexpr int kDirectMaxMAvx512 = 8;  // 32 vector registers hold 8 rows' sums (batched decode)
 constexpr int kTileN = 4;
 constexpr int kPanelN = 32;    // rows of w per AVX-512 panel
 constexpr int kChunkK = 512;   // values of k per AVX-512 panel
