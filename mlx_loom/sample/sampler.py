@@ -33,7 +33,8 @@ Cost on the CPU backend, where one sort of a 49k row takes ~5 ms and ``exp`` is 
 than ``power(2, .)``: top_k / top_p rows never sort the whole row; they take the top
 ``CANDIDATES`` by argpartition and sort only those. A top_p row whose nucleus is wider than
 that (very flat distribution: temperature >= 1.5, or top_p near 1) is redone with a full sort
-after the host sync (`read` reports it: a step launched from the first draw is then stale).
+after the host sync (`read` reports it: a step launched from the first draw is then stale). Rows
+with neither draw over the whole row through `kernels/inverse_cdf.py` (native on the CPU).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from mlx_loom.kernels.inverse_cdf import draw_full, exp2, inverse_cdf
 from mlx_loom.sample.penalties import PenaltyRow, adjust
 from mlx_loom.sched.params import SamplingParams
 
@@ -273,7 +275,7 @@ class _Step:
         tok = ids[mx.array(self.plan.logprobs, dtype=mx.int32)]  # [L]
         xl = self._take(self.plan.logprobs)  # [L, V]
         xmax = mx.max(xl, axis=-1, keepdims=True)  # [L, 1]
-        lse = xmax[:, 0] + mx.log(mx.sum(_exp2((xl - xmax) * _LOG2E), axis=-1))  # [L]
+        lse = xmax[:, 0] + mx.log(mx.sum(exp2((xl - xmax) * _LOG2E), axis=-1))  # [L]
         at_tok = mx.take_along_axis(xl, tok[:, None], axis=-1)[:, 0]  # [L]
         k = min(MAX_TOP_LOGPROBS, self.vocab)
         if not any(self.rows[b].params.top_logprobs for b in self.plan.logprobs):
@@ -309,18 +311,9 @@ class _Step:
 # ---------------------------------------------------------------------------- array kernels
 
 
-def _exp2(a: mx.array) -> mx.array:
-    # 2 ** a rather than exp: MLX's CPU exp is 2-3x slower than its power; same accuracy here.
-    return mx.power(2.0, a)
-
-
 def _draw_full(x: mx.array, g: _GroupParams) -> mx.array:
     """Token [S] from softmax(x / T) with min_p, by inverse CDF in vocabulary order."""
-    xmax = mx.max(x, axis=-1, keepdims=True)  # [S, 1]
-    p = _exp2((x - xmax) * g.scale[:, None])  # [S, V], 1.0 at the top token
-    if g.any_min_p:
-        p = p * (p >= g.min_p[:, None])  # p_max == 1, so this is p < min_p * p_max
-    return _inverse_cdf(p, g.u)
+    return draw_full(x, g.scale, g.min_p, g.u, g.any_min_p)
 
 
 def _draw_truncated(x: mx.array, g: _GroupParams, m: int) -> tuple[mx.array, mx.array]:
@@ -330,12 +323,12 @@ def _draw_truncated(x: mx.array, g: _GroupParams, m: int) -> tuple[mx.array, mx.
     """
     vocab = x.shape[-1]
     vals, idx = _top_sorted(x, m)  # [S, M] best first
-    p = _exp2((vals - vals[:, :1]) * g.scale[:, None])  # [S, M], 1.0 at the top token
+    p = exp2((vals - vals[:, :1]) * g.scale[:, None])  # [S, M], 1.0 at the top token
     p = p * (mx.arange(m)[None, :] < g.top_k[:, None])  # top_k
     c = mx.cumsum(p, axis=-1)  # [S, M]
     z = c[:, -1]  # [S] top-k mass, or the whole row's when m == V
     if g.any_p_without_k and m < vocab:
-        z_row = mx.sum(_exp2((x - vals[:, :1]) * g.scale[:, None]), axis=-1)  # [S]
+        z_row = mx.sum(exp2((x - vals[:, :1]) * g.scale[:, None]), axis=-1)  # [S]
         z = mx.where(g.has_k, z, z_row)
     target = g.top_p * z  # [S]; inf when top_p is off
     before = mx.concatenate([mx.zeros_like(c[:, :1]), c[:, :-1]], axis=-1)  # [S, M] exclusive
@@ -345,7 +338,7 @@ def _draw_truncated(x: mx.array, g: _GroupParams, m: int) -> tuple[mx.array, mx.
     if g.any_min_p:
         p = p * (p >= g.min_p[:, None])
     fits = g.has_k | (c[:, -1] >= target) if m < vocab else mx.ones(g.has_k.shape, dtype=mx.bool_)
-    j = _inverse_cdf(p, g.u)  # [S] position among the candidates
+    j = inverse_cdf(p, g.u)  # [S] position among the candidates
     return mx.take_along_axis(idx, j[:, None], axis=-1)[:, 0], fits
 
 
@@ -359,15 +352,3 @@ def _top_sorted(x: mx.array, m: int) -> tuple[mx.array, mx.array]:
     vals = mx.take_along_axis(x, idx, axis=-1)
     order = mx.argsort(-vals, axis=-1)  # [S, M]
     return mx.take_along_axis(vals, order, axis=-1), mx.take_along_axis(idx, order, axis=-1)
-
-
-def _inverse_cdf(p: mx.array, u: mx.array) -> mx.array:
-    """Index [S] where the cumsum of unnormalized p [S, N] first exceeds u * total.
-
-    u <= 1 - 2**-24 makes u * total < total in float32, so the index is < N and has p > 0:
-    a zeroed (excluded) token is never picked. Clamped to N - 1 all the same, so that no row (say,
-    one whose every p is 0) can ever index past its candidates.
-    """
-    c = mx.cumsum(p, axis=-1)  # [S, N]
-    t = u * c[:, -1]  # [S]
-    return mx.minimum(mx.sum(c <= t[:, None], axis=-1), p.shape[-1] - 1)

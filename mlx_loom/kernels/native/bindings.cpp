@@ -7,6 +7,7 @@
 #include "attention.h"
 #include "decode_layer.h"
 #include "rope_norm.h"
+#include "sample.h"
 
 #include "lowp.h"
 #include "qmm.h"
@@ -132,6 +133,16 @@ NB_MODULE(_loom_native, m) {
       },
       "x"_a, "positions"_a, "inv_freq"_a, "traditional"_a,
       "RoPE of x float32 [T, heads, D], row t at positions[t] (int32 [T]); inv_freq float32 [D/2].");
+  m.def(
+      "inverse_cdf_sample",
+      [](const mlx::core::array& x, const mlx::core::array& scale, const mlx::core::array& min_p,
+         const mlx::core::array& u) {
+        return loom::inverse_cdf_sample(x, scale, min_p, u, mlx::core::Device(mlx::core::Device::cpu));
+      },
+      "x"_a, "scale"_a, "min_p"_a, "u"_a,
+      "One token per row of x float32 [S, V] by inverse CDF: the first index whose running sum of\n"
+      "p = 2^((x - max x) * scale) (p < min_p zeroed) exceeds u * sum(p). scale, min_p, u float32 [S].\n"
+      "Returns int32 [S] (lazy).");
   m.def("kernel_isa", &loom::kernel_isa, "Kernel family in use: 'avx512', 'avx2', 'neon' or 'scalar'.");
   m.def("kernel_isas", &loom::kernel_isas, "Kernel families this CPU can run, fastest first.");
   m.def("set_kernel_isa", &loom::set_kernel_isa, "isa"_a, "Switch the kernel family (one of kernel_isas()).");

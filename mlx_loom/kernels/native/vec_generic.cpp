@@ -2,3 +2,4 @@
 #define LOOM_ISA_NS generic
 #include "attention_tile.h"
 #include "activation_tile.h"
+#include "sample_tile.h"

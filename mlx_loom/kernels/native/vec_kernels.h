@@ -55,6 +55,11 @@ struct ProbsArgs {
   float scale;
 };
 
+// inverse_cdf_row (sample_tile.h): a token id in [0, V) drawn by inverse CDF at u in [0, 1) from
+// p = 2^((x - max x) * scale) with p < min_p zeroed; p (V floats) and block_sums
+// (ceil(V / kSampleBlock) floats) are scratch. Never an index whose p is 0 while some p > 0.
+constexpr int kSampleBlock = 256;
+
 // attend_task: row b, kv head g, queries [q0, q1) with all rep = H / HKV heads of g.
 // silu_mul_span (activation_tile.h): out[i] = silu(gate[i]) * up[i] for i in [0, n).
 namespace generic {
@@ -62,6 +67,7 @@ void attend_task(const AttnArgs& a, int b, int g, int q0, int q1);
 void sparse_task(const SparseArgs& a, int h, int t);
 void probs_task(const ProbsArgs& a, int h);
 void silu_mul_span(const float* gate, const float* up, float* out, long long n);
+int inverse_cdf_row(const float* x, int V, float scale, float min_p, float u, float* p, float* block_sums);
 }  // namespace generic
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 {
@@ -69,6 +75,7 @@ void attend_task(const AttnArgs& a, int b, int g, int q0, int q1);
 void sparse_task(const SparseArgs& a, int h, int t);
 void probs_task(const ProbsArgs& a, int h);
 void silu_mul_span(const float* gate, const float* up, float* out, long long n);
+int inverse_cdf_row(const float* x, int V, float scale, float min_p, float u, float* p, float* block_sums);
 }  // namespace avx2
 #endif
 
