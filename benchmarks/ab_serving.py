@@ -1,6 +1,6 @@
-"""Served A/B in turns: two mlx-loom servers up at once (this checkout and --loom-base-root, or this
-checkout with --no-async-decode), driven round after round, one after the other, at each N and
-sampling pass, so that a shared machine's drifting load falls on both alike.
+"""Served A/B in turns: two servers up at once (this checkout's mlx-loom and --loom-base-root's, this
+checkout with --no-async-decode, or llama.cpp's llama-server), driven round after round, one after
+the other, at each N and sampling pass, so that a shared machine's drifting load falls on both alike.
 
 Each round sends --requests closed-loop streaming requests (benchmarks/bench_serving.py: 64 tokens,
 ignore_eos, the sampled pass at temperature 0.7 with a seed per request) to A, then the same
@@ -9,6 +9,7 @@ tok/s and TTFT p50 for every round, their medians, and B/A of the medians.
 
     .venv/bin/python benchmarks/ab_serving.py --loom-base-root /tmp/base --concurrency 1 8 --rounds 4
     .venv/bin/python benchmarks/ab_serving.py --variant mlx-loom-sync     # async decode on vs off
+    .venv/bin/python benchmarks/ab_serving.py --variant llama-server      # against llama.cpp, in turns
 
 Writes benchmarks/results/<--out>.{json,md}.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -29,10 +31,12 @@ from bench_serving import SAMPLING, Target, detect, run_closed, served_model  # 
 from run_serving import CACHE, RunningServer, _kill_all, backend_of, default_gguf, make_spec  # noqa: E402
 
 
-def _loom_args(ns: argparse.Namespace) -> argparse.Namespace:
-    """The attributes run_serving.make_spec reads, for the mlx-loom variants only."""
-    return argparse.Namespace(concurrency=ns.concurrency, threads=1, loom_max_num_seqs=128, loom_args="",
-                              gguf=None, loom_base_root=ns.loom_base_root)
+def _spec_args(ns: argparse.Namespace) -> argparse.Namespace:
+    """The attributes run_serving.make_spec reads (its defaults: llama-server on every CPU, one slot per
+    request of the largest N)."""
+    return argparse.Namespace(concurrency=ns.concurrency, threads=os.cpu_count() or 1, loom_max_num_seqs=128,
+                              loom_args="", gguf=None, loom_base_root=ns.loom_base_root, llama_server_bin=None,
+                              llama_parallel=None, llama_ctx_per_seq=256)
 
 
 def _round(target: Target, mode: str, n: int, count: int, max_tokens: int, run: int) -> dict:
@@ -45,7 +49,7 @@ def _round(target: Target, mode: str, n: int, count: int, max_tokens: int, run: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", choices=["mlx-loom-base", "mlx-loom-sync"], default="mlx-loom-base")
+    ap.add_argument("--variant", choices=["mlx-loom-base", "mlx-loom-sync", "llama-server"], default="mlx-loom-base")
     ap.add_argument("--loom-base-root", default=None)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--sampling", nargs="+", choices=list(SAMPLING), default=["sampled"])
@@ -54,7 +58,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", default="bench_serving_ab")
     args = ap.parse_args()
-    spec_args = _loom_args(args)
+    spec_args = _spec_args(args)
     specs = [make_spec("mlx-loom", spec_args, default_gguf()), make_spec(args.variant, spec_args, default_gguf())]
     if None in specs:
         sys.exit("ab_serving: a server could not be specified (see stderr)")
