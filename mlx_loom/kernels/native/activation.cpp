@@ -2,7 +2,6 @@
 #include "activation.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 
@@ -19,8 +18,7 @@ using SpanFn = void (*)(const float*, const float*, float*, long long);
 
 SpanFn pick_span_fn() {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return avx2::silu_mul_span;
+  if (use_vec_avx2()) return avx2::silu_mul_span;
 #endif
   return generic::silu_mul_span;
 }
@@ -28,6 +26,11 @@ SpanFn pick_span_fn() {
 constexpr long long kSpan = 1 << 15;  // elements per task: ~10 us of work
 
 }  // namespace
+
+void silu_mul_rows(const float* gate, const float* up, float* out, long long n) {
+  static const SpanFn span = pick_span_fn();
+  span(gate, up, out, n);
+}
 
 mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
   if (gate.dtype() != mx::float32 || up.dtype() != mx::float32 || gate.shape() != up.shape()) {
@@ -52,11 +55,10 @@ void SiluMul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     std::vector<float> gs, us;
     const float* gp = dense_ptr<float>(g, gs);
     const float* up = dense_ptr<float>(u, us);
-    static const SpanFn span = pick_span_fn();
     const int tasks = static_cast<int>((n + kSpan - 1) / kSpan);
     parallel_tasks(tasks, [&](int t) {
       const long long i0 = t * kSpan, i1 = std::min(n, i0 + kSpan);
-      span(gp + i0, up + i0, o + i0, i1 - i0);
+      silu_mul_rows(gp + i0, up + i0, o + i0, i1 - i0);
     });
   });
 }

@@ -10,6 +10,10 @@ namespace loom {
 
 namespace mx = mlx::core;
 
+// out[i] = silu(gate[i]) * up[i] for i < n on the calling thread, with the vector kernel this CPU
+// runs (out may be gate: in place). The primitive below spreads spans of it over the pool.
+void silu_mul_rows(const float* gate, const float* up, float* out, long long n);
+
 // gate, up float32 of one shape -> float32 of that shape.
 mx::array silu_mul(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
 

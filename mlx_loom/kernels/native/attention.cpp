@@ -3,7 +3,6 @@
 #include "attention.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 
@@ -19,17 +18,9 @@ namespace {
 using TaskFn = void (*)(const AttnArgs&, int, int, int, int);
 using SparseFn = void (*)(const SparseArgs&, int, int);
 
-bool use_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return !std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 TaskFn pick_task_fn() {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (use_avx2()) return avx2::attend_task;
+  if (use_vec_avx2()) return avx2::attend_task;
 #endif
   return generic::attend_task;
 }
@@ -38,14 +29,14 @@ using ProbsFn = void (*)(const ProbsArgs&, int);
 
 ProbsFn pick_probs_fn() {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (use_avx2()) return avx2::probs_task;
+  if (use_vec_avx2()) return avx2::probs_task;
 #endif
   return generic::probs_task;
 }
 
 SparseFn pick_sparse_fn() {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (use_avx2()) return avx2::sparse_task;
+  if (use_vec_avx2()) return avx2::sparse_task;
 #endif
   return generic::sparse_task;
 }

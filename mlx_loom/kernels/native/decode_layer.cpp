@@ -7,17 +7,16 @@
 
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "activation.h"
 #include "lowp.h"
 #include "native_util.h"
 #include "row_ops.h"
-#include "vec_kernels.h"
 
 // Attention's inner loops are plain float loops written to auto-vectorize; on x86-64 Linux they
 // are also compiled for x86-64-v3 (AVX2 + FMA) and picked at load time (GCC function
@@ -183,19 +182,6 @@ void add_into(float* y, const float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
-// g = silu(g) * u in place, with the vector kernel the SiluMul primitive runs (this is serial work
-// between two pool calls: a scalar exp per value cost ~15 us per layer).
-void silu_mul(float* g, const float* u, size_t n) {
-  using SpanFn = void (*)(const float*, const float*, float*, long long);
-  static const SpanFn span = [] {
-#if defined(__x86_64__) || defined(_M_X64)
-    if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return static_cast<SpanFn>(avx2::silu_mul_span);
-#endif
-    return static_cast<SpanFn>(generic::silu_mul_span);
-  }();
-  span(g, u, g, static_cast<long long>(n));
-}
 
 struct LayerPtrs {
   const float* h;
@@ -248,7 +234,8 @@ void run_layer(const LayerPtrs& p, const DecodeLayerSpec& sp) {
   add_into(p.h_out, tmp.data(), (size_t)T * DM);
   rms_norm(p.h_out, p.ffn_norm, T, DM, sp.eps, xn.data());
   matmuls<2>({&p.gate, &p.up}, xn.data(), T, {g.data(), u.data()});
-  silu_mul(g.data(), u.data(), (size_t)T * p.FF);
+  // in place, with the SiluMul primitive's vector kernel (a scalar exp per value cost ~15 us per layer)
+  silu_mul_rows(g.data(), u.data(), g.data(), (long long)T * p.FF);
   matmul(p.down, g.data(), T, tmp.data());
   add_into(p.h_out, tmp.data(), (size_t)T * DM);
 }

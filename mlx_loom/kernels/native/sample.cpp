@@ -1,7 +1,6 @@
 // The InverseCdfSample primitive: checks, ISA choice, rows spread over the worker pool.
 #include "sample.h"
 
-#include <cstdlib>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -19,8 +18,7 @@ using RowFn = int (*)(const float*, int, float, float, float, float*, float*);
 
 RowFn pick_row_fn() {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (!std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return avx2::inverse_cdf_row;
+  if (use_vec_avx2()) return avx2::inverse_cdf_row;
 #endif
   return generic::inverse_cdf_row;
 }

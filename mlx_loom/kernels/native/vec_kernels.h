@@ -7,8 +7,19 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 namespace loom {
+
+// Whether the avx2:: kernels below run here (x86-64 with AVX2 + FMA, MLX_LOOM_NATIVE_SCALAR unset):
+// the one rule every primitive picks its vector kernel by.
+inline bool use_vec_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return !std::getenv("MLX_LOOM_NATIVE_SCALAR") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 constexpr int kKT = 64;  // keys per tile
 
