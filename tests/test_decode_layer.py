@@ -214,3 +214,8 @@ def test_bad_arguments_name_the_problem():
         decode_layer(h, weights[:-1], k_pool, v_pool, slots, pos, tables, inv_freq, spec)
     with pytest.raises(ValueError, match="int32"):
         decode_layer(h, weights, k_pool, v_pool, slots.astype(mx.int64), pos, tables, inv_freq, spec)
+    bad = list(weights)
+    bad[7] = bad[7][:, :-1]  # k_proj's biases (2 norms, then w, scales, biases per projection) lose a column
+    with pytest.raises(ValueError, match=r"k_proj \(w \(\d+,\d+\) uint32, scales") as exc:
+        decode_layer(h, bad, k_pool, v_pool, slots, pos, tables, inv_freq, spec)
+    assert "scales/biases of equal 2-d shape" in str(exc.value)

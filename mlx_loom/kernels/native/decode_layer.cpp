@@ -259,33 +259,40 @@ int weight_format(const std::vector<mx::array>& in, int first) {
 }
 
 // (bits, group_size) of a lowp matrix: [N, K] 16-bit, or fp4 with uint8 scales [N, K / 16 or 32].
-std::pair<int, int> check_lowp(const std::vector<mx::array>& in, int first, int K, int N, const std::string& what) {
+// "q_proj (w [576, 72] uint32, scales ...)": built only on failure (every layer of every step
+// checks its 7 weights; formatting shapes eagerly cost ~1/7 of the engine thread's native time).
+std::string weight_desc(const char* name, const mx::array& w, const mx::array& s) {
+  return std::string(name) + " (w " + shape_str(w) + ", scales " + shape_str(s) + ")";
+}
+
+std::pair<int, int> check_lowp(const std::vector<mx::array>& in, int first, int K, int N, const char* name) {
+  auto what = [&] { return weight_desc(name, in[first], in[first + 1]); };
   const auto &w = in[first], &s = in[first + 1];
   const int format = weight_format(in, first);
-  if (w.ndim() != 2 || w.shape(0) != N) fail(what + ": expected " + std::to_string(N) + " output rows");
+  if (w.ndim() != 2 || w.shape(0) != N) fail(what() + ": expected " + std::to_string(N) + " output rows");
   if (format != kFp4) {
-    if (w.shape(1) != K) fail(what + ": K does not match");
+    if (w.shape(1) != K) fail(what() + ": K does not match");
     return {16, 0};
   }
   if (w.dtype() != mx::uint32 || s.ndim() != 2 || s.shape(0) != N || w.shape(1) * 8 != K || s.shape(1) == 0 ||
       K % s.shape(1) != 0 || (K / s.shape(1) != 16 && K / s.shape(1) != 32))
-    fail(what + ": expected uint32 w [N, K/8] and uint8 scales [N, K/16 or K/32]");
+    fail(what() + ": expected uint32 w [N, K/8] and uint8 scales [N, K/16 or K/32]");
   return {4, K / s.shape(1)};
 }
 
 // (bits, group_size) of a quantized matrix whose input width is K, checking its three arrays.
 std::pair<int, int> check_qweight(const std::vector<mx::array>& in, int first, int K, int N, const char* name) {
   const auto &w = in[first], &s = in[first + 1], &b = in[first + 2];
-  const std::string what = std::string(name) + " (w " + shape_str(w) + ", scales " + shape_str(s) + ")";
-  if (weight_format(in, first) != kAffine) return check_lowp(in, first, K, N, what);
+  auto what = [&] { return weight_desc(name, w, s); };
+  if (weight_format(in, first) != kAffine) return check_lowp(in, first, K, N, name);
   if (w.dtype() != mx::uint32 || w.ndim() != 2 || s.ndim() != 2 || s.dtype() != mx::float32 ||
       b.dtype() != mx::float32 || b.shape() != s.shape())
-    fail(what + ": expected uint32 w and float32 scales/biases of equal 2-d shape");
-  if (w.shape(0) != N || s.shape(0) != N) fail(what + ": expected " + std::to_string(N) + " output rows");
-  if (s.shape(1) == 0 || K % s.shape(1) != 0 || (w.shape(1) * 32) % K != 0) fail(what + ": K does not match");
+    fail(what() + ": expected uint32 w and float32 scales/biases of equal 2-d shape");
+  if (w.shape(0) != N || s.shape(0) != N) fail(what() + ": expected " + std::to_string(N) + " output rows");
+  if (s.shape(1) == 0 || K % s.shape(1) != 0 || (w.shape(1) * 32) % K != 0) fail(what() + ": K does not match");
   const int bits = w.shape(1) * 32 / K, gs = K / s.shape(1);
   if ((bits != 4 && bits != 8) || (gs != 32 && gs != 64 && gs != 128))
-    fail(what + ": only 4/8-bit with group size 32/64/128");
+    fail(what() + ": only 4/8-bit with group size 32/64/128");
   return {bits, gs};
 }
 
