@@ -73,13 +73,15 @@ def main() -> None:
                 records[srv.spec.name]["probe"] = detect(target)  # sets ignore_eos where honoured
                 asyncio.run(run_closed(target, 2, 2, args.max_tokens, 600.0, run=0))  # warm-up
                 targets.append(target)
-            for mode in args.sampling:
+            run = 100  # every round its own prompts (both servers the same ones): no pass meets a cache
+            for mode in args.sampling:  # that an earlier pass warmed
                 for n in args.concurrency:
                     count = args.requests or max(4, n)
                     rounds = {t.name: [] for t in targets}
                     for k in range(args.rounds):
+                        run += 1
                         for t in (targets if k % 2 == 0 else targets[::-1]):
-                            rounds[t.name].append(_round(t, mode, n, count, args.max_tokens, run=100 + k))
+                            rounds[t.name].append(_round(t, mode, n, count, args.max_tokens, run=run))
                         print(mode, n, k, {name: f"{r[-1]['output_tok_s']:.1f} tok/s" for name, r in rounds.items()},
                               flush=True)
                     results[f"{mode} N={n}"] = rounds

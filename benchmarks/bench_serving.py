@@ -504,27 +504,28 @@ def run_levels(target: Target, *, concurrency: list[int], rates: list[float], ma
     """Warm-up, then for each sampling pass every closed-loop level and every open-loop rate against
     one server (each run records its pass in run["sampling"])."""
     runs = []
+    per_pass = len(concurrency) + len(rates)  # run numbers per pass: a later pass sends no prompt an earlier one did
     for i, mode in enumerate(sampling):
         runs += _run_pass(replace(target, sampling=mode), concurrency=concurrency, rates=rates,
                           max_tokens=max_tokens, min_requests=min_requests, max_requests=max_requests,
                           num_requests=num_requests, time_limit_s=time_limit_s, warmup=warmup if i == 0 else 0,
-                          log=log)
+                          log=log, first_run=1 + i * per_pass)
     return runs
 
 
 def _run_pass(target: Target, *, concurrency: list[int], rates: list[float], max_tokens: int,
               min_requests: int, max_requests: int, num_requests: int | None, time_limit_s: float,
-              warmup: int, log=print) -> list[dict]:
+              warmup: int, log=print, first_run: int = 1) -> list[dict]:
     if warmup:
         asyncio.run(run_closed(target, min(warmup, 4), warmup, max_tokens, time_limit_s, run=0))
     runs = []
-    for level, n in enumerate(concurrency, 1):  # each level its own run number: new prompts
+    for level, n in enumerate(concurrency, first_run):  # each level its own run number: new prompts
         count = num_requests or requests_for(n, min_requests, max_requests)
         r = asyncio.run(run_closed(target, n, count, max_tokens, time_limit_s, run=level))
         r["sampling"] = target.sampling
         log(f"{target.name:16s} {fmt_run(r)}")
         runs.append(r)
-    for level, rate in enumerate(rates, len(concurrency) + 1):
+    for level, rate in enumerate(rates, first_run + len(concurrency)):
         count = num_requests or max_requests
         r = asyncio.run(run_open(target, rate, count, max_tokens, time_limit_s, run=level))
         r["sampling"] = target.sampling
