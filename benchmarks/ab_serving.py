@@ -57,9 +57,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None, help="per round (default max(4, N))")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", default="bench_serving_ab")
+    ap.add_argument("--variant-first", action="store_true",
+                    help="start the other server first (two copies of mlx-loom ran ~5-10%% faster in the second "
+                         "server's place, rounds alternating: run both orders)")
     args = ap.parse_args()
     spec_args = _spec_args(args)
     specs = [make_spec("mlx-loom", spec_args, default_gguf()), make_spec(args.variant, spec_args, default_gguf())]
+    if args.variant_first:
+        specs.reverse()
     if None in specs:
         sys.exit("ab_serving: a server could not be specified (see stderr)")
     records = {s.name: {"command": s.cmd, "settings": s.settings} for s in specs}
@@ -87,7 +92,7 @@ def main() -> None:
                     results[f"{mode} N={n}"] = rounds
     finally:
         _kill_all()
-    names = [s.name for s in specs]
+    names = ["mlx-loom", args.variant]  # the table's order, whichever started first
     write_results(args.out, {"machine": machine(), "args": vars(args), "servers": records, "results": results},
                   _markdown(names, records, results, args))
 
@@ -97,7 +102,8 @@ def _markdown(names: list[str], records: dict, results: dict, args) -> str:
     lines = [f"# Served A/B in turns (benchmarks/ab_serving.py): {names[0]} vs {names[1]}", "",
              f"{args.rounds} rounds per row, the two servers alternating (both up at once), "
              f"{args.max_tokens} tokens per request, ignore_eos; sampled = temperature 0.7 with a seed per "
-             f"request. Machine: {machine()['platform']}, {machine()['cpus']} CPUs, {machine()['date']}.", "",
+             f"request. Started first: {names[1] if args.variant_first else names[0]}. "
+             f"Machine: {machine()['platform']}, {machine()['cpus']} CPUs, {machine()['date']}.", "",
              f"| pass, N | {names[0]} tok/s per round | {names[1]} tok/s per round | median {names[0]} / "
              f"{names[1]} | TTFT p50 ms (median of rounds) {names[0]} / {names[1]} |", "|---|---|---|---|---|"]
     for key, rounds in results.items():
