@@ -484,9 +484,11 @@ def main() -> None:
         js.write_text(json.dumps({"machine": machine(), "args": vars(args), "servers": records,
                                   "same_work_problems": same_work(records)}, indent=2) + "\n")
         md.write_text(report(records, args))
-        plot({f"{r['name']} {m}": [x for x in r["runs"] if x.get("sampling") == m]
-              for r in records if r.get("runs") for m in args.sampling}, png,
-             f"bench_serving: streaming chat, max_tokens {args.max_tokens}, {machine()['cpus']} CPUs")
+        drawn = plot({f"{r['name']} {m}": [x for x in r["runs"] if x.get("sampling") == m]
+                      for r in records if r.get("runs") for m in args.sampling}, png,
+                     f"bench_serving: streaming chat, max_tokens {args.max_tokens}, {machine()['cpus']} CPUs")
+        if drawn is None:  # no matplotlib: an older run's plot must not sit beside these numbers
+            png.unlink(missing_ok=True)
 
     try:
         for name in args.servers:
@@ -504,7 +506,7 @@ def main() -> None:
         _kill_all()
     save()
     print("\n" + md.read_text())
-    print(f"wrote {js}, {md} and {png}")
+    print("wrote " + ", ".join(str(p) for p in (js, md, png) if p.exists()))
     if problems := same_work(records):
         sys.exit("run_serving: the servers did not get the same work: " + "; ".join(problems))
 
