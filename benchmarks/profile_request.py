@@ -1,6 +1,7 @@
 """Where the time of one streamed N = 1 request goes, per token: engine step, forward build,
 sampling, waiting for the device, hand-off to the event loop, detokenization, stop strings,
-SSE framing, and what the client sees.
+SSE framing, and what the client sees; and on the way to its first token: HTTP, chat template,
+hand-off to the engine, the prompt's step, back to the loop, to the client (FIRST_STAGES).
 
 The server runs in this process (`create_app` under uvicorn in a thread) with timers wrapped
 around the functions that do each part; the client is a subprocess that streams the response
@@ -63,11 +64,17 @@ class Timers:
     def __init__(self) -> None:
         self.spans: dict[str, list[float]] = defaultdict(list)
         self.hops: list[float] = []  # emit (engine thread) -> dispatch (loop) latency, s
+        self.first: dict[str, float] = {}  # first-token stage -> when the request first got there
         self.enabled = False
 
     def reset(self) -> None:
         self.spans.clear()
         self.hops.clear()
+        self.first.clear()
+
+    def stamp(self, stage: str) -> None:
+        if self.enabled:
+            self.first.setdefault(stage, time.perf_counter())
 
 
 TIMERS = Timers()
@@ -88,6 +95,49 @@ def _wrap(key: str, fn):
 
 class _Stamped(list):
     t_emit = 0.0
+
+
+FIRST_STAGES = [  # (stamp, the step that ends there): one request's way to its first token, in order
+    ("route", "HTTP, routing and body validation (request sent -> chat route entered)"),
+    ("rendered", "chat template + tokenization (in a worker thread)"),
+    ("added", "hand-off to the engine thread (EngineCore.add)"),
+    ("stepped", "the engine step that computes the prompt and samples its first token"),
+    ("dispatched", "engine thread -> event loop (the step's outputs dispatched)"),
+    ("client", "detokenize, SSE framing, socket, the client parsing the event"),
+]
+
+
+def _instrument_first_token() -> None:
+    """Stamp each FIRST_STAGES point the first time the profiled request reaches it."""
+    from mlx_loom.engine.client import EngineClient
+    from mlx_loom.engine.core import EngineCore
+    from mlx_loom.server.routes import chat
+
+    render, add, step, dispatch = chat.render_chat, EngineCore.add, EngineCore.step, EngineClient._dispatch
+
+    async def stamped_render(*args, **kwargs):
+        TIMERS.stamp("route")
+        try:
+            return await render(*args, **kwargs)
+        finally:
+            TIMERS.stamp("rendered")
+
+    def stamped_add(self, msg):
+        TIMERS.stamp("added")
+        return add(self, msg)
+
+    def stamped_step(self):
+        out = step(self)
+        if out and "added" in TIMERS.first:
+            TIMERS.stamp("stepped")
+        return out
+
+    def stamped_dispatch(self, outputs):
+        TIMERS.stamp("dispatched")
+        return dispatch(self, outputs)
+
+    chat.render_chat, EngineCore.add, EngineCore.step = stamped_render, stamped_add, stamped_step
+    EngineClient._dispatch = stamped_dispatch
 
 
 def instrument() -> list[str]:
@@ -119,6 +169,10 @@ def instrument() -> list[str]:
         return dispatch(self, outputs)
 
     EngineClient._emit_threadsafe, EngineClient._dispatch = stamped_emit, stamped_dispatch
+    try:
+        _instrument_first_token()
+    except (ImportError, AttributeError):  # an older revision without these names: no first-token rows
+        pass
     return wrapped
 
 
@@ -206,13 +260,23 @@ def profile_config(sampled: bool, async_decode: bool, tokens: int, runs: int) ->
         TIMERS.enabled = True
         got = _client(port, _request_body(sampled, tokens, r))
         TIMERS.enabled = False
-        per_run.append(_summarize(got, dict(TIMERS.spans), list(TIMERS.hops)))
+        per_run.append(_summarize(got, dict(TIMERS.spans), list(TIMERS.hops), dict(TIMERS.first)))
     server.should_exit = True
     thread.join(60)
     return {"sampled": sampled, "async_decode": async_decode, "runs": per_run, "summary": _median_runs(per_run)}
 
 
-def _summarize(got: dict, spans: dict[str, list[float]], hops: list[float]) -> dict:
+def _first_token_ms(got: dict, first: dict[str, float]) -> dict[str, float]:
+    """ms spent in each FIRST_STAGES step (only when every stage was stamped, in order)."""
+    if not got["events"]:
+        return {}
+    times = [got["sent"]] + [first.get(k) for k, _ in FIRST_STAGES[:-1]] + [got["events"][0]]
+    if None in times or any(b < a for a, b in zip(times, times[1:])):
+        return {}
+    return {k: 1e3 * (b - a) for (k, _), a, b in zip(FIRST_STAGES, times, times[1:])}
+
+
+def _summarize(got: dict, spans: dict[str, list[float]], hops: list[float], first: dict[str, float]) -> dict:
     ev = got["events"]
     n = got["usage"]["completion_tokens"] if got.get("usage") else len(ev)
     gaps = [b - a for a, b in zip(ev, ev[1:])]
@@ -221,6 +285,7 @@ def _summarize(got: dict, spans: dict[str, list[float]], hops: list[float]) -> d
            "gap_ms_p50": 1e3 * statistics.median(gaps) if gaps else None,
            "hop_ms_p50": 1e3 * statistics.median(hops) if hops else None,
            "per_token_ms": {k: 1e3 * sum(v) / max(n, 1) for k, v in spans.items()},
+           "first_token_ms": _first_token_ms(got, first),
            "calls": {k: len(v) for k, v in spans.items()}}
     return out
 
@@ -230,7 +295,8 @@ def _median_runs(runs: list[dict]) -> dict:
     med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) else None  # noqa: E731
     return {"ttft_ms": med([r["ttft_ms"] for r in runs]), "decode_tok_s": med([r["decode_tok_s"] for r in runs]),
             "gap_ms_p50": med([r["gap_ms_p50"] for r in runs]), "hop_ms_p50": med([r["hop_ms_p50"] for r in runs]),
-            "per_token_ms": {k: med([r["per_token_ms"].get(k, 0.0) for r in runs]) for k in sorted(keys)}}
+            "per_token_ms": {k: med([r["per_token_ms"].get(k, 0.0) for r in runs]) for k in sorted(keys)},
+            "first_token_ms": {k: med([r.get("first_token_ms", {}).get(k) for r in runs]) for k, _ in FIRST_STAGES}}
 
 
 # ---------------------------------------------------------------------------- report
@@ -262,6 +328,11 @@ def markdown(results: list[dict]) -> str:
         for key in keys:
             lines.append(f"| {_describe(key)} ms | " + " | ".join(_fmt(c["summary"]["per_token_ms"].get(key))
                                                                  for c in res["configs"]) + " |")
+        if any(c["summary"].get("first_token_ms", {}).get(k) is not None for c in res["configs"] for k, _ in FIRST_STAGES):
+            lines.append("| **first token** (ms per stage, request sent -> first content event) |" + " |" * len(names))
+            for key, what in FIRST_STAGES:
+                lines.append(f"| first token: {what} ms | " + " | ".join(
+                    _fmt(c["summary"].get("first_token_ms", {}).get(key)) for c in res["configs"]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -303,6 +374,10 @@ def main() -> None:
 
     wrapped = instrument()
     configs = []
+    # A first server in this process ran ~10-15% slower per token than the ones after it, whichever
+    # configuration it had (greedy first: 106 tok/s, then sampled 117): one thrown away evens them out.
+    first = args.configs.split(",")[0].split("-")
+    profile_config(first[0] == "sampled", first[1] == "async", args.tokens, 1)
     for name in args.configs.split(","):
         kind, mode = name.split("-")
         configs.append(profile_config(kind == "sampled", mode == "async", args.tokens, args.runs))
