@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <sstream>
+#include <utility>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -348,9 +349,12 @@ void qmm_run_many(QmmArgs* as, int count) {
     xis.resize(count);
   }
   std::vector<int> first_tile(count + 1, 0);
+  // Each product's x as the caller gave it (prepare_direct may point a.x at an aligned copy).
+  std::vector<std::pair<const float*, long long>> given(count);
   long long work = 0;
   for (int i = 0; i < count; ++i) {
     QmmArgs& a = as[i];
+    given[i] = {a.x, a.ldx};
     const bool empty = a.M == 0 || a.N == 0 || a.K == 0;
     if (a.M > 0 && a.N > 0 && a.K == 0) std::fill(a.out, a.out + (size_t)a.M * a.N, 0.f);
     first_tile[i + 1] = first_tile[i] + (empty ? 0 : (a.N + kTileN - 1) / kTileN);
@@ -358,7 +362,7 @@ void qmm_run_many(QmmArgs* as, int count) {
     work += (long long)a.N * a.K * std::max(1, a.M);
     int same = -1;
     for (int j = 0; j < i && same < 0; ++j)
-      if (as[j].x == a.x && as[j].ldx == a.ldx && as[j].M == a.M && as[j].K == a.K &&
+      if (given[j] == given[i] && as[j].M == a.M && as[j].K == a.K &&
           as[j].group_size == a.group_size && as[j].bits == a.bits && as[j].N > 0)
         same = j;
     if (same >= 0) {

@@ -45,16 +45,21 @@ inline void store_row(const QmmArgs& a, int n, int m0, const __m512* acc) {
         _mm512_reduce_add_ps(acc[mb]) + bias_dot(br, a.xsum + (long long)(m0 + mb) * G, G);
 }
 
+// Lane j of a 4-bit chunk c lies in group 128c / gs + lane_groups(gs)[j] (gs is 32, 64 or 128:
+// divides 128).
+inline __m512i lane_groups(int gs) {
+  alignas(64) int v[16];
+  for (int j = 0; j < 16; ++j) v[j] = 8 * j / gs;
+  return _mm512_load_si512(v);
+}
+
 template <int MB>
 void direct4(const QmmArgs& a, int n0, int n1) {
   const int gs = a.group_size, G = a.K / gs;
   const long long wpr = a.K / 8, ldxi = interleaved_stride(a.K);
   const int chunks = static_cast<int>((wpr + 15) / 16);
   const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // Lane j of chunk c lies in group 128c / gs + lane_group[j] (gs is 32, 64 or 128: divides 128).
-  alignas(64) int lane_group_v[16];
-  for (int j = 0; j < 16; ++j) lane_group_v[j] = 8 * j / gs;
-  const __m512i lane_group = _mm512_load_si512(lane_group_v);
+  const __m512i lane_group = lane_groups(gs);
   const int gs_shift = __builtin_ctz(gs);
   for (int n = n0; n < n1; ++n) {
     const uint32_t* wr = a.w + n * wpr;
@@ -94,10 +99,7 @@ inline void direct4_block(const QmmArgs& a, int n, int m0) {
   const long long wpr = a.K / 8, ldxi = interleaved_stride(a.K);
   const int chunks = static_cast<int>((wpr + 15) / 16);
   const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // Lane j of chunk c lies in group 128c / gs + lane_group[j] (gs is 32, 64 or 128: divides 128).
-  alignas(64) int lane_group_v[16];
-  for (int j = 0; j < 16; ++j) lane_group_v[j] = 8 * j / gs;
-  const __m512i lane_group = _mm512_load_si512(lane_group_v);
+  const __m512i lane_group = lane_groups(gs);
   const int gs_shift = __builtin_ctz(gs);
   const uint32_t* wr[NR];
   const float* sr[NR];
