@@ -28,6 +28,7 @@ from mlx_loom.models.layout import UnsupportedModelError, kv_layout, model_type
 from mlx_loom.models.loader import LoadedModel
 from mlx_loom.models.model_source import is_hub_id, resolve_hub_model
 from mlx_loom.models.tokenizer import TextTokenizer
+from mlx_loom.models.weight_arena import pack_parameters, packing_enabled
 from mlx_loom.sched.config import EngineConfig
 from mlx_loom.worker.kv_pools import KVPools
 
@@ -113,6 +114,8 @@ def _load_shard(path: Path, mode: str, group: mx.distributed.Group) -> LoadedMod
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)  # as the one-process loader does on the CPU
     mx.eval(model.parameters())  # only this rank's weights are read
+    if packing_enabled():
+        pack_parameters(model)  # this rank's weights side by side (mlx_loom/models/weight_arena.py)
     tokenizer = load_tokenizer(path, {"trust_remote_code": True}, eos_token_ids=config.get("eos_token_id"))
     layout, dtype = kv_layout(model)
     args = model.args

@@ -29,6 +29,7 @@ from mlx_loom.models.layout import LayerKV, kv_layout, model_args
 from mlx_loom.models.model_source import ACCEPTED, ModelSourceError, is_hub_id, resolve_hub_model
 from mlx_loom.models.routing import route_model
 from mlx_loom.models.tokenizer import TextTokenizer
+from mlx_loom.models.weight_arena import pack_parameters, packing_enabled
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_GROUP_SIZE = 32  # every GGUF block format MLX reads (Q4_0, Q4_1, Q8_0) has 32-value blocks
@@ -179,6 +180,8 @@ def text_model_args(model: nn.Module, args: Any) -> Any:
 
 def _loaded(model: nn.Module, tokenizer: TextTokenizer, name: str, args: Any, dtype: mx.Dtype) -> LoadedModel:
     route_model(model)  # the model's own code then runs the native kernels where they apply
+    if packing_enabled():
+        pack_parameters(model)  # the weights side by side in the model's order (weight_arena.py)
     layout, _ = kv_layout(model)  # refuses cache layouts the engine does not page
     args = text_model_args(model, args)
     first = layout[0] if layout else LayerKV(0, 0, 0)  # a pure SSM model keeps no KV
