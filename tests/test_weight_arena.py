@@ -2,6 +2,8 @@
 dtypes, the same model output, tied arrays still tied, chunks in order, and no memory kept twice."""
 
 import gc
+import sys
+from pathlib import Path
 
 import mlx_loom.kernels  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
@@ -97,3 +99,31 @@ def test_the_originals_are_freed():
     weight_arena.pack_parameters(model)
     gc.collect()
     assert mx.get_active_memory() - held < 256 << 10  # not the 4 MiB a kept copy would add
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_COLLAPSE is Linux's")
+def test_a_large_chunk_lands_on_huge_pages_where_the_kernel_allows():
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this kernel")
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)])  # 16 MiB of float32
+    mx.eval(model.parameters())
+    weight_arena.pack_parameters(model)
+    # the mapping holding the packed buffer (other memory of the process comes and goes meanwhile)
+    first = model.layers[0].weight
+    # the mapping holding the packed buffer (other memory of the process comes and goes meanwhile)
+    if _anon_huge_kb_at(_address(first)) < 12 << 10:  # all but the partial 2 MiB pages at either end
+        assert not weight_arena.collapse_to_huge_pages(_address(first), 16 << 20), \
+            "the kernel gives huge pages now, but the packed buffer did not get them"
+
+
+def _anon_huge_kb_at(address: int) -> int:
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0

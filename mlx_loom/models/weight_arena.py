@@ -1,23 +1,26 @@
-"""A loaded model's parameters copied, in the model's own order, into a few large buffers.
+"""A loaded model's parameters copied, in the model's own order, into a few large buffers on 2 MiB pages.
 
 As loaded, each weight sits wherever the loader's allocations left it (a GGUF model's tensors are
-converted one by one, between temporaries). Copied into one buffer in definition order (each
-layer's norms and projections side by side), the same weights made a decode step of the default
-model ~12% faster at one row and ~1-4% at eight (engine alone, A/B in one process; where they
-start within a cache line made no difference). Values, shapes, dtypes and names stay; each
+converted one by one, between temporaries, on 4 KiB pages). Copied side by side in definition
+order (each layer's norms and projections together) and, on Linux, moved onto huge pages
+(MADV_COLLAPSE), the weights that every decode step streams from DRAM cost fewer TLB misses and
+page walks. Default model, engine alone, N = 1 decode step: copies vs the loader's placement
+-12% to -17% (8 of 8 alternating pairs in one process, three processes), separate processes -3%
+(5 of 6 pairs); huge pages on top -2% (7 of 10 in one process), -6% (5 of 8 across processes);
+64-byte alignment alone made no difference. Values, shapes, dtypes and names stay; each
 parameter becomes a view into its chunk's buffer, so the originals are freed as each chunk lands.
-On the CPU only, where decode streams the weights from DRAM every step; MLX_LOOM_PACK_WEIGHTS=0
-keeps the loader's placement (for A/B runs).
+On the CPU only; MLX_LOOM_PACK_WEIGHTS=0 keeps the loader's placement (for A/B runs).
 """
-
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 CHUNK_BYTES = 256 << 20  # bounds the extra memory while packing: one chunk's copy at a time
@@ -50,10 +53,14 @@ def pack_parameters(model: nn.Module, chunk_bytes: int = CHUNK_BYTES) -> int:
 def _trim_heap() -> None:
     """glibc keeps freed heap pages mapped (the originals would stay in the RSS); malloc_trim hands
     them back. Elsewhere (macOS, musl) nothing to do."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
 
 
 def _distinct(items: list[tuple[str, mx.array]]) -> list[tuple[str, mx.array]]:
@@ -90,4 +97,35 @@ def _pack(arrays: list[mx.array]) -> list[mx.array]:
     buffer = mx.concatenate(parts)  # [sum of padded sizes]
     views = [buffer[o:o + a.nbytes].view(a.dtype).reshape(a.shape) for a, o in zip(arrays, offsets)]
     mx.eval(views)
+    collapse_to_huge_pages(np.asarray(buffer).__array_interface__["data"][0], buffer.nbytes)
     return views
+
+
+_HUGE = 2 << 20
+_MADV_COLLAPSE = 25  # Linux >= 6.1: back a populated range with 2 MiB pages now, contents kept
+
+
+def collapse_to_huge_pages(start: int, nbytes: int) -> bool:
+    """The whole 2 MiB pages of [start, start + nbytes) moved onto huge pages (fewer TLB misses while
+    every step streams the weights). False where the kernel declines (no free 2 MiB page, THP off,
+    not Linux): a hint, the memory stays as it was."""
+    libc = _libc()
+    if not sys.platform.startswith("linux") or libc is None or not hasattr(libc, "madvise"):
+        return False
+    lo, hi = (start + _HUGE - 1) // _HUGE * _HUGE, (start + nbytes) // _HUGE * _HUGE
+    if hi <= lo:
+        return False
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_COLLAPSE)) == 0
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed heap pages mapped (the originals would stay in the RSS); malloc_trim hands
+    them back. Elsewhere (macOS, musl) nothing to do."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
