@@ -110,20 +110,20 @@ def test_a_large_chunk_lands_on_huge_pages_where_the_kernel_allows():
     mx.eval(model.parameters())
     weight_arena.pack_parameters(model)
     # the mapping holding the packed buffer (other memory of the process comes and goes meanwhile)
-    first = model.layers[0].weight
-    # the mapping holding the packed buffer (other memory of the process comes and goes meanwhile)
-    if _anon_huge_kb_at(_address(first)) < 12 << 10:  # all but the partial 2 MiB pages at either end
-        assert not weight_arena.collapse_to_huge_pages(_address(first), 16 << 20), \
+    start = _address(model.layers[0].weight)  # the packed buffer's start: 16 MiB from there
+    if _anon_huge_kb_in(start, 16 << 20) < 12 << 10:  # all but the partial 2 MiB pages at either end
+        assert not weight_arena.collapse_to_huge_pages(start, 16 << 20), \
             "the kernel gives huge pages now, but the packed buffer did not get them"
 
 
-def _anon_huge_kb_at(address: int) -> int:
-    inside = False
+def _anon_huge_kb_in(start: int, nbytes: int) -> int:
+    """AnonHugePages of every mapping overlapping [start, start + nbytes) (madvise may split one)."""
+    total, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= address < hi
+            inside = lo < start + nbytes and start < hi
         elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    return 0
+            total += int(line.split()[1])
+    return total

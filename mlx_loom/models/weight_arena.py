@@ -115,10 +115,7 @@ def collapse_to_huge_pages(start: int, nbytes: int) -> bool:
     lo, hi = (start + _HUGE - 1) // _HUGE * _HUGE, (start + nbytes) // _HUGE * _HUGE
     if hi <= lo:
         return False
-    # a second try: the first can fail on pages just written (still batched for the LRU), as it did
-    # inside the test suite, where the same range then collapsed at once
-    return any(libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_COLLAPSE)) == 0
-               for _ in range(2))
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_COLLAPSE)) == 0
 
 
 def _trim_heap() -> None:
