@@ -62,7 +62,7 @@ class _Tied(nn.Module):
         self.head = self.first.weight  # the same array under two names, as a tied embedding
 
 
-def test_chunks_keep_order_alignment_and_ties():
+def test_several_chunks_keep_values_and_ties():
     model = _Tied()
     mx.eval(model.parameters())
     before = _snapshot(model)
